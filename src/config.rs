@@ -1,0 +1,400 @@
+//! Configuration: a TOML file (`FileConfig`), environment variables and flags, merged into one validated
+//! [`Config`]. Precedence: flag > environment > file > default. Every limit has a `DEFAULT_*` constant here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "data";
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 64;
+/// httparse needs the header array up front; the loop keeps one of this size on the stack.
+pub const MAX_HEADERS_CEILING: usize = 256;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_FRAME_BYTES: u64 = 64 * 1024;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_WRITE_QUEUE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS_PER_LOOP: usize = 250_000;
+pub const DEFAULT_BACKPLANE_QUEUE: usize = 65_536;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Limits that protect the gateway from peers. All configurable, all with safe defaults.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Bytes of an HTTP request head (request line + headers); past it: 431.
+    pub max_header_bytes: usize,
+    /// Number of headers in a request; past it: 431.
+    pub max_headers: usize,
+    /// Bytes of an HTTP request body (`POST /api/*`, `POST /send`); past it: 413. Also the largest chat body.
+    pub max_body_bytes: usize,
+    /// Largest WebSocket frame payload a client may send; past it: close 1009.
+    pub max_frame_bytes: u64,
+    /// Largest reassembled WebSocket message; past it: close 1009.
+    pub max_message_bytes: usize,
+    /// Bytes queued for one connection that the peer has not read yet; past it the connection is cut
+    /// (WebSocket 1013) and the client resumes from its cursor.
+    pub max_write_queue_bytes: usize,
+    /// Connections one loop holds; when full it stops accepting until one closes.
+    pub max_connections_per_loop: usize,
+    /// Events queued from the loops to the backplane; when full a client request is answered `overloaded`.
+    pub backplane_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_write_queue_bytes: DEFAULT_MAX_WRITE_QUEUE_BYTES,
+            max_connections_per_loop: DEFAULT_MAX_CONNECTIONS_PER_LOOP,
+            backplane_queue: DEFAULT_BACKPLANE_QUEUE,
+        }
+    }
+}
+
+/// The validated, typed configuration the gateway runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub data_dir: PathBuf,
+    pub node_id: String,
+    /// HS256 secret for client tokens. Resolved (possibly generated) by [`crate::auth::resolve_secret`].
+    pub auth_secret: Option<String>,
+    pub api_key: Option<String>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub drain_timeout: Duration,
+    /// WebSocket echo endpoint (no auth, no chat protocol) for conformance runs and load generators.
+    pub echo_path: Option<String>,
+    /// Browser `Origin`s allowed to open client endpoints; empty = any (non-browser clients send none).
+    pub allowed_origins: Vec<String>,
+    /// Pin each loop to a core (on by default; off is useful when several nodes share a small machine).
+    pub pin_threads: bool,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            threads: default_threads(),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            node_id: default_node_id(),
+            auth_secret: None,
+            api_key: None,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            echo_path: None,
+            allowed_origins: Vec::new(),
+            pin_threads: true,
+            limits: Limits::default(),
+        }
+    }
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node1".to_string())
+}
+
+/// The TOML file. Keys are the flag names with `_` for `-`; durations and sizes are strings (`"30s"`, `"64KiB"`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub threads: Option<usize>,
+    pub data_dir: Option<PathBuf>,
+    pub node_id: Option<String>,
+    pub auth_secret: Option<String>,
+    pub api_key: Option<String>,
+    pub heartbeat_interval: Option<String>,
+    pub heartbeat_timeout: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub keepalive_timeout: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub echo_path: Option<String>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub pin_threads: Option<bool>,
+    pub max_header_bytes: Option<String>,
+    pub max_headers: Option<usize>,
+    pub max_body_bytes: Option<String>,
+    pub max_frame_bytes: Option<String>,
+    pub max_message_bytes: Option<String>,
+    pub max_write_queue_bytes: Option<String>,
+    pub max_connections_per_loop: Option<usize>,
+    pub backplane_queue: Option<usize>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Applies this file over `cfg` (so that flags and environment, applied later, win).
+    pub fn apply(self, cfg: &mut Config) -> Result<(), ConfigError> {
+        if let Some(v) = self.listen {
+            cfg.listen = parse_addr("listen", &v)?;
+        }
+        set(&mut cfg.threads, self.threads);
+        set(&mut cfg.data_dir, self.data_dir);
+        set(&mut cfg.node_id, self.node_id);
+        if self.auth_secret.is_some() {
+            cfg.auth_secret = self.auth_secret;
+        }
+        if self.api_key.is_some() {
+            cfg.api_key = self.api_key;
+        }
+        let durations = [
+            (
+                "heartbeat_interval",
+                self.heartbeat_interval,
+                &mut cfg.heartbeat_interval,
+            ),
+            (
+                "heartbeat_timeout",
+                self.heartbeat_timeout,
+                &mut cfg.heartbeat_timeout,
+            ),
+            (
+                "handshake_timeout",
+                self.handshake_timeout,
+                &mut cfg.handshake_timeout,
+            ),
+            (
+                "keepalive_timeout",
+                self.keepalive_timeout,
+                &mut cfg.keepalive_timeout,
+            ),
+            ("drain_timeout", self.drain_timeout, &mut cfg.drain_timeout),
+        ];
+        for (key, value, slot) in durations {
+            if let Some(v) = value {
+                *slot = parse_duration(key, &v)?;
+            }
+        }
+        if self.echo_path.is_some() {
+            cfg.echo_path = self.echo_path;
+        }
+        set(&mut cfg.allowed_origins, self.allowed_origins);
+        set(&mut cfg.pin_threads, self.pin_threads);
+        let l = &mut cfg.limits;
+        let sizes = [
+            (
+                "max_header_bytes",
+                self.max_header_bytes,
+                &mut l.max_header_bytes,
+            ),
+            ("max_body_bytes", self.max_body_bytes, &mut l.max_body_bytes),
+            (
+                "max_message_bytes",
+                self.max_message_bytes,
+                &mut l.max_message_bytes,
+            ),
+            (
+                "max_write_queue_bytes",
+                self.max_write_queue_bytes,
+                &mut l.max_write_queue_bytes,
+            ),
+        ];
+        for (key, value, slot) in sizes {
+            if let Some(v) = value {
+                *slot = parse_size(key, &v)? as usize;
+            }
+        }
+        if let Some(v) = self.max_frame_bytes {
+            l.max_frame_bytes = parse_size("max_frame_bytes", &v)?;
+        }
+        set(&mut l.max_headers, self.max_headers);
+        set(
+            &mut l.max_connections_per_loop,
+            self.max_connections_per_loop,
+        );
+        set(&mut l.backplane_queue, self.backplane_queue);
+        Ok(())
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+impl Config {
+    /// Checks the relations between settings; called once after all layers are merged.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.threads == 0 {
+            return Err(invalid("threads", "must be at least 1"));
+        }
+        if self.heartbeat_interval < Duration::from_millis(20) {
+            return Err(invalid("heartbeat_interval", "must be at least 20ms"));
+        }
+        if self.heartbeat_timeout < Duration::from_millis(20) {
+            return Err(invalid("heartbeat_timeout", "must be at least 20ms"));
+        }
+        let l = &self.limits;
+        if l.max_headers == 0 || l.max_headers > MAX_HEADERS_CEILING {
+            return Err(invalid(
+                "max_headers",
+                format!("must be in 1..={MAX_HEADERS_CEILING}"),
+            ));
+        }
+        if l.max_header_bytes < 256 {
+            return Err(invalid("max_header_bytes", "must be at least 256 bytes"));
+        }
+        if l.max_message_bytes == 0 || l.max_frame_bytes == 0 {
+            return Err(invalid(
+                "max_message_bytes",
+                "frame and message limits must be > 0",
+            ));
+        }
+        if l.max_write_queue_bytes < 4096 {
+            return Err(invalid("max_write_queue_bytes", "must be at least 4KiB"));
+        }
+        if l.max_connections_per_loop == 0 || l.backplane_queue == 0 {
+            return Err(invalid("max_connections_per_loop", "limits must be > 0"));
+        }
+        if let Some(p) = &self.echo_path
+            && (!p.starts_with('/') || p == "/ws")
+        {
+            return Err(invalid("echo_path", "must start with '/' and not be /ws"));
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|e| {
+        invalid(
+            key,
+            format!("{s:?} is not an address like 127.0.0.1:8080 ({e})"),
+        )
+    })
+}
+
+/// `30s`, `500ms`, `1h`, `2m 30s` (humantime).
+pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| invalid(key, format!("{s:?}: {e}")))
+}
+
+/// `65536`, `64KiB`, `64K`, `16MiB`, `1GiB` (binary units; `KB`/`MB` mean the same, as operators expect).
+pub fn parse_size(key: &'static str, s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not a size like 64KiB")))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(invalid(
+                key,
+                format!("unknown size unit {other:?} in {s:?}"),
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| invalid(key, format!("{s:?} is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("k", "65536").unwrap(), 65536);
+        assert_eq!(parse_size("k", "64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("k", "16M").unwrap(), 16 << 20);
+        assert!(parse_size("k", "12 parsecs").is_err());
+        assert!(parse_size("k", "").is_err());
+        assert_eq!(
+            parse_duration("d", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_duration("d", "30s").unwrap(), Duration::from_secs(30));
+        assert!(parse_duration("d", "soon").is_err());
+    }
+
+    #[test]
+    fn file_layer_applies_and_rejects_unknown_keys() {
+        let f: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\nheartbeat_interval = \"5s\"\nmax_frame_bytes = \"1MiB\"\n",
+        )
+        .unwrap();
+        let mut cfg = Config::default();
+        f.apply(&mut cfg).unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(cfg.limits.max_frame_bytes, 1 << 20);
+        assert!(toml::from_str::<FileConfig>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn validation_catches_nonsense() {
+        let mut cfg = Config::default();
+        assert!(cfg.validate().is_ok());
+        cfg.limits.max_headers = 0;
+        assert!(cfg.validate().is_err());
+    }
+}

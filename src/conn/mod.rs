@@ -1,0 +1,97 @@
+//! Per-connection state: the socket, its mode (HTTP or WebSocket), its write queue and its timer.
+//!
+//! An idle connection holds no read buffer: reads go into the loop's scratch buffer, and only bytes that
+//! belong to an incomplete HTTP head or body are copied into `inbuf`. The WebSocket decoder keeps partial frame
+//! headers and partial messages itself, allocating only while a message is in flight.
+
+pub mod http;
+pub mod queue;
+pub mod ws;
+
+use std::sync::Arc;
+
+use mio::net::TcpStream;
+
+use crate::proto::http1::RequestHead;
+use crate::proto::ws::Decoder;
+use crate::timer::TimerKey;
+
+pub use queue::WriteQueue;
+
+/// What a connection is doing.
+pub enum Mode {
+    /// Reading a request head (first request or keep-alive).
+    Http {
+        served: u32,
+    },
+    /// Reading the body announced by `head`.
+    HttpBody {
+        head: Box<RequestHead>,
+        served: u32,
+    },
+    /// A request was handed to the backplane; input is not read until it answers.
+    HttpAwait {
+        keep_alive: bool,
+        served: u32,
+    },
+    WebSocket(Box<WsState>),
+}
+
+pub struct WsState {
+    pub decoder: Decoder,
+    /// The authenticated user; `None` on the echo endpoint.
+    pub user: Option<Arc<str>>,
+    /// A ping is out and unanswered since this time (loop ms); 0 when none.
+    pub ping_sent_ms: u64,
+    /// We sent a close frame: input is drained until the peer closes or the linger timer fires.
+    pub close_sent: bool,
+}
+
+pub struct Conn {
+    pub socket: TcpStream,
+    pub generation: u32,
+    pub mode: Mode,
+    /// Partial HTTP head or body; empty (no heap) otherwise.
+    pub inbuf: Vec<u8>,
+    pub out: WriteQueue,
+    pub timer: Option<TimerKey>,
+    /// Last time any byte arrived (loop ms).
+    pub last_rx_ms: u64,
+    /// WRITABLE interest is registered (only while output is pending).
+    pub want_write: bool,
+    /// Close the socket once the queue is empty (HTTP `Connection: close`, after a close reply).
+    pub close_after_flush: bool,
+    /// Our write side is shut down (after a close frame went out).
+    pub write_shut: bool,
+}
+
+impl Conn {
+    pub fn new(socket: TcpStream, generation: u32, now_ms: u64) -> Self {
+        Conn {
+            socket,
+            generation,
+            mode: Mode::Http { served: 0 },
+            inbuf: Vec::new(),
+            out: WriteQueue::default(),
+            timer: None,
+            last_rx_ms: now_ms,
+            want_write: false,
+            close_after_flush: false,
+            write_shut: false,
+        }
+    }
+
+    pub fn is_websocket(&self) -> bool {
+        matches!(self.mode, Mode::WebSocket(_))
+    }
+
+    /// Bytes of heap this connection holds beyond its slab slot (for the memory report).
+    pub fn heap_bytes(&self) -> usize {
+        let mode = match &self.mode {
+            Mode::WebSocket(ws) => std::mem::size_of::<WsState>() + ws.decoder.heap_bytes(),
+            Mode::HttpBody { .. } => std::mem::size_of::<RequestHead>(),
+            _ => 0,
+        };
+        mode + self.inbuf.capacity() + self.out.heap_bytes()
+    }
+}

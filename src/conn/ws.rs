@@ -1,0 +1,162 @@
+//! WebSocket mode: frames in (sans-IO decoder), protocol requests to the backplane, frames out.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::http::Flow;
+use super::{Conn, Mode, WsState};
+use crate::backplane::{ConnRef, Event};
+use crate::proto::msg;
+use crate::proto::ws::{CloseCode, Event as WsEvent, Opcode, encode_close, encode_frame};
+use crate::worker::Ctx;
+
+/// Feeds bytes read from the socket. Payloads are unmasked in place in `data` (the loop's scratch buffer).
+pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> Flow {
+    let Conn {
+        mode,
+        out,
+        close_after_flush,
+        ..
+    } = conn;
+    let Mode::WebSocket(ws) = mode else {
+        return Flow::Continue;
+    };
+    if *close_after_flush {
+        return Flow::Continue;
+    }
+    if ws.close_sent {
+        // We started the close: drop the peer's remaining frames; its close reply ends the connection
+        // (the server closes the TCP connection first, RFC 6455 §7.1.1).
+        let mut pos = 0;
+        loop {
+            match ws.decoder.decode(&mut data[pos..]) {
+                Ok((_, Some(WsEvent::Close { .. }))) | Err(_) => {
+                    // Done; close once our own close frame is out (it may still be queued).
+                    *close_after_flush = true;
+                    return Flow::Continue;
+                }
+                Ok((0, None)) => return Flow::Continue,
+                Ok((n, _)) => pos += n,
+            }
+        }
+    }
+    let mut pos = 0;
+    loop {
+        let (n, ev) = match ws.decoder.decode(&mut data[pos..]) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(
+                    worker = cx.id,
+                    conn = me.index,
+                    code = e.code.0,
+                    reason = e.reason,
+                    "websocket protocol error"
+                );
+                let mut v = Vec::with_capacity(2 + e.reason.len() + 2);
+                encode_close(e.code, e.reason, &mut v);
+                out.push_vec(v);
+                ws.close_sent = true;
+                cx.metrics().close(e.code.0);
+                return Flow::Continue;
+            }
+        };
+        pos += n;
+        let Some(ev) = ev else {
+            if n == 0 {
+                return Flow::Continue;
+            }
+            continue;
+        };
+        cx.metrics().frames_in.fetch_add(1, Relaxed);
+        match ev {
+            WsEvent::Text(payload) => match &ws.user {
+                None => echo(out, Opcode::Text, payload, cx),
+                Some(user) => match msg::parse_client(payload) {
+                    Ok(m) => {
+                        let ev = Event::Received {
+                            conn: me,
+                            user: user.clone(),
+                            msg: m,
+                        };
+                        if cx.shared.backplane.try_send(ev).is_err() {
+                            cx.metrics().backplane_full.fetch_add(1, Relaxed);
+                            push_json(
+                                out,
+                                &msg::error("overloaded", "server busy, retry", None),
+                                cx,
+                            );
+                        }
+                    }
+                    Err((e, cid)) => {
+                        push_json(out, &msg::error(e.code(), &e.message(), cid.as_deref()), cx)
+                    }
+                },
+            },
+            WsEvent::Binary(payload) => {
+                if ws.user.is_none() {
+                    echo(out, Opcode::Binary, payload, cx);
+                } else {
+                    let mut v = Vec::new();
+                    encode_close(
+                        CloseCode::UNSUPPORTED,
+                        "corelay.v1 uses text frames",
+                        &mut v,
+                    );
+                    out.push_vec(v);
+                    ws.close_sent = true;
+                    cx.metrics().close(CloseCode::UNSUPPORTED.0);
+                    return Flow::Continue;
+                }
+            }
+            WsEvent::Ping(payload) => {
+                let mut v = Vec::with_capacity(2 + payload.len());
+                encode_frame(Opcode::Pong, true, payload, &mut v);
+                out.push_vec(v);
+                cx.metrics().frames_out.fetch_add(1, Relaxed);
+            }
+            WsEvent::Pong(_) => ws.ping_sent_ms = 0,
+            WsEvent::Close { code, .. } => {
+                // The peer started the close handshake: echo its code, then close the TCP connection
+                // (RFC 6455 §7.1.1: the server closes first).
+                let mut v = Vec::with_capacity(4);
+                match code {
+                    Some(c) => encode_close(c, "", &mut v),
+                    None => encode_frame(Opcode::Close, true, &[], &mut v),
+                }
+                out.push_vec(v);
+                *close_after_flush = true;
+                cx.metrics().close(code.map_or(1005, |c| c.0));
+                return Flow::Continue;
+            }
+        }
+    }
+}
+
+fn echo(out: &mut super::WriteQueue, op: Opcode, payload: &[u8], cx: &Ctx) {
+    let mut v = Vec::with_capacity(payload.len() + 10);
+    encode_frame(op, true, payload, &mut v);
+    out.push_vec(v);
+    cx.metrics().frames_out.fetch_add(1, Relaxed);
+}
+
+fn push_json(out: &mut super::WriteQueue, json: &str, cx: &Ctx) {
+    echo(out, Opcode::Text, json.as_bytes(), cx);
+}
+
+/// Starts a server-side close: queue a close frame; the loop shuts the write side once it is flushed and
+/// waits (linger) for the peer to close.
+pub fn start_close(conn: &mut Conn, code: CloseCode, reason: &str, cx: &Ctx) {
+    if let Mode::WebSocket(ws) = &mut conn.mode
+        && !ws.close_sent
+    {
+        let mut v = Vec::with_capacity(4 + reason.len());
+        encode_close(code, reason, &mut v);
+        conn.out.push_vec(v);
+        ws.close_sent = true;
+        cx.metrics().close(code.0);
+    }
+}
+
+/// Whether a WebSocket connection is in its closing phase.
+pub fn closing(ws: &WsState) -> bool {
+    ws.close_sent
+}

@@ -1,0 +1,296 @@
+//! The `corelay` binary: flags → `Config` → start the gateway → wait for a signal → drain → exit 0.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+use corelay::auth::{self, SecretSource};
+use corelay::config::{self, Config, FileConfig};
+use corelay::server::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "corelay",
+    version,
+    about = "Real-time connection gateway (WebSocket, SSE, long/short polling)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run(Box<RunArgs>),
+    /// Print a signed client token (JWT HS256, `sub` = user).
+    Token(TokenArgs),
+}
+
+#[derive(Args, Default)]
+struct RunArgs {
+    /// TOML config file; flags override environment, environment overrides the file.
+    #[arg(long, env = "CORELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Event loops (one per core by default).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Do not pin loops to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Where the embedded store and generated secrets live [default: ./data].
+    #[arg(long, env = "CORELAY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Node id (defaults to the host name).
+    #[arg(long, env = "CORELAY_NODE_ID")]
+    node_id: Option<String>,
+    /// HS256 secret for client tokens (generated into the data dir when absent).
+    #[arg(long, env = "CORELAY_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: Option<String>,
+    /// Key for the internal `/api/*` calls (`Authorization: Bearer KEY`; generated when absent).
+    #[arg(long, env = "CORELAY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Ping after this much silence [default: 30s].
+    #[arg(long)]
+    heartbeat_interval: Option<String>,
+    /// Close when no pong (or any frame) arrives this long after a ping [default: 10s].
+    #[arg(long)]
+    heartbeat_timeout: Option<String>,
+    /// Time to receive a request head (slowloris guard) [default: 10s].
+    #[arg(long)]
+    handshake_timeout: Option<String>,
+    /// Idle keep-alive HTTP connections are closed after this [default: 60s].
+    #[arg(long)]
+    keepalive_timeout: Option<String>,
+    /// How long a drain waits for clients to close [default: 5s].
+    #[arg(long)]
+    drain_timeout: Option<String>,
+    /// Serve a WebSocket echo endpoint at this path (off by default).
+    #[arg(long)]
+    echo_path: Option<String>,
+    /// Allowed browser Origin (repeatable; none = any).
+    #[arg(long = "allowed-origin")]
+    allowed_origins: Vec<String>,
+    /// Request head limit [default: 8KiB].
+    #[arg(long)]
+    max_header_bytes: Option<String>,
+    /// Request header count limit [default: 64].
+    #[arg(long)]
+    max_headers: Option<usize>,
+    /// Request body and chat message body limit [default: 64KiB].
+    #[arg(long)]
+    max_body_bytes: Option<String>,
+    /// WebSocket frame payload limit [default: 64KiB].
+    #[arg(long)]
+    max_frame_bytes: Option<String>,
+    /// WebSocket message limit [default: 64KiB].
+    #[arg(long)]
+    max_message_bytes: Option<String>,
+    /// Unsent bytes per connection before it is cut as a slow consumer [default: 1MiB].
+    #[arg(long)]
+    max_write_queue_bytes: Option<String>,
+    /// Connections per loop [default: 250000].
+    #[arg(long)]
+    max_connections_per_loop: Option<usize>,
+    /// Events queued to the backplane [default: 65536].
+    #[arg(long)]
+    backplane_queue: Option<usize>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[arg(long)]
+    user: String,
+    /// Lifetime, e.g. 1h, 30m [default: 1h].
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+    #[arg(long, env = "CORELAY_AUTH_SECRET", hide_env_values = true)]
+    auth_secret: Option<String>,
+    /// Read (or create) the secret in this data dir when no secret is given [default: ./data].
+    #[arg(long, env = "CORELAY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token(t)) => token(t),
+        Some(Command::Run(r)) => run(*r),
+        None => run(cli.run),
+    }
+}
+
+fn token(t: TokenArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        auth::valid_id(&t.user),
+        "--user must be 1..=128 chars of [A-Za-z0-9_.@-]"
+    );
+    let ttl = config::parse_duration("ttl", &t.ttl)?;
+    let dir = t
+        .data_dir
+        .unwrap_or_else(|| config::DEFAULT_DATA_DIR.into());
+    let (secret, _) = auth::resolve_secret(t.auth_secret.as_deref(), &dir, auth::SECRET_FILE)?;
+    println!("{}", auth::mint(&secret, &t.user, ttl)?);
+    Ok(())
+}
+
+fn build_config(r: RunArgs) -> anyhow::Result<Config> {
+    let mut cfg = Config::default();
+    if let Some(path) = &r.config {
+        FileConfig::load(path)?.apply(&mut cfg)?;
+    }
+    if let Some(v) = r.listen {
+        cfg.listen = config::parse_addr("listen", &v)?;
+    }
+    if let Some(v) = r.threads {
+        cfg.threads = v;
+    }
+    if r.no_pin {
+        cfg.pin_threads = false;
+    }
+    if let Some(v) = r.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = r.node_id {
+        cfg.node_id = v;
+    }
+    if r.auth_secret.is_some() {
+        cfg.auth_secret = r.auth_secret;
+    }
+    if r.api_key.is_some() {
+        cfg.api_key = r.api_key;
+    }
+    for (key, value, slot) in [
+        (
+            "heartbeat_interval",
+            r.heartbeat_interval,
+            &mut cfg.heartbeat_interval,
+        ),
+        (
+            "heartbeat_timeout",
+            r.heartbeat_timeout,
+            &mut cfg.heartbeat_timeout,
+        ),
+        (
+            "handshake_timeout",
+            r.handshake_timeout,
+            &mut cfg.handshake_timeout,
+        ),
+        (
+            "keepalive_timeout",
+            r.keepalive_timeout,
+            &mut cfg.keepalive_timeout,
+        ),
+        ("drain_timeout", r.drain_timeout, &mut cfg.drain_timeout),
+    ] {
+        if let Some(v) = value {
+            *slot = config::parse_duration(key, &v)?;
+        }
+    }
+    if r.echo_path.is_some() {
+        cfg.echo_path = r.echo_path;
+    }
+    if !r.allowed_origins.is_empty() {
+        cfg.allowed_origins = r.allowed_origins;
+    }
+    let l = &mut cfg.limits;
+    for (key, value, slot) in [
+        (
+            "max_header_bytes",
+            r.max_header_bytes,
+            &mut l.max_header_bytes,
+        ),
+        ("max_body_bytes", r.max_body_bytes, &mut l.max_body_bytes),
+        (
+            "max_message_bytes",
+            r.max_message_bytes,
+            &mut l.max_message_bytes,
+        ),
+        (
+            "max_write_queue_bytes",
+            r.max_write_queue_bytes,
+            &mut l.max_write_queue_bytes,
+        ),
+    ] {
+        if let Some(v) = value {
+            *slot = config::parse_size(key, &v)? as usize;
+        }
+    }
+    if let Some(v) = r.max_frame_bytes {
+        l.max_frame_bytes = config::parse_size("max_frame_bytes", &v)?;
+    }
+    if let Some(v) = r.max_headers {
+        l.max_headers = v;
+    }
+    if let Some(v) = r.max_connections_per_loop {
+        l.max_connections_per_loop = v;
+    }
+    if let Some(v) = r.backplane_queue {
+        l.backplane_queue = v;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn run(r: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CORELAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = build_config(r)?;
+    let (secret, src) =
+        auth::resolve_secret(cfg.auth_secret.as_deref(), &cfg.data_dir, auth::SECRET_FILE)
+            .context("resolving the auth secret")?;
+    match src {
+        SecretSource::Given => {}
+        SecretSource::Loaded(p) | SecretSource::Generated(p) => tracing::info!(
+            path = %p.display(),
+            "auth secret from the data dir; mint a client token with: corelay token --user alice --data-dir {}",
+            cfg.data_dir.display()
+        ),
+    }
+    cfg.auth_secret = Some(secret);
+    let (key, src) =
+        auth::resolve_secret(cfg.api_key.as_deref(), &cfg.data_dir, auth::API_KEY_FILE)
+            .context("resolving the API key")?;
+    if let SecretSource::Loaded(p) | SecretSource::Generated(p) = src {
+        tracing::info!(path = %p.display(), "API key for /api/* (Authorization: Bearer KEY) is in this file");
+    }
+    cfg.api_key = Some(key);
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    let threads = cfg.threads;
+    let server = Server::start(cfg)?;
+    // The line tests and scripts wait for; stdout, flushed.
+    println!(
+        "corelay listening on {} ({threads} loops)",
+        server.local_addr
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "draining");
+        server.shutdown();
+    }
+    // A second signal during the drain exits at once.
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            std::process::exit(1);
+        }
+    });
+    let started = std::time::Instant::now();
+    server.join();
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped");
+    Ok(())
+}

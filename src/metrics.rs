@@ -1,0 +1,197 @@
+//! Counters for `/metrics` (Prometheus text format 0.0.4).
+//!
+//! Each loop writes only its own [`LoopMetrics`] (relaxed atomics on its own cache lines), so counting costs
+//! no contention; `/metrics` reads them all.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Transports a connection can be in, for the per-transport gauges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Http = 0,
+    WebSocket = 1,
+    Echo = 2,
+}
+
+const TRANSPORTS: [(&str, Transport); 3] = [
+    ("http", Transport::Http),
+    ("websocket", Transport::WebSocket),
+    ("echo", Transport::Echo),
+];
+
+/// Close codes we count individually; everything else lands in "other".
+const CLOSE_CODES: [u16; 11] = [
+    1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1013, 0,
+];
+
+#[derive(Default)]
+#[repr(align(128))]
+pub struct LoopMetrics {
+    pub connections: [AtomicI64; 3],
+    pub accepted: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub closes: [AtomicU64; CLOSE_CODES.len()],
+    pub http_responses: [AtomicU64; 6],
+    pub backplane_full: AtomicU64,
+    pub slow_consumers: AtomicU64,
+    pub heartbeat_timeouts: AtomicU64,
+}
+
+impl LoopMetrics {
+    pub fn conn_opened(&self, t: Transport) {
+        self.connections[t as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn conn_closed(&self, t: Transport) {
+        self.connections[t as usize].fetch_sub(1, Relaxed);
+    }
+
+    /// Counts a WebSocket close by the code the server sent or received (1006: the TCP connection just ended).
+    pub fn close(&self, code: u16) {
+        let i = CLOSE_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(CLOSE_CODES.len() - 1);
+        self.closes[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn response(&self, status: u16) {
+        let class = (status / 100) as usize;
+        self.http_responses[class.min(5)].fetch_add(1, Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}
+
+pub struct Metrics {
+    pub loops: Vec<LoopMetrics>,
+    /// Commands the backplane could not hand to a loop at once (it waited for room).
+    pub backplane_stalls: AtomicU64,
+    /// Events waiting for the backplane, sampled by the backplane thread.
+    pub backplane_queue_depth: AtomicU64,
+    pub messages_routed: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new(loops: usize) -> Self {
+        Metrics {
+            loops: (0..loops).map(|_| LoopMetrics::default()).collect(),
+            backplane_stalls: AtomicU64::new(0),
+            backplane_queue_depth: AtomicU64::new(0),
+            messages_routed: AtomicU64::new(0),
+        }
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn render(&self, backplane_queue_len: usize) -> String {
+        let mut s = String::with_capacity(4096);
+        s.push_str("# HELP corelay_connections Open connections by transport and loop.\n# TYPE corelay_connections gauge\n");
+        for (i, l) in self.loops.iter().enumerate() {
+            for (name, t) in TRANSPORTS {
+                let _ = writeln!(
+                    s,
+                    "corelay_connections{{loop=\"{i}\",transport=\"{name}\"}} {}",
+                    l.connections[t as usize].load(Relaxed)
+                );
+            }
+        }
+        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 8] = [
+            ("corelay_accepted_total", "TCP connections accepted.", |l| {
+                &l.accepted
+            }),
+            (
+                "corelay_frames_in_total",
+                "WebSocket frames received.",
+                |l| &l.frames_in,
+            ),
+            ("corelay_frames_out_total", "WebSocket frames sent.", |l| {
+                &l.frames_out
+            }),
+            ("corelay_bytes_in_total", "Bytes read from clients.", |l| {
+                &l.bytes_in
+            }),
+            (
+                "corelay_bytes_out_total",
+                "Bytes written to clients.",
+                |l| &l.bytes_out,
+            ),
+            (
+                "corelay_backplane_full_total",
+                "Client requests refused because the backplane queue was full.",
+                |l| &l.backplane_full,
+            ),
+            (
+                "corelay_slow_consumer_closes_total",
+                "Connections cut because their write queue passed its cap.",
+                |l| &l.slow_consumers,
+            ),
+            (
+                "corelay_heartbeat_timeouts_total",
+                "Connections closed for not answering pings.",
+                |l| &l.heartbeat_timeouts,
+            ),
+        ];
+        for (name, help, f) in counters {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (i, l) in self.loops.iter().enumerate() {
+                let _ = writeln!(s, "{name}{{loop=\"{i}\"}} {}", f(l).load(Relaxed));
+            }
+        }
+        s.push_str("# HELP corelay_ws_closes_total WebSocket closes by code (0 = other).\n# TYPE corelay_ws_closes_total counter\n");
+        for (ci, code) in CLOSE_CODES.iter().enumerate() {
+            let total: u64 = self.loops.iter().map(|l| l.closes[ci].load(Relaxed)).sum();
+            let _ = writeln!(s, "corelay_ws_closes_total{{code=\"{code}\"}} {total}");
+        }
+        s.push_str("# HELP corelay_http_responses_total HTTP responses by status class.\n# TYPE corelay_http_responses_total counter\n");
+        for class in 1..6 {
+            let total: u64 = self
+                .loops
+                .iter()
+                .map(|l| l.http_responses[class].load(Relaxed))
+                .sum();
+            let _ = writeln!(
+                s,
+                "corelay_http_responses_total{{class=\"{class}xx\"}} {total}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP corelay_backplane_queue_depth Events waiting for the backplane.\n# TYPE corelay_backplane_queue_depth gauge\ncorelay_backplane_queue_depth {backplane_queue_len}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_backplane_stalls_total Times the backplane waited for room in a loop's queue (dropped commands: none, it waits).\n# TYPE corelay_backplane_stalls_total counter\ncorelay_backplane_stalls_total {}",
+            self.backplane_stalls.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_messages_routed_total Messages the backplane routed.\n# TYPE corelay_messages_routed_total counter\ncorelay_messages_routed_total {}",
+            self.messages_routed.load(Relaxed)
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts() {
+        let m = Metrics::new(2);
+        m.loops[1].conn_opened(Transport::WebSocket);
+        m.loops[0].close(1009);
+        m.loops[1].close(4000);
+        let text = m.render(3);
+        assert!(text.contains("corelay_connections{loop=\"1\",transport=\"websocket\"} 1"));
+        assert!(text.contains("corelay_ws_closes_total{code=\"1009\"} 1"));
+        assert!(text.contains("corelay_ws_closes_total{code=\"0\"} 1"));
+        assert!(text.contains("corelay_backplane_queue_depth 3"));
+    }
+}

@@ -1,0 +1,6 @@
+//! Sans-IO codecs: bytes in, bytes and events out. No mio, no sockets, no clock.
+#![forbid(unsafe_code)]
+
+pub mod http1;
+pub mod msg;
+pub mod ws;

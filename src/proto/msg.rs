@@ -1,0 +1,253 @@
+//! The JSON wire protocol v1 (`docs/PROTOCOL.md`): client requests and server messages.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The WebSocket subprotocol of this protocol.
+pub const SUBPROTOCOL: &str = "corelay.v1";
+
+/// A request from a client (a WebSocket text frame, or the body of `POST /send`).
+#[derive(Debug)]
+pub enum ClientMsg {
+    Subscribe {
+        channels: Vec<String>,
+        cursor: BTreeMap<String, u64>,
+    },
+    Unsubscribe {
+        channels: Vec<String>,
+    },
+    Send {
+        conversation: String,
+        client_id: String,
+        /// The client's JSON, kept as text and passed through untouched.
+        body: Box<RawValue>,
+    },
+    Ack {
+        conversation: String,
+        offset: u64,
+    },
+    Read {
+        conversation: String,
+        offset: u64,
+    },
+    History {
+        conversation: String,
+        before: Option<u64>,
+        limit: Option<usize>,
+    },
+}
+
+/// Why a client frame could not be turned into a [`ClientMsg`]; each maps to an `error` code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not a JSON object.
+    BadJson,
+    /// JSON without a known `type`.
+    UnknownType,
+    /// A known type with missing or mistyped fields.
+    BadRequest(String),
+}
+
+impl ParseError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ParseError::BadJson => "bad_json",
+            ParseError::UnknownType => "unknown_type",
+            ParseError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ParseError::BadJson => "frame is not a JSON object".into(),
+            ParseError::UnknownType => {
+                "unknown or missing \"type\" (subscribe, unsubscribe, send, ack, read, history)"
+                    .into()
+            }
+            ParseError::BadRequest(e) => e.clone(),
+        }
+    }
+}
+
+/// Every field any request has. (serde's internally tagged enums buffer their input, which `RawValue`
+/// cannot come from, so the request is read flat and then checked per type.) Unknown fields are ignored so
+/// that newer clients can talk to older nodes.
+#[derive(Deserialize)]
+struct Wire {
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    channels: Option<Vec<String>>,
+    cursor: Option<BTreeMap<String, u64>>,
+    conversation: Option<String>,
+    client_id: Option<String>,
+    body: Option<Box<RawValue>>,
+    offset: Option<u64>,
+    before: Option<u64>,
+    limit: Option<usize>,
+}
+
+fn need<T>(v: Option<T>, field: &str, ty: &str) -> Result<T, ParseError> {
+    v.ok_or_else(|| ParseError::BadRequest(format!("{ty}: missing field \"{field}\"")))
+}
+
+/// Parses one client request. On failure it also returns the request's `client_id` when it can find one,
+/// so the error can carry `ref`.
+pub fn parse_client(bytes: &[u8]) -> Result<ClientMsg, (ParseError, Option<String>)> {
+    let w: Wire = match serde_json::from_slice(bytes) {
+        Ok(w) => w,
+        Err(e) if e.is_data() => {
+            // Valid JSON, wrong shape (a mistyped field, or not an object).
+            return Err(match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(v) if v.is_object() => {
+                    let cid = v["client_id"].as_str().map(str::to_string);
+                    (ParseError::BadRequest(e.to_string()), cid)
+                }
+                _ => (ParseError::BadJson, None),
+            });
+        }
+        Err(_) => return Err((ParseError::BadJson, None)),
+    };
+    let cid = w.client_id.clone();
+    let ty = w.ty.as_deref().unwrap_or("");
+    let m = (|| {
+        Ok(match ty {
+            "subscribe" => ClientMsg::Subscribe {
+                channels: need(w.channels, "channels", ty)?,
+                cursor: w.cursor.unwrap_or_default(),
+            },
+            "unsubscribe" => ClientMsg::Unsubscribe {
+                channels: need(w.channels, "channels", ty)?,
+            },
+            "send" => ClientMsg::Send {
+                conversation: need(w.conversation, "conversation", ty)?,
+                client_id: need(w.client_id, "client_id", ty)?,
+                body: need(w.body, "body", ty)?,
+            },
+            "ack" | "read" => {
+                let conversation = need(w.conversation, "conversation", ty)?;
+                let offset = need(w.offset, "offset", ty)?;
+                if ty == "ack" {
+                    ClientMsg::Ack {
+                        conversation,
+                        offset,
+                    }
+                } else {
+                    ClientMsg::Read {
+                        conversation,
+                        offset,
+                    }
+                }
+            }
+            "history" => ClientMsg::History {
+                conversation: need(w.conversation, "conversation", ty)?,
+                before: w.before,
+                limit: w.limit,
+            },
+            _ => return Err(ParseError::UnknownType),
+        })
+    })();
+    m.map_err(|e| (e, cid))
+}
+
+/// `{"type":"welcome",…}`, the first frame on every WebSocket.
+pub fn welcome(user: &str, node: &str, heartbeat_s: u64) -> String {
+    serde_json::json!({"type": "welcome", "user": user, "node": node, "heartbeat_s": heartbeat_s})
+        .to_string()
+}
+
+/// `{"type":"error",…}` with `ref` = the client id when there is one.
+pub fn error(code: &str, message: &str, reference: Option<&str>) -> String {
+    let mut v = serde_json::json!({"type": "error", "code": code, "message": message});
+    if let Some(r) = reference {
+        v["ref"] = serde_json::Value::String(r.to_string());
+    }
+    v.to_string()
+}
+
+#[derive(Serialize)]
+pub struct Sent<'a> {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    pub client_id: &'a str,
+    pub conversation: &'a str,
+    pub offset: u64,
+    pub ts: u64,
+}
+
+/// A message on a channel. `body` is the client's JSON, passed through untouched.
+#[derive(Serialize)]
+pub struct Message<'a> {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    pub channel: &'a str,
+    pub offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<&'a str>,
+    pub ts: u64,
+    pub body: &'a RawValue,
+}
+
+#[derive(Serialize)]
+pub struct Receipt<'a> {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+    pub conversation: &'a str,
+    pub offset: u64,
+    pub state: &'static str,
+    pub by: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_type() {
+        let m = parse_client(
+            br#"{"type":"send","conversation":"c1","client_id":"x","body":{"a":[1,2]}}"#,
+        )
+        .unwrap();
+        match m {
+            ClientMsg::Send { body, .. } => assert_eq!(body.get(), r#"{"a":[1,2]}"#),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_client(
+                br#"{"type":"subscribe","channels":["scores:m42"],"cursor":{"scores:m42":7}}"#
+            ),
+            Ok(ClientMsg::Subscribe { .. })
+        ));
+        assert!(matches!(
+            parse_client(br#"{"type":"ack","conversation":"c1","offset":3}"#),
+            Ok(ClientMsg::Ack { offset: 3, .. })
+        ));
+        assert!(matches!(
+            parse_client(br#"{"type":"history","conversation":"c1"}"#),
+            Ok(ClientMsg::History { before: None, .. })
+        ));
+    }
+
+    #[test]
+    fn classifies_errors() {
+        assert_eq!(parse_client(b"{nope").unwrap_err().0, ParseError::BadJson);
+        assert_eq!(
+            parse_client(br#"{"type":"dance"}"#).unwrap_err().0,
+            ParseError::UnknownType
+        );
+        assert_eq!(parse_client(br#"[1]"#).unwrap_err().0, ParseError::BadJson);
+        let (e, cid) =
+            parse_client(br#"{"type":"send","client_id":"k1","conversation":5}"#).unwrap_err();
+        assert_eq!(e.code(), "bad_request");
+        assert_eq!(cid.as_deref(), Some("k1"));
+    }
+
+    #[test]
+    fn error_carries_ref() {
+        let v: serde_json::Value =
+            serde_json::from_str(&error("not_member", "no", Some("k"))).unwrap();
+        assert_eq!(v["ref"], "k");
+        assert_eq!(v["code"], "not_member");
+    }
+}

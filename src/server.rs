@@ -1,0 +1,106 @@
+//! Wiring: listeners, loops, the backplane thread, and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+
+use crate::auth::Verifier;
+use crate::backplane::{self, LoopCmd, LoopHandle, chat::Chat};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::worker::{Shared, Worker, listener};
+
+/// Commands queued per loop before the backplane waits for room.
+const LOOP_QUEUE: usize = 16_384;
+
+/// A running gateway.
+pub struct Server {
+    pub local_addr: SocketAddr,
+    loops: Vec<LoopHandle>,
+    workers: Vec<JoinHandle<()>>,
+    backplane: Option<JoinHandle<()>>,
+    draining: Arc<AtomicBool>,
+}
+
+impl Server {
+    /// Binds and starts every loop and the backplane. `cfg.auth_secret` and `api_key` must be resolved.
+    pub fn start(cfg: Config) -> anyhow::Result<Server> {
+        cfg.validate()?;
+        let secret = cfg
+            .auth_secret
+            .clone()
+            .context("auth secret not resolved")?;
+        let api_key: Arc<str> = cfg.api_key.clone().context("API key not resolved")?.into();
+        let cfg = Arc::new(cfg);
+        let listeners = listener::bind_all(cfg.listen, cfg.threads)
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let local_addr = listeners[0].local_addr()?;
+        let metrics = Arc::new(Metrics::new(cfg.threads));
+        let (bp, bp_rx, notify) = backplane::channel(cfg.limits.backplane_queue);
+        let draining = Arc::new(AtomicBool::new(false));
+        let shared = Shared {
+            cfg: cfg.clone(),
+            verifier: Arc::new(Verifier::new(&secret)),
+            api_key,
+            metrics: metrics.clone(),
+            backplane: bp,
+            draining: draining.clone(),
+        };
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut loops = Vec::new();
+        let mut workers = Vec::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let (tx, rx) = crossbeam_channel::bounded(LOOP_QUEUE);
+            let (worker, waker) = Worker::new(i as u16, l, rx, shared.clone())?;
+            loops.push(LoopHandle { tx, waker });
+            let core = (cfg.pin_threads && !cores.is_empty()).then(|| cores[i % cores.len()]);
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("corelay-loop-{i}"))
+                    .spawn(move || {
+                        if let Some(c) = core {
+                            core_affinity::set_for_current(c);
+                        }
+                        worker.run();
+                    })?,
+            );
+        }
+        drop(shared);
+        let chat = Chat::new(cfg.limits.max_body_bytes);
+        let bp_loops = loops.clone();
+        let backplane = std::thread::Builder::new()
+            .name("corelay-backplane".into())
+            .spawn(move || backplane::run(chat, bp_rx, notify, bp_loops, metrics))?;
+        Ok(Server {
+            local_addr,
+            loops,
+            workers,
+            backplane: Some(backplane),
+            draining,
+        })
+    }
+
+    /// Starts a graceful drain: `/readyz` turns 503, loops stop accepting and close clients with 1001.
+    pub fn shutdown(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for l in &self.loops {
+            let _ = l.tx.send(LoopCmd::Shutdown);
+            let _ = l.waker.wake();
+        }
+    }
+
+    /// Waits for the loops to drain, then for the backplane to finish.
+    pub fn join(mut self) {
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        self.loops.clear();
+        if let Some(b) = self.backplane.take() {
+            let _ = b.join();
+        }
+    }
+}

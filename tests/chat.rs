@@ -1,0 +1,217 @@
+//! Single-node chat over real WebSockets, with tungstenite as the client.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+#[test]
+fn two_users_three_connections_send_dedupe_and_receipts() {
+    let node = Node::start(&[]);
+    assert_eq!(node.create_conversation("c1", &["alice", "bob"]), 201);
+    assert_eq!(node.create_conversation("c1", &["alice", "bob"]), 200);
+    let mut alice = connect(&node, "alice");
+    let mut bob1 = connect(&node, "bob");
+    let mut bob2 = connect(&node, "bob");
+
+    send_json(
+        &mut alice,
+        json!({"type":"send","conversation":"c1","client_id":"m1","body":{"text":"hi"}}),
+    );
+    // The sender gets `sent` and (as a member) the message itself; both of bob's devices get the message.
+    let mut got_sent = None;
+    let mut got_msg = None;
+    for _ in 0..2 {
+        let v = next_json(&mut alice);
+        match v["type"].as_str().unwrap() {
+            "sent" => got_sent = Some(v),
+            "message" => got_msg = Some(v),
+            t => panic!("unexpected {t}"),
+        }
+    }
+    let sent = got_sent.unwrap();
+    assert_eq!(sent["client_id"], "m1");
+    assert_eq!(sent["offset"], 1);
+    assert_eq!(got_msg.unwrap()["offset"], 1);
+    for bob in [&mut bob1, &mut bob2] {
+        let m = next_json(bob);
+        assert_eq!(m["type"], "message");
+        assert_eq!(m["channel"], "conversation:c1");
+        assert_eq!(m["from"], "alice");
+        assert_eq!(m["offset"], 1);
+        assert_eq!(m["body"], json!({"text":"hi"}));
+    }
+
+    // A retry with the same client_id: the same `sent`, nothing delivered again.
+    send_json(
+        &mut alice,
+        json!({"type":"send","conversation":"c1","client_id":"m1","body":{"text":"hi"}}),
+    );
+    let again = next_json(&mut alice);
+    assert_eq!(again["type"], "sent");
+    assert_eq!(again["offset"], 1);
+    send_json(
+        &mut alice,
+        json!({"type":"send","conversation":"c1","client_id":"m2","body":"second"}),
+    );
+    for bob in [&mut bob1, &mut bob2] {
+        let m = next_json(bob);
+        assert_eq!(m["offset"], 2, "bob must not see the retried message twice");
+        assert_eq!(m["body"], "second");
+    }
+    // alice: sent(2) and message(2), in either order.
+    let mut types: Vec<String> = (0..2)
+        .map(|_| next_json(&mut alice)["type"].as_str().unwrap().to_string())
+        .collect();
+    types.sort();
+    assert_eq!(types, ["message", "sent"]);
+
+    // Receipts: bob acks (delivered) then reads; alice hears both, from bob, never backwards.
+    send_json(
+        &mut bob1,
+        json!({"type":"ack","conversation":"c1","offset":2}),
+    );
+    let r = next_json(&mut alice);
+    assert_eq!(
+        (r["type"].as_str(), r["state"].as_str()),
+        (Some("receipt"), Some("delivered"))
+    );
+    assert_eq!(r["by"], "bob");
+    assert_eq!(r["offset"], 2);
+    send_json(
+        &mut bob2,
+        json!({"type":"read","conversation":"c1","offset":2}),
+    );
+    let r = next_json(&mut alice);
+    assert_eq!(r["state"], "read");
+
+    // History, newest first.
+    send_json(
+        &mut bob1,
+        json!({"type":"history","conversation":"c1","limit":1}),
+    );
+    let h = next_json(&mut bob1);
+    assert_eq!(h["type"], "history");
+    assert_eq!(h["messages"][0]["offset"], 2);
+    assert_eq!(h["more"], true);
+}
+
+#[test]
+fn non_members_cannot_send_or_subscribe() {
+    let node = Node::start(&[]);
+    node.create_conversation("c1", &["alice", "bob"]);
+    let mut eve = connect(&node, "eve");
+    send_json(
+        &mut eve,
+        json!({"type":"send","conversation":"c1","client_id":"x1","body":"let me in"}),
+    );
+    let e = next_json(&mut eve);
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["code"], "not_member");
+    assert_eq!(e["ref"], "x1");
+    send_json(
+        &mut eve,
+        json!({"type":"subscribe","channels":["conversation:c1"]}),
+    );
+    assert_eq!(next_json(&mut eve)["code"], "not_member");
+    // A conversation that does not exist looks the same as one you are not in.
+    send_json(
+        &mut eve,
+        json!({"type":"send","conversation":"nope","client_id":"x2","body":1}),
+    );
+    assert_eq!(next_json(&mut eve)["code"], "not_member");
+}
+
+#[test]
+fn bad_requests_get_error_codes() {
+    let node = Node::start(&["--max-body-bytes", "1KiB"]);
+    node.create_conversation("c1", &["alice"]);
+    let mut a = connect(&node, "alice");
+    a.send(tungstenite::Message::text("{not json")).unwrap();
+    assert_eq!(next_json(&mut a)["code"], "bad_json");
+    send_json(&mut a, json!({"type":"dance"}));
+    assert_eq!(next_json(&mut a)["code"], "unknown_type");
+    send_json(
+        &mut a,
+        json!({"type":"send","conversation":"c1","client_id":"k"}),
+    );
+    assert_eq!(next_json(&mut a)["code"], "bad_request");
+    send_json(
+        &mut a,
+        json!({"type":"send","conversation":"c1","client_id":"big","body":"x".repeat(2000)}),
+    );
+    let e = next_json(&mut a);
+    assert_eq!(e["code"], "too_big");
+    assert_eq!(e["ref"], "big");
+    // The connection still works.
+    send_json(
+        &mut a,
+        json!({"type":"send","conversation":"c1","client_id":"ok","body":1}),
+    );
+    let v = next_json(&mut a);
+    assert!(v["type"] == "sent" || v["type"] == "message");
+}
+
+#[test]
+fn a_thousand_connections_each_get_the_message() {
+    const N: usize = 1000;
+    let node = Node::start(&[]);
+    let users: Vec<String> = (0..N).map(|i| format!("u{i}")).collect();
+    let mut members: Vec<&str> = users.iter().map(String::as_str).collect();
+    members.push("sender");
+    assert_eq!(node.create_conversation("big", &members), 201);
+    let mut clients: Vec<Ws> = users.iter().map(|u| connect(&node, u)).collect();
+    let mut sender = connect(&node, "sender");
+    send_json(
+        &mut sender,
+        json!({"type":"send","conversation":"big","client_id":"b1","body":"to all"}),
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let m = next_json(c);
+        assert_eq!(m["body"], "to all", "client {i}");
+        assert_eq!(m["offset"], 1);
+    }
+    // Exactly once: the next thing each sees is the second message.
+    send_json(
+        &mut sender,
+        json!({"type":"send","conversation":"big","client_id":"b2","body":"again"}),
+    );
+    for c in clients.iter_mut() {
+        set_timeout(c, Duration::from_secs(10));
+        assert_eq!(next_json(c)["offset"], 2);
+    }
+}
+
+#[test]
+fn tokens_are_required_and_checked() {
+    let node = Node::start(&[]);
+    let up = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+    let (st, body) = http(
+        node.addr,
+        &format!("GET /ws HTTP/1.1\r\nHost: t\r\n{up}\r\n"),
+    );
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains("missing token"));
+    let forged = corelay::auth::mint("wrong-secret", "alice", Duration::from_secs(60)).unwrap();
+    let (st, _) = http(
+        node.addr,
+        &format!("GET /ws?token={forged} HTTP/1.1\r\nHost: t\r\n{up}\r\n"),
+    );
+    assert_eq!(st, 401);
+    let (st, _) = http(
+        node.addr,
+        &format!(
+            "GET /ws HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n{up}\r\n",
+            token("alice")
+        ),
+    );
+    assert_eq!(st, 101);
+    // The internal API wants its key.
+    let (st, _) = http(
+        node.addr,
+        "POST /api/conversations HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    );
+    assert_eq!(st, 401);
+}

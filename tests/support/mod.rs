@@ -1,0 +1,265 @@
+//! Test support: start the real `corelay` binary on a free port, mint tokens, talk raw HTTP and raw frames.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "test-secret";
+pub const API_KEY: &str = "test-api-key";
+
+/// A gateway process, killed when dropped.
+pub struct Node {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Node {
+    /// Starts the binary with `--listen 127.0.0.1:0` and the given extra flags; waits for its listening line.
+    pub fn start(extra: &[&str]) -> Node {
+        let data_dir = std::env::temp_dir().join(format!(
+            "corelay-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corelay"))
+            .args([
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                "2",
+                "--no-pin",
+            ])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--auth-secret", SECRET, "--api-key", API_KEY])
+            .args(extra)
+            .env(
+                "CORELAY_LOG",
+                std::env::var("CORELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn corelay");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read listening line");
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Node {
+            child,
+            addr,
+            data_dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait_exit(within)
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Creates a conversation through the internal API; returns the HTTP status.
+    pub fn create_conversation(&self, id: &str, members: &[&str]) -> u16 {
+        let body = serde_json::json!({"id": id, "members": members}).to_string();
+        let (status, _) = http(
+            self.addr,
+            &format!(
+                "POST /api/conversations HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        status
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn token(user: &str) -> String {
+    corelay::auth::mint(SECRET, user, Duration::from_secs(3600)).unwrap()
+}
+
+/// Sends a raw request and reads the whole response (until the server closes or 5 s pass).
+pub fn http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    (status_of(&text), text)
+}
+
+pub fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+pub type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+/// Connects a chat client with tungstenite (the reference client) and reads its `welcome`.
+pub fn connect(node: &Node, user: &str) -> Ws {
+    let url = format!("{}?token={}", node.url("/ws"), token(user));
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "corelay.v1".parse().unwrap());
+    let (mut ws, resp) = tungstenite::connect(req).expect("websocket connect");
+    assert_eq!(
+        resp.headers().get("Sec-WebSocket-Protocol").unwrap(),
+        "corelay.v1"
+    );
+    set_timeout(&mut ws, Duration::from_secs(5));
+    let w = next_json(&mut ws);
+    assert_eq!(w["type"], "welcome");
+    assert_eq!(w["user"], user);
+    ws
+}
+
+pub fn set_timeout(ws: &mut Ws, t: Duration) {
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(t)).unwrap();
+    }
+}
+
+/// The next text message as JSON (skipping pings, which tungstenite answers).
+pub fn next_json(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match ws.read().expect("read frame") {
+            tungstenite::Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+pub fn send_json(ws: &mut Ws, v: serde_json::Value) {
+    ws.send(tungstenite::Message::text(v.to_string())).unwrap();
+}
+
+/// A raw TCP connection that completed the upgrade on `path` (for sending frames tungstenite refuses to).
+pub fn raw_upgrade(node: &Node, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    s
+}
+
+/// A client frame (masked unless `mask` is None).
+pub fn frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(m | n as u8),
+        n if n < 65536 => {
+            f.push(m | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(m | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            f.extend_from_slice(&k);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+/// Reads server frames until a close frame; returns its code (None if the connection ended without one).
+pub fn read_close_code(s: &mut TcpStream) -> Option<u16> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        // Parse what we have: server frames are unmasked with 7/16-bit lengths here.
+        let mut pos = 0;
+        while buf.len() >= pos + 2 {
+            let op = buf[pos] & 0x0f;
+            let (len, hdr) = match buf[pos + 1] & 0x7f {
+                126 if buf.len() >= pos + 4 => {
+                    (u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]) as usize, 4)
+                }
+                126 => break,
+                n => (n as usize, 2),
+            };
+            if buf.len() < pos + hdr + len {
+                break;
+            }
+            if op == 8 {
+                let p = &buf[pos + hdr..pos + hdr + len];
+                return (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+            }
+            pos += hdr + len;
+        }
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// Waits for `cond` with a deadline.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
