@@ -25,6 +25,11 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_WRITE_QUEUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS_PER_LOOP: usize = 250_000;
 pub const DEFAULT_BACKPLANE_QUEUE: usize = 65_536;
+pub const DEFAULT_TOPIC_HISTORY: usize = 1000;
+pub const DEFAULT_TOPIC_HISTORY_AGE: Duration = Duration::from_secs(3600);
+pub const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(2);
+pub const DEFAULT_MAX_POLL_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(25);
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -103,6 +108,14 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// WebSocket echo endpoint (no auth, no chat protocol) for conformance runs and load generators.
     pub echo_path: Option<String>,
+    /// Messages kept per topic and `user:` channel for resume (SSE, polls, subscribe with a cursor).
+    pub topic_history: usize,
+    /// Topic messages older than this are dropped from history.
+    pub topic_history_age: Duration,
+    /// The `retry:` an SSE stream announces (how soon `EventSource` reconnects).
+    pub sse_retry: Duration,
+    /// Longest hold a long poll may ask for (`timeout=`); longer asks are clamped.
+    pub max_poll_timeout: Duration,
     /// Browser `Origin`s allowed to open client endpoints; empty = any (non-browser clients send none).
     pub allowed_origins: Vec<String>,
     /// Pin each loop to a core (on by default; off is useful when several nodes share a small machine).
@@ -125,6 +138,10 @@ impl Default for Config {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             echo_path: None,
+            topic_history: DEFAULT_TOPIC_HISTORY,
+            topic_history_age: DEFAULT_TOPIC_HISTORY_AGE,
+            sse_retry: DEFAULT_SSE_RETRY,
+            max_poll_timeout: DEFAULT_MAX_POLL_TIMEOUT,
             allowed_origins: Vec::new(),
             pin_threads: true,
             limits: Limits::default(),
@@ -162,6 +179,10 @@ pub struct FileConfig {
     pub keepalive_timeout: Option<String>,
     pub drain_timeout: Option<String>,
     pub echo_path: Option<String>,
+    pub topic_history: Option<usize>,
+    pub topic_history_age: Option<String>,
+    pub sse_retry: Option<String>,
+    pub max_poll_timeout: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
     pub pin_threads: Option<bool>,
     pub max_header_bytes: Option<String>,
@@ -222,6 +243,17 @@ impl FileConfig {
                 &mut cfg.keepalive_timeout,
             ),
             ("drain_timeout", self.drain_timeout, &mut cfg.drain_timeout),
+            (
+                "topic_history_age",
+                self.topic_history_age,
+                &mut cfg.topic_history_age,
+            ),
+            ("sse_retry", self.sse_retry, &mut cfg.sse_retry),
+            (
+                "max_poll_timeout",
+                self.max_poll_timeout,
+                &mut cfg.max_poll_timeout,
+            ),
         ];
         for (key, value, slot) in durations {
             if let Some(v) = value {
@@ -232,6 +264,7 @@ impl FileConfig {
             cfg.echo_path = self.echo_path;
         }
         set(&mut cfg.allowed_origins, self.allowed_origins);
+        set(&mut cfg.topic_history, self.topic_history);
         set(&mut cfg.pin_threads, self.pin_threads);
         let l = &mut cfg.limits;
         let sizes = [
@@ -309,6 +342,9 @@ impl Config {
         }
         if l.max_connections_per_loop == 0 || l.backplane_queue == 0 {
             return Err(invalid("max_connections_per_loop", "limits must be > 0"));
+        }
+        if self.topic_history == 0 {
+            return Err(invalid("topic_history", "must be at least 1"));
         }
         if let Some(p) = &self.echo_path
             && (!p.starts_with('/') || p == "/ws")

@@ -73,6 +73,18 @@ struct RunArgs {
     /// Serve a WebSocket echo endpoint at this path (off by default).
     #[arg(long)]
     echo_path: Option<String>,
+    /// Messages kept per topic / user channel for resume [default: 1000].
+    #[arg(long)]
+    topic_history: Option<usize>,
+    /// Age limit of topic history [default: 1h].
+    #[arg(long)]
+    topic_history_age: Option<String>,
+    /// The `retry:` SSE streams announce [default: 2s].
+    #[arg(long)]
+    sse_retry: Option<String>,
+    /// Longest long-poll hold a client may ask for [default: 60s].
+    #[arg(long)]
+    max_poll_timeout: Option<String>,
     /// Allowed browser Origin (repeatable; none = any).
     #[arg(long = "allowed-origin")]
     allowed_origins: Vec<String>,
@@ -187,6 +199,17 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
             &mut cfg.keepalive_timeout,
         ),
         ("drain_timeout", r.drain_timeout, &mut cfg.drain_timeout),
+        (
+            "topic_history_age",
+            r.topic_history_age,
+            &mut cfg.topic_history_age,
+        ),
+        ("sse_retry", r.sse_retry, &mut cfg.sse_retry),
+        (
+            "max_poll_timeout",
+            r.max_poll_timeout,
+            &mut cfg.max_poll_timeout,
+        ),
     ] {
         if let Some(v) = value {
             *slot = config::parse_duration(key, &v)?;
@@ -194,6 +217,9 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if r.echo_path.is_some() {
         cfg.echo_path = r.echo_path;
+    }
+    if let Some(v) = r.topic_history {
+        cfg.topic_history = v;
     }
     if !r.allowed_origins.is_empty() {
         cfg.allowed_origins = r.allowed_origins;

@@ -12,12 +12,16 @@ pub enum Transport {
     Http = 0,
     WebSocket = 1,
     Echo = 2,
+    Sse = 3,
+    LongPoll = 4,
 }
 
-const TRANSPORTS: [(&str, Transport); 3] = [
+const TRANSPORTS: [(&str, Transport); 5] = [
     ("http", Transport::Http),
     ("websocket", Transport::WebSocket),
     ("echo", Transport::Echo),
+    ("sse", Transport::Sse),
+    ("longpoll", Transport::LongPoll),
 ];
 
 /// Close codes we count individually; everything else lands in "other".
@@ -28,7 +32,7 @@ const CLOSE_CODES: [u16; 11] = [
 #[derive(Default)]
 #[repr(align(128))]
 pub struct LoopMetrics {
-    pub connections: [AtomicI64; 3],
+    pub connections: [AtomicI64; 5],
     pub accepted: AtomicU64,
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,

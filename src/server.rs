@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use anyhow::Context;
 
 use crate::auth::Verifier;
-use crate::backplane::{self, LoopCmd, LoopHandle, chat::Chat};
+use crate::backplane::router::{HistoryLimits, Router};
+use crate::backplane::{self, LoopCmd, LoopHandle};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::worker::{Shared, Worker, listener};
@@ -69,11 +70,18 @@ impl Server {
             );
         }
         drop(shared);
-        let chat = Chat::new(cfg.limits.max_body_bytes);
+        let router = Router::new(
+            cfg.limits.max_body_bytes,
+            HistoryLimits {
+                topic_count: cfg.topic_history,
+                topic_age_ms: cfg.topic_history_age.as_millis() as u64,
+                ..HistoryLimits::default()
+            },
+        );
         let bp_loops = loops.clone();
         let backplane = std::thread::Builder::new()
             .name("corelay-backplane".into())
-            .spawn(move || backplane::run(chat, bp_rx, notify, bp_loops, metrics))?;
+            .spawn(move || backplane::run(router, bp_rx, notify, bp_loops, metrics))?;
         Ok(Server {
             local_addr,
             loops,

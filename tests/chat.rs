@@ -116,6 +116,9 @@ fn non_members_cannot_send_or_subscribe() {
         json!({"type":"subscribe","channels":["conversation:c1"]}),
     );
     assert_eq!(next_json(&mut eve)["code"], "not_member");
+    let ack = next_json(&mut eve);
+    assert_eq!(ack["type"], "subscribed");
+    assert_eq!(ack["cursor"], json!({}), "nothing was subscribed");
     // A conversation that does not exist looks the same as one you are not in.
     send_json(
         &mut eve,

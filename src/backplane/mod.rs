@@ -5,11 +5,11 @@
 //! touches a socket. Fan-out sends one command per loop carrying the shared encoded frame, never one per
 //! subscriber.
 
-pub mod chat;
+pub mod router;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::proto::msg::ClientMsg;
+use crate::proto::ws::{Opcode, encode_frame};
 
 /// A connection anywhere on this node: its loop, its slab index, and the generation that guards against a
 /// reused slot receiving a stale command.
@@ -28,40 +29,125 @@ pub struct ConnRef {
     pub generation: u32,
 }
 
+/// A cursor as the loops keep it: (channel, last offset seen), sorted by channel.
+pub type CursorVec = Vec<(Arc<str>, u64)>;
+
+/// One message of a channel, encoded once per transport and shared by every recipient on every loop.
+#[derive(Debug)]
+pub struct Delivery {
+    pub channel: Arc<str>,
+    pub offset: u64,
+    /// The message as JSON (one line): poll answers embed it, history pages list it.
+    pub json: Bytes,
+    /// A complete WebSocket text frame carrying `json`.
+    pub ws: Bytes,
+    /// `event:` + `data:` lines for SSE, made by the first loop that needs them.
+    sse: OnceLock<Bytes>,
+}
+
+impl Delivery {
+    pub fn new(channel: Arc<str>, offset: u64, json: String) -> Arc<Delivery> {
+        let mut ws = Vec::with_capacity(json.len() + 10);
+        encode_frame(Opcode::Text, true, json.as_bytes(), &mut ws);
+        Arc::new(Delivery {
+            channel,
+            offset,
+            json: Bytes::from(json),
+            ws: Bytes::from(ws),
+            sse: OnceLock::new(),
+        })
+    }
+
+    /// The event type for SSE: the message's `type` (`message`, `receipt`, …).
+    pub fn sse(&self) -> &Bytes {
+        self.sse.get_or_init(|| {
+            let ty = serde_json::from_slice::<TypeOnly>(&self.json)
+                .map(|t| t.ty)
+                .unwrap_or_else(|_| "message".into());
+            let mut v = Vec::with_capacity(self.json.len() + 32);
+            crate::proto::sse::encode_body(&ty, &self.json, &mut v);
+            Bytes::from(v)
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct TypeOnly {
+    #[serde(rename = "type")]
+    ty: String,
+}
+
 /// Loop → backplane.
 #[derive(Debug)]
 pub enum Event {
-    /// An authenticated client connection opened (it has already been sent `welcome`).
-    Opened {
-        conn: ConnRef,
-        user: Arc<str>,
-    },
+    /// A long-lived authenticated connection (WebSocket, SSE stream) opened: it receives the user's
+    /// conversations and `user:` channel from now on.
+    Opened { conn: ConnRef, user: Arc<str> },
+    /// A connection that was `Opened`, or that followed channels, is gone.
     Closed {
         conn: ConnRef,
-        user: Arc<str>,
+        user: Option<Arc<str>>,
     },
+    /// A WebSocket request.
     Received {
         conn: ConnRef,
         user: Arc<str>,
         msg: ClientMsg,
     },
-    /// An internal API call (already authenticated with the API key); answered with [`LoopCmd::Respond`].
-    Api {
+    /// `POST /send`: a `send` answered over HTTP.
+    Send {
         conn: ConnRef,
-        req: ApiRequest,
+        user: Arc<str>,
+        msg: ClientMsg,
     },
+    /// `GET /sse`: check access, answer `StreamStart` (or an HTTP error), replay after `cursor`, then go live.
+    Stream {
+        conn: ConnRef,
+        user: Arc<str>,
+        channels: Vec<String>,
+        cursor: BTreeMap<String, u64>,
+    },
+    /// `GET /poll`: answer from history, or hold for up to `hold_ms`.
+    Poll {
+        conn: ConnRef,
+        user: Arc<str>,
+        channels: Vec<String>,
+        cursor: Option<BTreeMap<String, u64>>,
+        hold_ms: u64,
+    },
+    /// A held poll was answered or timed out: stop routing to it.
+    Unfollow { conn: ConnRef },
+    /// An internal API call (already authenticated with the API key); answered with [`LoopCmd::Respond`].
+    Api { conn: ConnRef, req: ApiRequest },
 }
 
 #[derive(Debug)]
 pub enum ApiRequest {
-    CreateConversation { id: String, members: Vec<String> },
+    CreateConversation {
+        id: String,
+        members: Vec<String>,
+    },
+    Publish {
+        channel: String,
+        body: Box<serde_json::value::RawValue>,
+    },
+    History {
+        conversation: String,
+        before: Option<u64>,
+        limit: Option<usize>,
+    },
 }
 
 /// Backplane → loop.
 #[derive(Debug)]
 pub enum LoopCmd {
-    /// Write `frame` (an encoded WebSocket frame shared by every recipient) to these connections of the loop.
+    /// A channel message for these connections of the loop; each is written in its transport's encoding.
     Deliver {
+        conns: Vec<(u32, u32)>,
+        delivery: Arc<Delivery>,
+    },
+    /// A direct WebSocket frame (replies, errors) for these connections.
+    Frame {
         conns: Vec<(u32, u32)>,
         frame: Bytes,
     },
@@ -71,6 +157,19 @@ pub enum LoopCmd {
         generation: u32,
         status: u16,
         body: String,
+    },
+    /// An SSE stream is accepted: send the head and start with this cursor.
+    StreamStart {
+        index: u32,
+        generation: u32,
+        cursor: CursorVec,
+    },
+    /// A long poll found nothing new: hold it until a delivery or `hold_ms`.
+    PollHold {
+        index: u32,
+        generation: u32,
+        cursor: CursorVec,
+        hold_ms: u64,
     },
     /// Stop accepting, close clients with 1001, exit when they are gone or the drain time is up.
     Shutdown,
@@ -145,7 +244,7 @@ pub fn channel(capacity: usize) -> (BackplaneHandle, Receiver<Event>, Arc<Notify
 
 /// Runs the backplane on the current thread until every loop has hung up.
 pub fn run(
-    mut chat: chat::Chat,
+    mut router: router::Router,
     rx: Receiver<Event>,
     notify: Arc<Notify>,
     loops: Vec<LoopHandle>,
@@ -164,7 +263,7 @@ pub fn run(
                 match rx.try_recv() {
                     Ok(ev) => {
                         got_any = true;
-                        chat.handle(ev, chat::unix_ms(), &mut out);
+                        router.handle(ev, router::unix_ms(), &mut out);
                     }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return,
@@ -188,46 +287,40 @@ pub fn run(
     });
 }
 
-/// Groups outputs by loop: one `Deliver` per (loop, frame).
-async fn dispatch(out: &mut Vec<chat::Out>, loops: &[LoopHandle], metrics: &Metrics) {
+/// Groups outputs by loop: one command per (loop, output).
+async fn dispatch(out: &mut Vec<router::Out>, loops: &[LoopHandle], metrics: &Metrics) {
     for o in out.drain(..) {
         match o {
-            chat::Out::Frame { to, frame } => {
-                let mut per_loop: BTreeMap<u16, Vec<(u32, u32)>> = BTreeMap::new();
-                for c in to {
-                    per_loop
-                        .entry(c.worker)
-                        .or_default()
-                        .push((c.index, c.generation));
-                }
-                for (w, conns) in per_loop {
+            router::Out::Message { to, delivery } => {
+                for (w, conns) in per_loop(to) {
                     if let Some(l) = loops.get(w as usize) {
-                        l.send(
-                            LoopCmd::Deliver {
-                                conns,
-                                frame: frame.clone(),
-                            },
-                            metrics,
-                        )
-                        .await;
+                        let delivery = delivery.clone();
+                        l.send(LoopCmd::Deliver { conns, delivery }, metrics).await;
                     }
                 }
                 metrics.messages_routed.fetch_add(1, Relaxed);
             }
-            chat::Out::Http { conn, status, body } => {
+            router::Out::Frame { to, frame } => {
+                for (w, conns) in per_loop(to) {
+                    if let Some(l) = loops.get(w as usize) {
+                        let frame = frame.clone();
+                        l.send(LoopCmd::Frame { conns, frame }, metrics).await;
+                    }
+                }
+            }
+            router::Out::Loop { conn, cmd } => {
                 if let Some(l) = loops.get(conn.worker as usize) {
-                    l.send(
-                        LoopCmd::Respond {
-                            index: conn.index,
-                            generation: conn.generation,
-                            status,
-                            body,
-                        },
-                        metrics,
-                    )
-                    .await;
+                    l.send(cmd, metrics).await;
                 }
             }
         }
     }
+}
+
+fn per_loop(to: Vec<ConnRef>) -> BTreeMap<u16, Vec<(u32, u32)>> {
+    let mut m: BTreeMap<u16, Vec<(u32, u32)>> = BTreeMap::new();
+    for c in to {
+        m.entry(c.worker).or_default().push((c.index, c.generation));
+    }
+    m
 }

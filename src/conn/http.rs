@@ -1,16 +1,16 @@
-//! HTTP mode: request heads and bodies in, routes, responses out; the WebSocket upgrade.
+//! HTTP mode: request heads and bodies in, routes, responses out; the WebSocket upgrade, SSE streams and polls.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use serde::Deserialize;
 
-use super::{Conn, Mode, WsState};
-use crate::backplane::{ApiRequest, ConnRef, Event};
+use super::{Conn, Mode, PollState, StreamState, WsState};
+use crate::backplane::{ApiRequest, ConnRef, CursorVec, Event};
 use crate::metrics::Transport;
 use crate::proto::http1::{self, HttpError, Method, RequestHead};
-use crate::proto::msg;
 use crate::proto::ws::{Decoder, Limits as WsLimits, Opcode, encode_frame};
+use crate::proto::{cursor, msg, sse};
 use crate::worker::Ctx;
 
 /// What the loop must do after feeding a connection.
@@ -21,8 +21,13 @@ pub enum Flow {
     Close,
 }
 
-/// Feeds bytes to a connection in HTTP mode (and, after an upgrade, the rest to the WebSocket decoder).
+/// Feeds bytes to a connection in an HTTP mode (and, after an upgrade, the rest to the WebSocket decoder).
 pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow {
+    if let Mode::Sse(_) = conn.mode {
+        // A stream is one-way; whatever the client sends is dropped.
+        conn.inbuf = Vec::new();
+        return Flow::Continue;
+    }
     conn.inbuf.extend_from_slice(data);
     loop {
         match &mut conn.mode {
@@ -47,9 +52,7 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
                     }
                     Ok(Some((head, n))) => {
                         conn.inbuf.drain(..n);
-                        if let Flow::Close = route(conn, head, served, cx, me) {
-                            return Flow::Close;
-                        }
+                        route(conn, head, served, cx, me);
                     }
                 }
             }
@@ -64,7 +67,15 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
                 conn.mode = Mode::Http { served };
                 post(conn, &head, &body, served, cx, me);
             }
-            Mode::HttpAwait { .. } => return Flow::Continue,
+            Mode::HttpAwait { .. } | Mode::PollHeld(_) | Mode::Sse(_) => {
+                // A request pipelined behind one that is still being answered waits in `inbuf` (bounded).
+                if conn.inbuf.len()
+                    > cx.shared.cfg.limits.max_header_bytes + cx.shared.cfg.limits.max_body_bytes
+                {
+                    return Flow::Close;
+                }
+                return Flow::Continue;
+            }
             Mode::WebSocket(_) => {
                 let mut rest = std::mem::take(&mut conn.inbuf);
                 return super::ws::on_data(conn, &mut rest, cx, me);
@@ -92,94 +103,120 @@ pub fn fail(conn: &mut Conn, cx: &Ctx, e: HttpError, extra: &[&str]) {
     conn.mode = Mode::HttpAwait {
         keep_alive: false,
         served: u32::MAX,
+        user: None,
     };
 }
 
+/// Writes a response and returns the connection to reading requests (or closes it after the write).
 fn respond(
     conn: &mut Conn,
-    cx: &Ctx,
+    cx: &mut Ctx,
+    me: ConnRef,
     status: u16,
     content_type: &str,
     body: &[u8],
     keep_alive: bool,
 ) {
+    let served = match &conn.mode {
+        Mode::Http { served } | Mode::HttpBody { served, .. } | Mode::HttpAwait { served, .. } => {
+            *served
+        }
+        Mode::PollHeld(p) => p.served,
+        Mode::WebSocket(_) | Mode::Sse(_) => 0,
+    };
     let mut out = Vec::with_capacity(128 + body.len());
     http1::encode_response(status, content_type, &[], body, keep_alive, &mut out);
     cx.metrics().response(status);
     conn.out.push_vec(out);
-    if !keep_alive {
+    conn.mode = Mode::Http {
+        served: served.saturating_add(1),
+    };
+    if keep_alive {
+        let at = cx.now_ms + cx.shared.cfg.keepalive_timeout.as_millis() as u64;
+        cx.schedule(conn, me, at);
+    } else {
         conn.close_after_flush = true;
     }
 }
 
-fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) -> Flow {
+fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
     let keep_alive = head.keep_alive();
     let method = head.method();
     let get = matches!(method, Method::Get | Method::Head);
-    let next = Mode::Http { served: served + 1 };
+    let post = method == Method::Post;
     let path = head.path.as_str();
     let is_echo = cx.shared.cfg.echo_path.as_deref() == Some(path);
+    let wrong_method = |allow: &'static str| HttpError::new(405, allow);
     match path {
-        "/healthz" | "/readyz" | "/metrics" if !get => {
-            fail(
-                conn,
-                cx,
-                HttpError::new(405, "use GET"),
-                &["Allow: GET, HEAD"],
-            );
+        "/healthz" | "/readyz" | "/metrics" | "/sse" | "/poll" | "/api/history" if !get => {
+            fail(conn, cx, wrong_method("use GET"), &["Allow: GET, HEAD"]);
         }
-        "/healthz" => {
-            conn.mode = next;
-            respond(conn, cx, 200, "text/plain", b"ok\n", keep_alive);
+        "/send" | "/api/conversations" | "/api/publish" if !post => {
+            fail(conn, cx, wrong_method("use POST"), &["Allow: POST"]);
         }
+        "/healthz" => respond(conn, cx, me, 200, "text/plain", b"ok\n", keep_alive),
         "/readyz" => {
-            conn.mode = next;
             if cx.shared.draining.load(Relaxed) {
-                respond(conn, cx, 503, "text/plain", b"draining\n", keep_alive);
+                respond(conn, cx, me, 503, "text/plain", b"draining\n", keep_alive);
             } else {
-                respond(conn, cx, 200, "text/plain", b"ready\n", keep_alive);
+                respond(conn, cx, me, 200, "text/plain", b"ready\n", keep_alive);
             }
         }
         "/metrics" => {
-            conn.mode = next;
             let text = cx.shared.metrics.render(cx.shared.backplane.queue_len());
             respond(
                 conn,
                 cx,
+                me,
                 200,
                 "text/plain; version=0.0.4",
                 text.as_bytes(),
                 keep_alive,
             );
         }
-        "/ws" => return upgrade(conn, &head, false, cx, me),
-        _ if is_echo => return upgrade(conn, &head, true, cx, me),
-        "/api/conversations" => {
-            if method != Method::Post {
-                fail(conn, cx, HttpError::new(405, "use POST"), &["Allow: POST"]);
-            } else if let Err(e) = check_api_key(&head, cx) {
+        "/ws" => upgrade(conn, &head, false, cx, me),
+        _ if is_echo => upgrade(conn, &head, true, cx, me),
+        "/sse" => stream(conn, &head, cx, me),
+        "/poll" => poll(conn, &head, served, cx, me),
+        "/send" => match authenticate(&head, cx, me) {
+            Ok(_) => start_body(conn, head, served, cx),
+            Err(e) => fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
+        },
+        "/api/conversations" | "/api/publish" | "/api/history" => {
+            if let Err(e) = check_api_key(&head, cx) {
                 fail(conn, cx, e, &["WWW-Authenticate: Bearer"]);
+            } else if get {
+                api_history(conn, &head, served, cx, me);
             } else {
                 start_body(conn, head, served, cx);
             }
         }
         _ => {
-            conn.mode = next;
-            let mut out = Vec::new();
-            http1::encode_error(
-                HttpError::new(404, "no such endpoint"),
-                &[],
-                keep_alive,
-                &mut out,
-            );
-            cx.metrics().response(404);
-            conn.out.push_vec(out);
-            if !keep_alive {
-                conn.close_after_flush = true;
-            }
+            let body = br#"{"error":"no such endpoint","status":404}"#;
+            respond(conn, cx, me, 404, "application/json", body, keep_alive);
         }
     }
-    Flow::Continue
+}
+
+/// The user of a client request (token in `Authorization: Bearer` or `?token=`).
+fn authenticate(head: &RequestHead, cx: &Ctx, me: ConnRef) -> Result<Arc<str>, HttpError> {
+    let verified = match head.bearer_token() {
+        None => Err(crate::auth::AuthError::Missing),
+        Some(t) => cx.shared.verifier.verify(&t),
+    };
+    verified.map(Arc::from).map_err(|e| {
+        tracing::debug!(worker = cx.id, conn = me.index, error = %e, "unauthorized");
+        HttpError::new(
+            401,
+            match e {
+                crate::auth::AuthError::Missing => {
+                    "missing token (Authorization: Bearer or ?token=)"
+                }
+                crate::auth::AuthError::Expired => "expired token",
+                _ => "invalid token",
+            },
+        )
+    })
 }
 
 fn check_api_key(head: &RequestHead, cx: &Ctx) -> Result<(), HttpError> {
@@ -233,40 +270,16 @@ fn start_body(conn: &mut Conn, head: RequestHead, served: u32, cx: &Ctx) {
     }
 }
 
-fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut Ctx, me: ConnRef) {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct NewConversation {
-        id: String,
-        members: Vec<String>,
-    }
-    let req = match head.path.as_str() {
-        "/api/conversations" => match serde_json::from_slice::<NewConversation>(body) {
-            Ok(c) => ApiRequest::CreateConversation {
-                id: c.id,
-                members: c.members,
-            },
-            Err(_) => {
-                fail(
-                    conn,
-                    cx,
-                    HttpError::new(400, "body must be {\"id\": \"…\", \"members\": [\"…\"]}"),
-                    &[],
-                );
-                return;
-            }
-        },
-        _ => {
-            fail(conn, cx, HttpError::new(404, "no such endpoint"), &[]);
-            return;
-        }
-    };
-    if cx
-        .shared
-        .backplane
-        .try_send(Event::Api { conn: me, req })
-        .is_err()
-    {
+/// Hands a request to the backplane; the connection waits in `HttpAwait` for its answer.
+fn hand_over(
+    conn: &mut Conn,
+    ev: Event,
+    keep_alive: bool,
+    served: u32,
+    user: Option<Arc<str>>,
+    cx: &mut Ctx,
+) {
+    if cx.shared.backplane.try_send(ev).is_err() {
         cx.metrics().backplane_full.fetch_add(1, Relaxed);
         fail(
             conn,
@@ -277,18 +290,226 @@ fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut 
         return;
     }
     conn.mode = Mode::HttpAwait {
-        keep_alive: head.keep_alive(),
+        keep_alive,
         served,
+        user,
     };
 }
 
-/// The backplane's answer to a request handed over with [`Event::Api`].
-pub fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &Ctx) {
-    if let Mode::HttpAwait { keep_alive, served } = conn.mode {
-        conn.mode = Mode::Http { served: served + 1 };
+fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut Ctx, me: ConnRef) {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NewConversation {
+        id: String,
+        members: Vec<String>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Publish {
+        channel: String,
+        body: Box<serde_json::value::RawValue>,
+    }
+    let bad = |reason: &'static str| HttpError::new(400, reason);
+    let ev = match head.path.as_str() {
+        "/api/conversations" => match serde_json::from_slice::<NewConversation>(body) {
+            Ok(c) => Event::Api {
+                conn: me,
+                req: ApiRequest::CreateConversation {
+                    id: c.id,
+                    members: c.members,
+                },
+            },
+            Err(_) => {
+                return fail(
+                    conn,
+                    cx,
+                    bad("body must be {\"id\": \"…\", \"members\": [\"…\"]}"),
+                    &[],
+                );
+            }
+        },
+        "/api/publish" => match serde_json::from_slice::<Publish>(body) {
+            Ok(p) => Event::Api {
+                conn: me,
+                req: ApiRequest::Publish {
+                    channel: p.channel,
+                    body: p.body,
+                },
+            },
+            Err(_) => {
+                return fail(
+                    conn,
+                    cx,
+                    bad("body must be {\"channel\": \"…\", \"body\": …}"),
+                    &[],
+                );
+            }
+        },
+        "/send" => {
+            let user = match authenticate(head, cx, me) {
+                Ok(u) => u,
+                Err(e) => return fail(conn, cx, e, &[]),
+            };
+            match msg::parse_client(body) {
+                Ok(m @ msg::ClientMsg::Send { .. }) => Event::Send {
+                    conn: me,
+                    user,
+                    msg: m,
+                },
+                Ok(_) => return fail(conn, cx, bad("POST /send takes {\"type\":\"send\",…}"), &[]),
+                Err(_) => {
+                    return fail(
+                        conn,
+                        cx,
+                        bad(
+                            "body must be {\"type\":\"send\",\"conversation\":…,\"client_id\":…,\"body\":…}",
+                        ),
+                        &[],
+                    );
+                }
+            }
+        }
+        _ => return fail(conn, cx, HttpError::new(404, "no such endpoint"), &[]),
+    };
+    hand_over(conn, ev, head.keep_alive(), served, None, cx);
+}
+
+fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
+    let Some(conversation) = head.query_param("conversation") else {
+        return fail(
+            conn,
+            cx,
+            HttpError::new(400, "conversation= is required"),
+            &[],
+        );
+    };
+    let num = |name: &str| head.query_param(name).map(|v| v.parse::<u64>());
+    let (before, limit) = match (num("before"), num("limit")) {
+        (Some(Err(_)), _) | (_, Some(Err(_))) => {
+            return fail(
+                conn,
+                cx,
+                HttpError::new(400, "before= and limit= must be numbers"),
+                &[],
+            );
+        }
+        (b, l) => (
+            b.map(|r| r.unwrap_or(0)),
+            l.map(|r| r.unwrap_or(0) as usize),
+        ),
+    };
+    let ev = Event::Api {
+        conn: me,
+        req: ApiRequest::History {
+            conversation,
+            before,
+            limit,
+        },
+    };
+    hand_over(conn, ev, head.keep_alive(), served, None, cx);
+}
+
+/// Channels and cursor of an SSE or poll request; errors are 400s with the reason.
+fn channels_and_cursor(
+    head: &RequestHead,
+    cursor_text: Option<String>,
+) -> Result<(Vec<String>, Option<std::collections::BTreeMap<String, u64>>), String> {
+    let channels = cursor::parse_channels(&head.query_param("channels").unwrap_or_default())
+        .map_err(|e| e.0)?;
+    let cur = match cursor_text {
+        Some(t) => Some(cursor::parse(&t).map_err(|e| format!("bad cursor: {}", e.0))?),
+        None => None,
+    };
+    Ok((channels, cur))
+}
+
+fn bad_request_body(conn: &mut Conn, cx: &Ctx, reason: String) {
+    let body = serde_json::json!({"error": reason, "status": 400}).to_string();
+    let mut out = Vec::with_capacity(128 + body.len());
+    http1::encode_response(
+        400,
+        "application/json",
+        &[],
+        body.as_bytes(),
+        false,
+        &mut out,
+    );
+    cx.metrics().response(400);
+    conn.out.push_vec(out);
+    conn.close_after_flush = true;
+    conn.mode = Mode::HttpAwait {
+        keep_alive: false,
+        served: u32::MAX,
+        user: None,
+    };
+}
+
+fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
+    let user = match authenticate(head, cx, me) {
+        Ok(u) => u,
+        Err(e) => return fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
+    };
+    if let Some(origin) = &head.origin
+        && !cx.shared.cfg.allowed_origins.is_empty()
+        && !cx
+            .shared
+            .cfg
+            .allowed_origins
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(origin))
+    {
+        return fail(conn, cx, HttpError::new(403, "origin not allowed"), &[]);
+    }
+    let resume = head
+        .last_event_id
+        .clone()
+        .or_else(|| head.query_param("last_event_id"));
+    let (channels, cur) = match channels_and_cursor(head, resume) {
+        Ok(v) => v,
+        Err(reason) => return bad_request_body(conn, cx, reason),
+    };
+    let ev = Event::Stream {
+        conn: me,
+        user: user.clone(),
+        channels,
+        cursor: cur.unwrap_or_default(),
+    };
+    hand_over(conn, ev, false, 0, Some(user), cx);
+}
+
+fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
+    let user = match authenticate(head, cx, me) {
+        Ok(u) => u,
+        Err(e) => return fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
+    };
+    let (channels, cur) = match channels_and_cursor(head, head.query_param("cursor")) {
+        Ok(v) => v,
+        Err(reason) => return bad_request_body(conn, cx, reason),
+    };
+    let hold_ms = match head.query_param("timeout") {
+        None => crate::config::DEFAULT_POLL_TIMEOUT.as_millis() as u64,
+        Some(t) => match t.parse::<u64>() {
+            Ok(s) => (s * 1000).min(cx.shared.cfg.max_poll_timeout.as_millis() as u64),
+            Err(_) => return bad_request_body(conn, cx, "timeout= is whole seconds".into()),
+        },
+    };
+    let ev = Event::Poll {
+        conn: me,
+        user: user.clone(),
+        channels,
+        cursor: cur,
+        hold_ms,
+    };
+    hand_over(conn, ev, head.keep_alive(), served, Some(user), cx);
+}
+
+/// The backplane's answer to a request handed over.
+pub fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &mut Ctx, me: ConnRef) {
+    if let Mode::HttpAwait { keep_alive, .. } = conn.mode {
         respond(
             conn,
             cx,
+            me,
             status,
             "application/json",
             body.as_bytes(),
@@ -297,7 +518,68 @@ pub fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &Ctx) {
     }
 }
 
-fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: ConnRef) -> Flow {
+/// The backplane accepted an SSE stream.
+pub fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Ctx, me: ConnRef) {
+    let Mode::HttpAwait {
+        user: Some(user), ..
+    } = &conn.mode
+    else {
+        return;
+    };
+    let user = user.clone();
+    let mut out = Vec::with_capacity(256);
+    sse::encode_head(cx.shared.cfg.sse_retry.as_millis() as u64, &mut out);
+    cx.metrics().response(200);
+    conn.out.push_vec(out);
+    conn.mode = Mode::Sse(Box::new(StreamState { user, cursor }));
+    cx.metrics().conn_closed(Transport::Http);
+    cx.metrics().conn_opened(Transport::Sse);
+    let at = cx.now_ms + cx.shared.cfg.heartbeat_interval.as_millis() as u64;
+    cx.schedule(conn, me, at);
+}
+
+/// The backplane holds a long poll.
+pub fn on_poll_hold(conn: &mut Conn, cursor: CursorVec, hold_ms: u64, cx: &mut Ctx, me: ConnRef) {
+    let Mode::HttpAwait {
+        keep_alive, served, ..
+    } = conn.mode
+    else {
+        return;
+    };
+    conn.mode = Mode::PollHeld(Box::new(PollState {
+        cursor,
+        keep_alive,
+        served,
+    }));
+    cx.metrics().conn_closed(Transport::Http);
+    cx.metrics().conn_opened(Transport::LongPoll);
+    cx.schedule(conn, me, cx.now_ms + hold_ms);
+}
+
+/// A held poll ends: with messages (200) or at its timeout (204). The backplane stops routing to it.
+pub fn finish_poll(conn: &mut Conn, body: Option<String>, cx: &mut Ctx, me: ConnRef) {
+    let Mode::PollHeld(p) = &conn.mode else {
+        return;
+    };
+    let keep_alive = p.keep_alive;
+    cx.metrics().conn_closed(Transport::LongPoll);
+    cx.metrics().conn_opened(Transport::Http);
+    cx.to_backplane(Event::Unfollow { conn: me });
+    match body {
+        Some(b) => respond(
+            conn,
+            cx,
+            me,
+            200,
+            "application/json",
+            b.as_bytes(),
+            keep_alive,
+        ),
+        None => respond(conn, cx, me, 204, "application/json", b"", keep_alive),
+    }
+}
+
+fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: ConnRef) {
     let supported: &[&'static str] = if echo { &[] } else { &[msg::SUBPROTOCOL] };
     let up = match http1::validate_upgrade(head, supported, &cx.shared.cfg.allowed_origins) {
         Ok(up) => up,
@@ -315,36 +597,15 @@ fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: Co
                 (405, _) => &["Allow: GET"],
                 _ => &[],
             };
-            fail(conn, cx, e, extra);
-            return Flow::Continue;
+            return fail(conn, cx, e, extra);
         }
     };
-    let user: Option<Arc<str>> = if echo {
+    let user = if echo {
         None
     } else {
-        let verified = match head.bearer_token() {
-            None => Err(crate::auth::AuthError::Missing),
-            Some(t) => cx.shared.verifier.verify(&t),
-        };
-        match verified {
-            Ok(u) => Some(Arc::from(u)),
-            Err(e) => {
-                tracing::debug!(worker = cx.id, conn = me.index, error = %e, "unauthorized");
-                let reason = match e {
-                    crate::auth::AuthError::Missing => {
-                        "missing token (Authorization: Bearer or ?token=)"
-                    }
-                    crate::auth::AuthError::Expired => "expired token",
-                    _ => "invalid token",
-                };
-                fail(
-                    conn,
-                    cx,
-                    HttpError::new(401, reason),
-                    &["WWW-Authenticate: Bearer"],
-                );
-                return Flow::Continue;
-            }
+        match authenticate(head, cx, me) {
+            Ok(u) => Some(u),
+            Err(e) => return fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
         }
     };
     let mut out = Vec::with_capacity(256);
@@ -386,5 +647,4 @@ fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: Co
     // Heartbeats start now; the handshake deadline is replaced.
     let at = cx.now_ms + cx.shared.cfg.heartbeat_interval.as_millis() as u64;
     cx.schedule(conn, me, at);
-    Flow::Continue
 }

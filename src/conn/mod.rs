@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use mio::net::TcpStream;
 
+use crate::backplane::CursorVec;
 use crate::proto::http1::RequestHead;
 use crate::proto::ws::Decoder;
 use crate::timer::TimerKey;
@@ -29,12 +30,49 @@ pub enum Mode {
         head: Box<RequestHead>,
         served: u32,
     },
-    /// A request was handed to the backplane; input is not read until it answers.
+    /// A request was handed to the backplane; input is not read until it answers. `user` is set when the
+    /// answer may register this connection (stream, poll), so a close meanwhile can undo it.
     HttpAwait {
         keep_alive: bool,
         served: u32,
+        user: Option<Arc<str>>,
     },
     WebSocket(Box<WsState>),
+    /// An SSE stream: the cursor is written as each event's `id:`.
+    Sse(Box<StreamState>),
+    /// A long poll held until a delivery or its timer.
+    PollHeld(Box<PollState>),
+}
+
+pub struct StreamState {
+    pub user: Arc<str>,
+    pub cursor: CursorVec,
+}
+
+pub struct PollState {
+    pub cursor: CursorVec,
+    pub keep_alive: bool,
+    pub served: u32,
+}
+
+/// Moves the cursor entry of `channel` to `offset`; false (and no change) if the client already has it.
+pub fn advance(cursor: &mut CursorVec, channel: &Arc<str>, offset: u64) -> bool {
+    match cursor.binary_search_by(|(c, _)| (**c).cmp(&**channel)) {
+        Ok(i) if cursor[i].1 >= offset => false,
+        Ok(i) => {
+            cursor[i].1 = offset;
+            true
+        }
+        Err(i) => {
+            cursor.insert(i, (channel.clone(), offset));
+            true
+        }
+    }
+}
+
+/// The text form of a cursor (SSE `id:`, poll answers).
+pub fn cursor_text(cursor: &CursorVec) -> String {
+    crate::proto::cursor::format(cursor.iter().map(|(c, o)| (&**c, *o)))
 }
 
 pub struct WsState {
@@ -90,6 +128,8 @@ impl Conn {
         let mode = match &self.mode {
             Mode::WebSocket(ws) => std::mem::size_of::<WsState>() + ws.decoder.heap_bytes(),
             Mode::HttpBody { .. } => std::mem::size_of::<RequestHead>(),
+            Mode::Sse(s) => std::mem::size_of::<StreamState>() + s.cursor.capacity() * 24,
+            Mode::PollHeld(p) => std::mem::size_of::<PollState>() + p.cursor.capacity() * 24,
             _ => 0,
         };
         mode + self.inbuf.capacity() + self.out.heap_bytes()

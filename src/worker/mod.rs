@@ -435,31 +435,36 @@ impl Worker {
         let mut conn = self.conns.remove(i);
         self.cx.cancel(conn.timer.take());
         let _ = self.cx.registry.deregister(&mut conn.socket);
-        let transport = match &conn.mode {
+        let me = ConnRef {
+            worker: self.cx.id,
+            index: i as u32,
+            generation: conn.generation,
+        };
+        let (transport, closed_user, registered) = match &conn.mode {
             Mode::WebSocket(ws) => {
                 if !conn::ws::closing(ws) && !conn.close_after_flush {
                     // The TCP connection ended without a close handshake.
                     self.cx.metrics().close(1006);
                 }
-                if let Some(user) = &ws.user {
-                    let me = ConnRef {
-                        worker: self.cx.id,
-                        index: i as u32,
-                        generation: conn.generation,
-                    };
-                    self.cx.to_backplane(Event::Closed {
-                        conn: me,
-                        user: user.clone(),
-                    });
-                }
-                if ws.user.is_some() {
+                let t = if ws.user.is_some() {
                     Transport::WebSocket
                 } else {
                     Transport::Echo
-                }
+                };
+                (t, ws.user.clone(), ws.user.is_some())
             }
-            _ => Transport::Http,
+            Mode::Sse(s) => (Transport::Sse, Some(s.user.clone()), true),
+            Mode::PollHeld(_) => (Transport::LongPoll, None, true),
+            // A stream or poll the backplane may be registering right now.
+            Mode::HttpAwait { user, .. } => (Transport::Http, user.clone(), user.is_some()),
+            _ => (Transport::Http, None, false),
         };
+        if registered {
+            self.cx.to_backplane(Event::Closed {
+                conn: me,
+                user: closed_user,
+            });
+        }
         self.cx.metrics().conn_closed(transport);
         if !self.accepting && self.drain_deadline.is_none() {
             self.accepting = true;
@@ -477,7 +482,12 @@ impl Worker {
     fn commands(&mut self) {
         while let Ok(cmd) = self.cmds.try_recv() {
             match cmd {
-                LoopCmd::Deliver { conns, frame } => {
+                LoopCmd::Deliver { conns, delivery } => {
+                    for (index, generation) in conns {
+                        self.deliver(index as usize, generation, &delivery);
+                    }
+                }
+                LoopCmd::Frame { conns, frame } => {
                     for (index, generation) in conns {
                         let i = index as usize;
                         let Some(conn) = self.conns.get_mut(i) else {
@@ -494,10 +504,7 @@ impl Worker {
                         }
                         conn.out.push(frame.clone());
                         self.cx.metrics().frames_out.fetch_add(1, Relaxed);
-                        if conn.out.len() > self.cx.shared.cfg.limits.max_write_queue_bytes {
-                            self.slow_consumer(i);
-                        }
-                        self.flush(i);
+                        self.after_push(i);
                     }
                 }
                 LoopCmd::Respond {
@@ -507,29 +514,110 @@ impl Worker {
                     body,
                 } => {
                     let i = index as usize;
-                    let Some(conn) = self.conns.get_mut(i) else {
+                    let Some(me) = self.live(i, generation) else {
                         continue;
                     };
-                    if conn.generation != generation {
+                    conn::http::on_response(&mut self.conns[i], status, &body, &mut self.cx, me);
+                    self.resume_input(i);
+                }
+                LoopCmd::StreamStart {
+                    index,
+                    generation,
+                    cursor,
+                } => {
+                    let i = index as usize;
+                    let Some(me) = self.live(i, generation) else {
                         continue;
-                    }
-                    conn::http::on_response(conn, status, &body, &self.cx);
+                    };
+                    conn::http::on_stream_start(&mut self.conns[i], cursor, &mut self.cx, me);
                     self.flush(i);
-                    // Input that arrived while we waited (pipelined requests) is read now.
-                    if self.conns.contains(i) {
-                        self.pending.push(i);
-                        if !self.conns[i].inbuf.is_empty() {
-                            let me = self.me(i);
-                            let conn = &mut self.conns[i];
-                            if conn::http::on_data(conn, &[], &mut self.cx, me) == Flow::Close {
-                                self.close(i);
-                            }
-                        }
-                    }
+                }
+                LoopCmd::PollHold {
+                    index,
+                    generation,
+                    cursor,
+                    hold_ms,
+                } => {
+                    let i = index as usize;
+                    let Some(me) = self.live(i, generation) else {
+                        continue;
+                    };
+                    conn::http::on_poll_hold(&mut self.conns[i], cursor, hold_ms, &mut self.cx, me);
                 }
                 LoopCmd::Shutdown => self.drain(),
             }
         }
+    }
+
+    /// The connection at `i` if it is still the one the command was meant for.
+    fn live(&self, i: usize, generation: u32) -> Option<ConnRef> {
+        let c = self.conns.get(i)?;
+        (c.generation == generation).then_some(ConnRef {
+            worker: self.cx.id,
+            index: i as u32,
+            generation,
+        })
+    }
+
+    /// After an answer: write it, then read what the client sent meanwhile (pipelined requests are parsed from
+    /// `inbuf` now; unread socket data on the next turn).
+    fn resume_input(&mut self, i: usize) {
+        self.flush(i);
+        if !self.conns.contains(i) {
+            return;
+        }
+        self.pending.push(i);
+        if !self.conns[i].inbuf.is_empty() && matches!(self.conns[i].mode, Mode::Http { .. }) {
+            let me = self.me(i);
+            if conn::http::on_data(&mut self.conns[i], &[], &mut self.cx, me) == Flow::Close {
+                self.close(i);
+            }
+        }
+    }
+
+    /// Enforces the write-queue cap after output was queued, then writes.
+    fn after_push(&mut self, i: usize) {
+        if self.conns[i].out.len() > self.cx.shared.cfg.limits.max_write_queue_bytes {
+            self.slow_consumer(i);
+        }
+        self.flush(i);
+    }
+
+    /// One channel message to one connection, in its transport's encoding.
+    fn deliver(&mut self, i: usize, generation: u32, d: &Arc<crate::backplane::Delivery>) {
+        let Some(me) = self.live(i, generation) else {
+            return;
+        };
+        let conn = &mut self.conns[i];
+        if conn.close_after_flush {
+            return;
+        }
+        match &mut conn.mode {
+            Mode::WebSocket(ws) if !conn::ws::closing(ws) => {
+                conn.out.push(d.ws.clone());
+                self.cx.metrics().frames_out.fetch_add(1, Relaxed);
+            }
+            Mode::Sse(s) => {
+                if !conn::advance(&mut s.cursor, &d.channel, d.offset) {
+                    return; // already seen (a replay overlapping live traffic)
+                }
+                conn.out.push(d.sse().clone());
+                let mut tail = Vec::with_capacity(16 + 24 * s.cursor.len());
+                crate::proto::sse::encode_tail(&conn::cursor_text(&s.cursor), &mut tail);
+                conn.out.push_vec(tail);
+            }
+            Mode::PollHeld(p) => {
+                if !conn::advance(&mut p.cursor, &d.channel, d.offset) {
+                    return;
+                }
+                let body = crate::backplane::router::poll_body(std::slice::from_ref(d), &p.cursor);
+                conn::http::finish_poll(conn, Some(body), &mut self.cx, me);
+                self.resume_input(i);
+                return;
+            }
+            _ => return,
+        }
+        self.after_push(i);
     }
 
     fn drain(&mut self) {
@@ -551,7 +639,10 @@ impl Worker {
                     "server shutting down",
                     &self.cx,
                 ),
-                Mode::HttpAwait { .. } | Mode::HttpBody { .. } => conn.close_after_flush = true,
+                Mode::HttpAwait { .. }
+                | Mode::HttpBody { .. }
+                | Mode::Sse(_)
+                | Mode::PollHeld(_) => conn.close_after_flush = true,
                 Mode::Http { .. } if conn.out.is_empty() => {
                     self.close(i);
                     continue;
@@ -594,6 +685,17 @@ impl Worker {
                 self.flush(i);
             }
             Mode::Http { .. } | Mode::HttpAwait { .. } => self.close(i),
+            Mode::Sse(_) => {
+                conn.out
+                    .push(bytes::Bytes::from_static(crate::proto::sse::KEEPALIVE));
+                let at = now_ms + cfg.heartbeat_interval.as_millis() as u64;
+                self.cx.schedule(conn, me, at);
+                self.flush(i);
+            }
+            Mode::PollHeld(_) => {
+                conn::http::finish_poll(conn, None, &mut self.cx, me);
+                self.resume_input(i);
+            }
             Mode::WebSocket(ws) => {
                 if conn::ws::closing(ws) || conn.close_after_flush {
                     self.close(i);

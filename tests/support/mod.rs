@@ -263,3 +263,178 @@ pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// One SSE event as curl printed it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// What an SSE stream produced, line by line.
+#[derive(Debug)]
+pub enum SseItem {
+    /// The HTTP status line of the response.
+    Status(u16),
+    Event(SseEvent),
+    /// A comment line (keep-alive).
+    Comment,
+}
+
+/// An SSE stream read by curl (an independent peer), parsed on a background thread.
+pub struct Sse {
+    child: Child,
+    rx: std::sync::mpsc::Receiver<SseItem>,
+}
+
+impl Sse {
+    /// `curl -sN -i` on `path` (which carries `token=`), with an optional `Last-Event-ID`.
+    pub fn open(node: &Node, path: &str, last_event_id: Option<&str>) -> Sse {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sN", "-i", "--max-time", "60"]);
+        if let Some(id) = last_event_id {
+            cmd.args(["-H", &format!("Last-Event-ID: {id}")]);
+        }
+        cmd.arg(format!("http://{}{}", node.addr, path));
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl (apt-get install curl)");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut cur = SseEvent::default();
+            let mut in_head = true;
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if in_head {
+                    if line.starts_with("HTTP/") {
+                        let _ = tx.send(SseItem::Status(status_of(&line)));
+                    }
+                    if line.trim().is_empty() {
+                        in_head = false;
+                    }
+                    continue;
+                }
+                if line.is_empty() {
+                    if cur != SseEvent::default() {
+                        let _ = tx.send(SseItem::Event(std::mem::take(&mut cur)));
+                    }
+                } else if line.starts_with(':') {
+                    let _ = tx.send(SseItem::Comment);
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    cur.id = Some(v.to_string());
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    cur.event = Some(v.to_string());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    if !cur.data.is_empty() {
+                        cur.data.push('\n');
+                    }
+                    cur.data.push_str(v);
+                }
+            }
+        });
+        Sse { child, rx }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self.rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(SseItem::Status(s)) => s,
+            other => panic!("expected a status line, got {other:?}"),
+        }
+    }
+
+    /// The next event (skipping comments), or panics after `within`.
+    pub fn next_event(&self, within: Duration) -> SseEvent {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(SseItem::Event(e)) => return e,
+                Ok(_) => continue,
+                Err(e) => panic!("no SSE event within {within:?}: {e}"),
+            }
+        }
+    }
+
+    /// Waits for a keep-alive comment.
+    pub fn comment(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while let Ok(item) = self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if matches!(item, SseItem::Comment) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Nothing more arrives within `within`.
+    pub fn quiet(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(SseItem::Event(_)) => return false,
+                Ok(_) => continue,
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+impl Drop for Sse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    /// `POST /api/publish`; returns the offset.
+    pub fn publish(&self, channel: &str, body: serde_json::Value) -> u64 {
+        let req = serde_json::json!({"channel": channel, "body": body}).to_string();
+        let (status, text) = http(
+            self.addr,
+            &format!(
+                "POST /api/publish HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{req}",
+                req.len()
+            ),
+        );
+        assert_eq!(status, 200, "{text}");
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["offset"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// `GET path` with `Connection: close`: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let (status, text) = http(
+            self.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+        );
+        let body = text
+            .find("\r\n\r\n")
+            .map(|i| text[i + 4..].to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+/// Percent-encodes a query value.
+pub fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

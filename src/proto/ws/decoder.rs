@@ -578,7 +578,8 @@ mod tests {
                 .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]),
         );
 
-        let table: Vec<(&str, Vec<u8>, Result<Vec<Ev>, u16>)> = vec![
+        type Row = (&'static str, Vec<u8>, Result<Vec<Ev>, u16>);
+        let table: Vec<Row> = vec![
             (
                 "unmasked text (server frame: a client error)",
                 vec![0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f],
@@ -912,7 +913,8 @@ mod tests {
 
     #[test]
     fn utf8_table() {
-        let cases: &[(&str, &[&[u8]], Option<u16>)] = &[
+        type Row<'a> = (&'a str, &'a [&'a [u8]], Option<u16>);
+        let cases: &[Row] = &[
             ("multi-byte", &["κόσμε €𝄞".as_bytes()], None),
             ("overlong C0 80", &[&[0xC0, 0x80]], Some(1007)),
             ("overlong E0 80 80", &[&[0xE0, 0x80, 0x80]], Some(1007)),

@@ -194,7 +194,8 @@ mod tests {
     #[test]
     fn header_lengths() {
         // 7-bit, 16-bit, 64-bit, masked and not.
-        let cases: &[(&[u8], Option<(FrameHeader, usize)>)] = &[
+        type Row<'a> = (&'a [u8], Option<(FrameHeader, usize)>);
+        let cases: &[Row] = &[
             (&[], None),
             (&[0x81], None),
             (
