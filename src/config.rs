@@ -116,6 +116,11 @@ pub struct Config {
     pub sse_retry: Duration,
     /// Longest hold a long poll may ask for (`timeout=`); longer asks are clamped.
     pub max_poll_timeout: Duration,
+    /// Embedded store durability: `None` = fsync every group commit before `sent` (the default);
+    /// `Some(d)` = fsync at most every `d` (faster; a crash can lose up to `d` of acknowledged messages).
+    pub fsync_interval: Option<Duration>,
+    /// Store requests in flight before sends are refused with a retryable `store_busy`.
+    pub max_pending_writes: usize,
     /// Browser `Origin`s allowed to open client endpoints; empty = any (non-browser clients send none).
     pub allowed_origins: Vec<String>,
     /// Pin each loop to a core (on by default; off is useful when several nodes share a small machine).
@@ -143,6 +148,8 @@ impl Default for Config {
             sse_retry: DEFAULT_SSE_RETRY,
             max_poll_timeout: DEFAULT_MAX_POLL_TIMEOUT,
             allowed_origins: Vec::new(),
+            fsync_interval: None,
+            max_pending_writes: crate::backplane::router::DEFAULT_MAX_PENDING,
             pin_threads: true,
             limits: Limits::default(),
         }
@@ -184,6 +191,9 @@ pub struct FileConfig {
     pub sse_retry: Option<String>,
     pub max_poll_timeout: Option<String>,
     pub allowed_origins: Option<Vec<String>>,
+    /// "always" or a duration like "10ms".
+    pub fsync: Option<String>,
+    pub max_pending_writes: Option<usize>,
     pub pin_threads: Option<bool>,
     pub max_header_bytes: Option<String>,
     pub max_headers: Option<usize>,
@@ -265,6 +275,10 @@ impl FileConfig {
         }
         set(&mut cfg.allowed_origins, self.allowed_origins);
         set(&mut cfg.topic_history, self.topic_history);
+        set(&mut cfg.max_pending_writes, self.max_pending_writes);
+        if let Some(v) = self.fsync {
+            cfg.fsync_interval = parse_fsync(&v)?;
+        }
         set(&mut cfg.pin_threads, self.pin_threads);
         let l = &mut cfg.limits;
         let sizes = [
@@ -352,6 +366,15 @@ impl Config {
             return Err(invalid("echo_path", "must start with '/' and not be /ws"));
         }
         Ok(())
+    }
+}
+
+/// `always` (fsync every commit) or a duration (fsync at most that often).
+pub fn parse_fsync(s: &str) -> Result<Option<Duration>, ConfigError> {
+    if s.eq_ignore_ascii_case("always") {
+        Ok(None)
+    } else {
+        parse_duration("fsync", s).map(Some)
     }
 }
 

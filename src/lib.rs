@@ -12,5 +12,6 @@ pub mod conn;
 pub mod metrics;
 pub mod proto;
 pub mod server;
+pub mod store;
 pub mod timer;
 pub mod worker;

@@ -85,6 +85,12 @@ struct RunArgs {
     /// Longest long-poll hold a client may ask for [default: 60s].
     #[arg(long)]
     max_poll_timeout: Option<String>,
+    /// Store durability: `always` (fsync each group commit before acking) or an interval like `10ms`.
+    #[arg(long)]
+    fsync: Option<String>,
+    /// Store requests in flight before sends get a retryable `store_busy` [default: 10000].
+    #[arg(long)]
+    max_pending_writes: Option<usize>,
     /// Allowed browser Origin (repeatable; none = any).
     #[arg(long = "allowed-origin")]
     allowed_origins: Vec<String>,
@@ -217,6 +223,12 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if r.echo_path.is_some() {
         cfg.echo_path = r.echo_path;
+    }
+    if let Some(v) = r.fsync {
+        cfg.fsync_interval = config::parse_fsync(&v)?;
+    }
+    if let Some(v) = r.max_pending_writes {
+        cfg.max_pending_writes = v;
     }
     if let Some(v) = r.topic_history {
         cfg.topic_history = v;

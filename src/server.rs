@@ -12,10 +12,23 @@ use crate::backplane::router::{HistoryLimits, Router};
 use crate::backplane::{self, LoopCmd, LoopHandle};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::store::embedded::{Embedded, Fsync};
 use crate::worker::{Shared, Worker, listener};
 
 /// Commands queued per loop before the backplane waits for room.
 const LOOP_QUEUE: usize = 16_384;
+
+/// Opens the configured message store.
+fn open_store(cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
+    let fsync = match cfg.fsync_interval {
+        None => Fsync::Always,
+        Some(d) => Fsync::Interval(d),
+    };
+    let store = Embedded::open(&cfg.data_dir, fsync)
+        .with_context(|| format!("opening the embedded store in {}", cfg.data_dir.display()))?;
+    Ok(Box::new(store))
+}
 
 /// A running gateway.
 pub struct Server {
@@ -30,6 +43,7 @@ impl Server {
     /// Binds and starts every loop and the backplane. `cfg.auth_secret` and `api_key` must be resolved.
     pub fn start(cfg: Config) -> anyhow::Result<Server> {
         cfg.validate()?;
+        let mut store = open_store(&cfg)?;
         let secret = cfg
             .auth_secret
             .clone()
@@ -78,10 +92,21 @@ impl Server {
                 ..HistoryLimits::default()
             },
         );
+        let mut router = router;
+        router.set_max_pending(cfg.max_pending_writes);
+        router
+            .load(&mut *store)
+            .context("loading state from the store")?;
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (store_tx, store_thread) = crate::store::thread::spawn(store, done_tx)?;
         let bp_loops = loops.clone();
         let backplane = std::thread::Builder::new()
             .name("corelay-backplane".into())
-            .spawn(move || backplane::run(router, bp_rx, notify, bp_loops, metrics))?;
+            .spawn(move || {
+                backplane::run(router, bp_rx, notify, bp_loops, metrics, store_tx, done_rx);
+                // The store thread ends once the backplane dropped its sender; wait so the last commit is on disk.
+                let _ = store_thread.join();
+            })?;
         Ok(Server {
             local_addr,
             loops,

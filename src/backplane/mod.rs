@@ -242,13 +242,16 @@ pub fn channel(capacity: usize) -> (BackplaneHandle, Receiver<Event>, Arc<Notify
     )
 }
 
-/// Runs the backplane on the current thread until every loop has hung up.
+/// Runs the backplane on the current thread until every loop has hung up and the store has answered every
+/// request in flight.
 pub fn run(
     mut router: router::Router,
     rx: Receiver<Event>,
     notify: Arc<Notify>,
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
+    store_tx: std::sync::mpsc::Sender<crate::store::thread::Request>,
+    mut done_rx: tokio::sync::mpsc::UnboundedReceiver<crate::store::thread::Completion>,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -256,9 +259,15 @@ pub fn run(
         .expect("tokio current-thread runtime");
     rt.block_on(async move {
         let mut out = Vec::new();
+        let mut loops_gone = false;
         loop {
-            // Drain in batches so one burst of events yields one round of commands per loop.
+            // Drain in batches so one burst of events yields one round of commands per loop and one group
+            // commit in the store.
             let mut got_any = false;
+            while let Ok(c) = done_rx.try_recv() {
+                got_any = true;
+                router.on_completion(c, router::unix_ms(), &mut out);
+            }
             for _ in 0..1024 {
                 match rx.try_recv() {
                     Ok(ev) => {
@@ -266,19 +275,29 @@ pub fn run(
                         router.handle(ev, router::unix_ms(), &mut out);
                     }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        loops_gone = true;
+                        break;
+                    }
                 }
             }
-            metrics
-                .backplane_queue_depth
-                .store(rx.len() as u64, Relaxed);
+            for req in router.take_requests() {
+                if store_tx.send(req).is_err() {
+                    tracing::error!("store thread is gone");
+                }
+            }
+            metrics.backplane_queue_depth.store(rx.len() as u64, Relaxed);
             if !out.is_empty() {
                 dispatch(&mut out, &loops, &metrics).await;
+            }
+            if loops_gone && router.pending_requests() == 0 {
+                return;
             }
             if !got_any {
                 // The permit stored by notify_one() means a send between try_recv and here is not lost.
                 tokio::select! {
                     _ = notify.notified() => {}
+                    Some(c) = done_rx.recv() => router.on_completion(c, router::unix_ms(), &mut out),
                     // Notice that the loops hung up (the channel disconnects) even when nobody sends.
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }

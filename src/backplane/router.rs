@@ -1,9 +1,13 @@
 //! The router: channels (conversations, `user:` channels, topics), offsets, history, subscriptions, presence,
 //! chat (sends, dedupe, receipts) and the answers for SSE streams and polls.
 //!
-//! A pure state machine: [`Router::handle`] takes an [`Event`] and the wall-clock time and appends [`Out`]puts;
-//! the backplane thread does the I/O. State is in memory here; the durable store replaces the conversation log
-//! and dedupe maps behind a `Store` trait without changing this interface.
+//! A state machine without I/O: [`Router::handle`] takes an [`Event`] and the wall-clock time and appends
+//! [`Out`]puts; durable work becomes store [`Request`]s ([`Router::take_requests`]) whose [`Completion`]s come
+//! back through [`Router::on_completion`]. A chat message is answered `sent` and delivered only once its group
+//! commit is durable; deliveries leave in commit order, so offsets arrive in order on every connection.
+//!
+//! Conversations and `user:` channels are durable (the store keeps every message; memory keeps a recent
+//! window for replay and receipts). Topics live in memory with a bounded history (count and age).
 //!
 //! Who receives a channel's message: for `conversation:` channels every live connection of every member
 //! (presence: WebSocket and SSE connections register on open), for `user:X` every live connection of X, and
@@ -22,6 +26,8 @@ use crate::auth::valid_id;
 use crate::proto::cursor::{self, Kind};
 use crate::proto::msg::{self, ClientMsg};
 use crate::proto::ws::{Opcode, encode_frame};
+use crate::store::thread::{Completion, Request, Token};
+use crate::store::{Appended, NewMessage, ReceiptState, Store, StoredMessage, Write, WriteResult};
 
 pub const MAX_HISTORY_LIMIT: usize = 200;
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
@@ -110,25 +116,66 @@ impl Log {
     }
 
     fn after(&self, offset: u64) -> impl Iterator<Item = &Entry> {
-        // Offsets are dense and increasing: skip straight to the first one after `offset`.
-        let first = self.entries.front().map_or(0, |e| e.delivery.offset);
-        let skip = offset.saturating_sub(first.saturating_sub(1)) as usize;
+        let skip = self
+            .entries
+            .partition_point(|e| e.delivery.offset <= offset);
         self.entries.iter().skip(skip)
     }
 }
 
 struct Conversation {
     members: BTreeSet<Arc<str>>,
+    /// The recent window (the store has everything).
     log: Log,
-    /// Per member: highest offset acknowledged as delivered, and as read. Never goes backwards.
-    delivered: HashMap<Arc<str>, u64>,
-    read: HashMap<Arc<str>, u64>,
 }
 
-#[derive(Clone, Copy)]
-struct SentRecord {
-    offset: u64,
-    ts: u64,
+/// Where an answer goes: a WebSocket frame, or the HTTP response of a one-way client.
+#[derive(Clone, Copy, Debug)]
+enum ReplyTo {
+    Ws(ConnRef),
+    Http(ConnRef),
+}
+
+/// Work waiting for the store.
+enum Pending {
+    Send {
+        reply: ReplyTo,
+        channel: Arc<str>,
+        from: Arc<str>,
+        client_id: String,
+        ts: u64,
+        body: Box<RawValue>,
+    },
+    Receipt {
+        reply: ConnRef,
+        conversation: String,
+        user: Arc<str>,
+        offset: u64,
+        state: ReceiptState,
+    },
+    /// Receipt notices appended to senders' `user:` channels.
+    Notices {
+        items: Vec<(Arc<str>, String, u64)>,
+    },
+    /// `POST /api/publish` to a `user:` channel.
+    UserPublish {
+        conn: ConnRef,
+        channel: Arc<str>,
+        json: String,
+        ts: u64,
+    },
+    Answer {
+        conn: ConnRef,
+        status: u16,
+        body: String,
+    },
+    History {
+        reply: ReplyTo,
+        conversation: String,
+    },
+    Flush {
+        conn: ConnRef,
+    },
 }
 
 /// Why a request was refused: an error code, a message, and the HTTP status for one-way transports.
@@ -159,8 +206,20 @@ pub struct Router {
     followers: HashMap<Arc<str>, Vec<ConnRef>>,
     /// connection → channels it follows explicitly (to clean up).
     following: HashMap<ConnRef, Vec<Arc<str>>>,
-    dedupe: HashMap<(Arc<str>, String, String), SentRecord>,
+    /// Store requests to send, and what each one's completion continues.
+    requests: Vec<Request>,
+    pending: HashMap<Token, Pending>,
+    next_token: Token,
+    /// Most store requests in flight; past it sends are refused with a retryable `store_busy`.
+    max_pending: usize,
+    /// Connections whose offline queue is being flushed: live deliveries wait here until it is done.
+    flushing: HashMap<ConnRef, Vec<Arc<Delivery>>>,
 }
+
+/// How many offline messages one reconnect flushes (the rest on the next one, after acks).
+pub const MAX_FLUSH: usize = 10_000;
+/// Default cap on store requests in flight.
+pub const DEFAULT_MAX_PENDING: usize = 10_000;
 
 impl Router {
     pub fn new(max_body_bytes: usize, history: HistoryLimits) -> Self {
@@ -173,7 +232,81 @@ impl Router {
             presence: HashMap::new(),
             followers: HashMap::new(),
             following: HashMap::new(),
-            dedupe: HashMap::new(),
+            requests: Vec::new(),
+            pending: HashMap::new(),
+            next_token: 1,
+            max_pending: DEFAULT_MAX_PENDING,
+            flushing: HashMap::new(),
+        }
+    }
+
+    pub fn set_max_pending(&mut self, n: usize) {
+        self.max_pending = n.max(1);
+    }
+
+    /// Loads conversations, members and each conversation's recent window from the store (at start, before
+    /// the store thread takes it).
+    pub fn load(&mut self, store: &mut dyn Store) -> crate::store::Result<()> {
+        let window = self.history.conversation_count;
+        for (id, members) in store.conversations()? {
+            let channel: Arc<str> = Arc::from(format!("conversation:{id}"));
+            let mut log = Log {
+                last_offset: store.last_offset(&channel)?,
+                entries: VecDeque::new(),
+            };
+            for m in store
+                .history(&channel, None, window.min(1000))?
+                .into_iter()
+                .rev()
+            {
+                log.entries.push_back(entry_of(&channel, m));
+            }
+            let members: BTreeSet<Arc<str>> =
+                members.iter().map(|m| Arc::from(m.as_str())).collect();
+            for m in &members {
+                self.memberships
+                    .entry(m.clone())
+                    .or_default()
+                    .insert(id.clone());
+            }
+            self.conversations.insert(id, Conversation { members, log });
+        }
+        Ok(())
+    }
+
+    /// Store requests produced since the last call.
+    pub fn take_requests(&mut self) -> Vec<Request> {
+        std::mem::take(&mut self.requests)
+    }
+
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn request(&mut self, make: impl FnOnce(Token) -> Request, then: Pending) {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.requests.push(make(token));
+        self.pending.insert(token, then);
+    }
+
+    fn commit(&mut self, batch: Vec<Write>, then: Pending) {
+        self.request(|token| Request::Commit { token, batch }, then);
+    }
+
+    /// Routes a channel message to `to`, holding it for connections whose offline flush is running.
+    fn route(&mut self, mut to: Vec<ConnRef>, delivery: Arc<Delivery>, out: &mut Vec<Out>) {
+        if !self.flushing.is_empty() {
+            to.retain(|c| match self.flushing.get_mut(c) {
+                Some(held) => {
+                    held.push(delivery.clone());
+                    false
+                }
+                None => true,
+            });
+        }
+        if !to.is_empty() {
+            out.push(Out::Message { to, delivery });
         }
     }
 
@@ -184,7 +317,10 @@ impl Router {
 
     pub fn handle(&mut self, ev: Event, now_ms: u64, out: &mut Vec<Out>) {
         match ev {
-            Event::Opened { conn, user } => self.presence.entry(user).or_default().push(conn),
+            Event::Opened { conn, user } => {
+                self.presence.entry(user.clone()).or_default().push(conn);
+                self.start_flush(conn, &user);
+            }
             Event::Closed { conn, user } => {
                 if let Some(user) = user
                     && let Some(conns) = self.presence.get_mut(&user)
@@ -194,27 +330,40 @@ impl Router {
                         self.presence.remove(&user);
                     }
                 }
+                self.flushing.remove(&conn);
                 self.unfollow_all(conn);
             }
             Event::Unfollow { conn } => self.unfollow_all(conn),
             Event::Received { conn, user, msg } => self.on_ws(conn, user, msg, now_ms, out),
-            Event::Send { conn, user, msg } => {
-                let (status, body) = match msg {
-                    ClientMsg::Send {
-                        conversation,
-                        client_id,
+            Event::Send { conn, user, msg } => match msg {
+                ClientMsg::Send {
+                    conversation,
+                    client_id,
+                    body,
+                } => {
+                    if let Err(r) = self.send(
+                        ReplyTo::Http(conn),
+                        &user,
+                        &conversation,
+                        &client_id,
                         body,
-                    } => match self.send(&user, &conversation, &client_id, body, now_ms, out) {
-                        Ok(sent) => (200, sent),
-                        Err(r) => (r.status, msg::error(r.code, &r.message, Some(&client_id))),
-                    },
-                    _ => (
-                        400,
-                        msg::error("bad_request", "POST /send takes a send request", None),
-                    ),
-                };
-                http(out, conn, status, body);
-            }
+                        now_ms,
+                    ) {
+                        http(
+                            out,
+                            conn,
+                            r.status,
+                            msg::error(r.code, &r.message, Some(&client_id)),
+                        );
+                    }
+                }
+                _ => http(
+                    out,
+                    conn,
+                    400,
+                    msg::error("bad_request", "POST /send takes a send request", None),
+                ),
+            },
             Event::Stream {
                 conn,
                 user,
@@ -335,7 +484,7 @@ impl Router {
         }
     }
 
-    /// Appends a message to a topic or `user:` channel and routes it.
+    /// Appends a message to a topic (memory only, bounded history) and routes it.
     fn publish(
         &mut self,
         channel: &str,
@@ -358,13 +507,8 @@ impl Router {
             },
             limits.topic_count,
         );
-        let mut to: Vec<ConnRef> = self.followers.get(&key).cloned().unwrap_or_default();
-        if let Some(user) = channel.strip_prefix("user:") {
-            to.extend_from_slice(self.connections(user));
-        }
-        if !to.is_empty() {
-            out.push(Out::Message { to, delivery });
-        }
+        let to: Vec<ConnRef> = self.followers.get(&key).cloned().unwrap_or_default();
+        self.route(to, delivery, out);
         offset
     }
 
@@ -384,17 +528,24 @@ impl Router {
                 client_id,
                 body,
             } => {
-                let json = match self.send(&user, &conversation, &client_id, body, now_ms, out) {
-                    Ok(sent) => sent,
-                    Err(r) => msg::error(r.code, &r.message, Some(&client_id)),
-                };
-                reply(out, conn, &json);
+                if let Err(r) = self.send(
+                    ReplyTo::Ws(conn),
+                    &user,
+                    &conversation,
+                    &client_id,
+                    body,
+                    now_ms,
+                ) {
+                    reply(out, conn, &msg::error(r.code, &r.message, Some(&client_id)));
+                }
             }
             ClientMsg::Ack {
                 conversation,
                 offset,
             } => {
-                if let Err(r) = self.receipt(&user, &conversation, offset, false, now_ms, out) {
+                if let Err(r) =
+                    self.receipt(conn, &user, &conversation, offset, ReceiptState::Delivered)
+                {
                     reply(out, conn, &msg::error(r.code, &r.message, None));
                 }
             }
@@ -402,7 +553,8 @@ impl Router {
                 conversation,
                 offset,
             } => {
-                if let Err(r) = self.receipt(&user, &conversation, offset, true, now_ms, out) {
+                if let Err(r) = self.receipt(conn, &user, &conversation, offset, ReceiptState::Read)
+                {
                     reply(out, conn, &msg::error(r.code, &r.message, None));
                 }
             }
@@ -451,40 +603,61 @@ impl Router {
                 before,
                 limit,
             } => {
-                let json = match self.history_page(&user, &conversation, before, limit) {
-                    Ok(page) => page,
-                    Err(r) => msg::error(r.code, &r.message, None),
-                };
-                reply(out, conn, &json);
+                let member = self
+                    .conversations
+                    .get(&conversation)
+                    .is_some_and(|c| c.members.contains(&*user));
+                if member {
+                    self.history(ReplyTo::Ws(conn), conversation, before, limit);
+                } else {
+                    let e = msg::error(
+                        "not_member",
+                        &format!("not a member of {conversation}"),
+                        None,
+                    );
+                    reply(out, conn, &e);
+                }
             }
         }
     }
 
-    /// A page of a conversation, newest first, as `{"type":"history",…}`.
-    fn history_page(
-        &self,
-        user: &str,
-        conversation: &str,
+    /// Reads a page of a conversation from the store; answered in [`Router::on_completion`].
+    fn history(
+        &mut self,
+        reply: ReplyTo,
+        conversation: String,
         before: Option<u64>,
         limit: Option<usize>,
-    ) -> Result<String, Refusal> {
-        let c = self
-            .conversations
-            .get(conversation)
-            .filter(|c| c.members.contains(user))
-            .ok_or_else(|| refuse("not_member", 403, format!("not a member of {conversation}")))?;
-        Ok(history_json(c, conversation, before, limit))
+    ) {
+        let limit = limit
+            .unwrap_or(DEFAULT_HISTORY_LIMIT)
+            .clamp(1, MAX_HISTORY_LIMIT);
+        let channel = format!("conversation:{conversation}");
+        // One more than asked, to know whether there is more.
+        self.request(
+            |token| Request::History {
+                token,
+                channel,
+                before,
+                limit: limit + 1,
+            },
+            Pending::History {
+                reply,
+                conversation,
+            },
+        );
     }
 
+    /// Validates a send and queues its append; `sent` and the deliveries follow the commit.
     fn send(
         &mut self,
+        reply: ReplyTo,
         user: &Arc<str>,
         conversation: &str,
         client_id: &str,
         body: Box<RawValue>,
         now_ms: u64,
-        out: &mut Vec<Out>,
-    ) -> Result<String, Refusal> {
+    ) -> Result<(), Refusal> {
         if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID_LEN {
             return Err(refuse(
                 "bad_request",
@@ -499,69 +672,60 @@ impl Router {
                 "message body is larger than max_body_bytes",
             ));
         }
-        let max_log = self.history.conversation_count;
+        if self.pending.len() >= self.max_pending {
+            return Err(refuse(
+                "store_busy",
+                503,
+                "the message store is behind; retry with the same client_id",
+            ));
+        }
         let c = self
             .conversations
-            .get_mut(conversation)
+            .get(conversation)
             .filter(|c| c.members.contains(&**user))
             .ok_or_else(|| refuse("not_member", 403, format!("not a member of {conversation}")))?;
-        let key = (
-            user.clone(),
-            conversation.to_string(),
-            client_id.to_string(),
-        );
-        if let Some(rec) = self.dedupe.get(&key) {
-            // A retry: the same answer; nothing stored or delivered again.
-            return Ok(sent_json(client_id, conversation, rec.offset, rec.ts));
-        }
-        c.log.last_offset += 1;
-        let offset = c.log.last_offset;
-        let channel: Arc<str> = Arc::from(format!("conversation:{conversation}"));
-        let json = serde_json::to_string(&msg::Message {
-            ty: "message",
-            channel: &channel,
-            offset,
-            from: Some(user),
-            ts: now_ms,
-            body: &body,
-        })
-        .unwrap_or_default();
-        let delivery = Delivery::new(channel.clone(), offset, json);
-        c.log.push(
-            Entry {
-                ts: now_ms,
-                from: Some(user.clone()),
-                delivery: delivery.clone(),
-            },
-            max_log,
-        );
-        let mut to: Vec<ConnRef> = c
+        // Members with no live connection here get it in their offline queue, in the same transaction.
+        let offline: Vec<String> = c
             .members
             .iter()
-            .filter_map(|m| self.presence.get(m))
-            .flatten()
-            .copied()
+            .filter(|m| *m != user && !self.presence.contains_key(*m))
+            .map(|m| m.to_string())
             .collect();
-        to.extend(self.followers.get(&channel).into_iter().flatten().copied());
-        self.dedupe.insert(key, SentRecord { offset, ts: now_ms });
-        if !to.is_empty() {
-            out.push(Out::Message { to, delivery });
-        }
-        Ok(sent_json(client_id, conversation, offset, now_ms))
+        let channel: Arc<str> = Arc::from(format!("conversation:{conversation}"));
+        let write = Write::Append(NewMessage {
+            channel: channel.to_string(),
+            from: Some(user.to_string()),
+            client_id: Some(client_id.to_string()),
+            ts: now_ms,
+            json: body.get().to_string(),
+            offline,
+        });
+        self.commit(
+            vec![write],
+            Pending::Send {
+                reply,
+                channel,
+                from: user.clone(),
+                client_id: client_id.to_string(),
+                ts: now_ms,
+                body,
+            },
+        );
+        Ok(())
     }
 
+    /// Queues a receipt (and, for an ack, the trim of the member's offline queue up to it).
     fn receipt(
         &mut self,
+        conn: ConnRef,
         user: &Arc<str>,
         conversation: &str,
         offset: u64,
-        read: bool,
-        now_ms: u64,
-        out: &mut Vec<Out>,
+        state: ReceiptState,
     ) -> Result<(), Refusal> {
         let c = self
             .conversations
-            .get_mut(conversation)
+            .get(conversation)
             .filter(|c| c.members.contains(&**user))
             .ok_or_else(|| refuse("not_member", 403, format!("not a member of {conversation}")))?;
         if offset > c.log.last_offset {
@@ -571,19 +735,294 @@ impl Router {
                 "offset is beyond the conversation's last message",
             ));
         }
+        if self.pending.len() >= self.max_pending {
+            return Err(refuse(
+                "store_busy",
+                503,
+                "the message store is behind; retry",
+            ));
+        }
+        let batch = vec![
+            Write::Receipt {
+                conversation: conversation.to_string(),
+                member: user.to_string(),
+                state,
+                offset,
+            },
+            Write::TrimOffline {
+                user: user.to_string(),
+                channel: format!("conversation:{conversation}"),
+                upto: offset,
+            },
+        ];
+        self.commit(
+            batch,
+            Pending::Receipt {
+                reply: conn,
+                conversation: conversation.to_string(),
+                user: user.clone(),
+                offset,
+                state,
+            },
+        );
+        Ok(())
+    }
+
+    /// Reads the user's offline queue for a connection that just opened; its live traffic waits meanwhile.
+    fn start_flush(&mut self, conn: ConnRef, user: &str) {
+        self.flushing.insert(conn, Vec::new());
+        let user = user.to_string();
+        self.request(
+            |token| Request::Offline {
+                token,
+                user,
+                limit: MAX_FLUSH,
+            },
+            Pending::Flush { conn },
+        );
+    }
+
+    // ---- store completions ----------------------------------------------------------------------------
+
+    pub fn on_completion(&mut self, c: Completion, now_ms: u64, out: &mut Vec<Out>) {
+        let (token, result) = match c {
+            Completion::Committed { token, result } => (token, Ok(result)),
+            Completion::Messages { token, result } => (token, Err(result)),
+        };
+        let Some(p) = self.pending.remove(&token) else {
+            return;
+        };
+        match (p, result) {
+            (
+                Pending::Send {
+                    reply,
+                    channel,
+                    from,
+                    client_id,
+                    ts,
+                    body,
+                },
+                Ok(res),
+            ) => {
+                let conversation = &channel["conversation:".len()..];
+                let answer = match res.map(|r| r.first().copied()) {
+                    Ok(Some(WriteResult::Appended(Appended::New { offset }))) => {
+                        let json = message_json(&channel, offset, Some(&from), ts, &body);
+                        let delivery = Delivery::new(channel.clone(), offset, json);
+                        let max = self.history.conversation_count;
+                        let mut to = Vec::new();
+                        if let Some(c) = self.conversations.get_mut(conversation) {
+                            c.log.last_offset = c.log.last_offset.max(offset);
+                            c.log.push(
+                                Entry {
+                                    ts,
+                                    from: Some(from.clone()),
+                                    delivery: delivery.clone(),
+                                },
+                                max,
+                            );
+                            to.extend(
+                                c.members
+                                    .iter()
+                                    .filter_map(|m| self.presence.get(m))
+                                    .flatten()
+                                    .copied(),
+                            );
+                        }
+                        to.extend(self.followers.get(&channel).into_iter().flatten().copied());
+                        self.route(to, delivery, out);
+                        Ok(sent_json(&client_id, conversation, offset, ts))
+                    }
+                    Ok(Some(WriteResult::Appended(Appended::Duplicate { offset, ts }))) => {
+                        // A retry: the same answer; nothing stored or delivered again.
+                        Ok(sent_json(&client_id, conversation, offset, ts))
+                    }
+                    Ok(_) => Err(refuse("internal", 500, "unexpected store answer")),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "send not stored");
+                        Err(refuse(
+                            "store_unavailable",
+                            503,
+                            "message not stored; retry with the same client_id",
+                        ))
+                    }
+                };
+                match (reply, answer) {
+                    (ReplyTo::Ws(c), Ok(j)) => self::reply(out, c, &j),
+                    (ReplyTo::Http(c), Ok(j)) => http(out, c, 200, j),
+                    (ReplyTo::Ws(c), Err(r)) => {
+                        self::reply(out, c, &msg::error(r.code, &r.message, Some(&client_id)))
+                    }
+                    (ReplyTo::Http(c), Err(r)) => http(
+                        out,
+                        c,
+                        r.status,
+                        msg::error(r.code, &r.message, Some(&client_id)),
+                    ),
+                }
+            }
+            (
+                Pending::Receipt {
+                    reply,
+                    conversation,
+                    user,
+                    offset,
+                    state,
+                },
+                Ok(res),
+            ) => match res {
+                Ok(r) => {
+                    let Some(WriteResult::Receipt {
+                        prev_delivered,
+                        prev_read,
+                    }) = r.first().copied()
+                    else {
+                        return;
+                    };
+                    self.notify_senders(
+                        &conversation,
+                        &user,
+                        offset,
+                        state,
+                        prev_delivered,
+                        prev_read,
+                        now_ms,
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "receipt not stored");
+                    let err = msg::error("store_unavailable", "receipt not stored; retry", None);
+                    self::reply(out, reply, &err);
+                }
+            },
+            (Pending::Notices { items }, Ok(res)) => {
+                let Ok(res) = res else { return };
+                for ((channel, json, ts), r) in items.into_iter().zip(res) {
+                    if let WriteResult::Appended(Appended::New { offset }) = r {
+                        self.deliver_user_channel(channel, offset, &json, ts, out);
+                    }
+                }
+            }
+            (
+                Pending::UserPublish {
+                    conn,
+                    channel,
+                    json,
+                    ts,
+                },
+                Ok(res),
+            ) => match res.map(|r| r.first().copied()) {
+                Ok(Some(WriteResult::Appended(Appended::New { offset }))) => {
+                    self.deliver_user_channel(channel, offset, &json, ts, out);
+                    http(
+                        out,
+                        conn,
+                        200,
+                        serde_json::json!({"offset": offset}).to_string(),
+                    );
+                }
+                _ => http(
+                    out,
+                    conn,
+                    503,
+                    msg::error("store_unavailable", "not stored; retry", None),
+                ),
+            },
+            (Pending::Answer { conn, status, body }, Ok(res)) => match res {
+                Ok(_) => http(out, conn, status, body),
+                Err(_) => http(
+                    out,
+                    conn,
+                    503,
+                    msg::error("store_unavailable", "not stored; retry", None),
+                ),
+            },
+            (
+                Pending::History {
+                    reply,
+                    conversation,
+                },
+                Err(res),
+            ) => {
+                let page = match res {
+                    Ok(msgs) => history_json(&conversation, &msgs),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "history read failed");
+                        msg::error("store_unavailable", "history unavailable; retry", None)
+                    }
+                };
+                match reply {
+                    ReplyTo::Ws(c) => self::reply(out, c, &page),
+                    ReplyTo::Http(c) => http(
+                        out,
+                        c,
+                        if page.starts_with("{\"type\":\"history\"") {
+                            200
+                        } else {
+                            503
+                        },
+                        page,
+                    ),
+                }
+            }
+            (Pending::Flush { conn }, Err(res)) => {
+                let Some(held) = self.flushing.remove(&conn) else {
+                    return;
+                };
+                let msgs = res.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "offline queue read failed");
+                    Vec::new()
+                });
+                let mut flushed: std::collections::HashSet<(String, u64)> =
+                    std::collections::HashSet::new();
+                for m in msgs {
+                    flushed.insert((m.channel.clone(), m.offset));
+                    let d = Delivery::new(Arc::from(m.channel.as_str()), m.offset, render(&m));
+                    out.push(Out::Message {
+                        to: vec![conn],
+                        delivery: d,
+                    });
+                }
+                for d in held {
+                    if !flushed.contains(&(d.channel.to_string(), d.offset)) {
+                        out.push(Out::Message {
+                            to: vec![conn],
+                            delivery: d,
+                        });
+                    }
+                }
+            }
+            _ => tracing::error!("store completion of the wrong kind"),
+        }
+    }
+
+    /// Tells each sender of a message in (previous state, offset] that `user` moved to `state`: a receipt
+    /// appended (durably) to the sender's `user:` channel, queued offline when the sender is not connected.
+    #[allow(clippy::too_many_arguments)]
+    fn notify_senders(
+        &mut self,
+        conversation: &str,
+        user: &Arc<str>,
+        offset: u64,
+        state: ReceiptState,
+        prev_delivered: u64,
+        prev_read: u64,
+        now_ms: u64,
+    ) {
+        let Some(c) = self.conversations.get(conversation) else {
+            return;
+        };
         // "read" implies "delivered"; each state only moves forward.
-        let mut notices: Vec<(Arc<str>, &'static str)> = Vec::new();
-        for (state, map) in [("delivered", &mut c.delivered), ("read", &mut c.read)] {
-            if state == "read" && !read {
-                continue;
-            }
-            let prev = map.entry(user.clone()).or_insert(0);
-            if offset <= *prev {
-                continue;
-            }
-            let from = *prev;
-            *prev = offset;
-            // Each sender of a message in (from, offset], other than the reader, hears it once.
+        let mut steps: Vec<(&'static str, u64)> = Vec::new();
+        if offset > prev_delivered {
+            steps.push(("delivered", prev_delivered));
+        }
+        if state == ReceiptState::Read && offset > prev_read {
+            steps.push(("read", prev_read));
+        }
+        let mut writes = Vec::new();
+        let mut items = Vec::new();
+        for (state_name, from) in steps {
             let senders: BTreeSet<&Arc<str>> = c
                 .log
                 .after(from)
@@ -591,24 +1030,62 @@ impl Router {
                 .filter_map(|e| e.from.as_ref())
                 .filter(|f| *f != user)
                 .collect();
-            notices.extend(senders.into_iter().map(|s| (s.clone(), state)));
+            for sender in senders {
+                let channel = format!("user:{sender}");
+                let json = serde_json::json!({
+                    "type": "receipt", "conversation": conversation, "offset": offset, "state": state_name,
+                    "by": &**user,
+                })
+                .to_string();
+                let offline = if self.presence.contains_key(sender) {
+                    vec![]
+                } else {
+                    vec![sender.to_string()]
+                };
+                writes.push(Write::Append(NewMessage {
+                    channel: channel.clone(),
+                    from: None,
+                    client_id: None,
+                    ts: now_ms,
+                    json: json.clone(),
+                    offline,
+                }));
+                items.push((Arc::from(channel.as_str()), json, now_ms));
+            }
         }
-        for (sender, state) in notices {
-            let channel = format!("user:{sender}");
-            self.publish(
-                &channel,
-                |channel_offset| {
-                    serde_json::json!({
-                        "type": "receipt", "conversation": conversation, "offset": offset, "state": state,
-                        "by": &**user, "channel": &channel, "channel_offset": channel_offset,
-                    })
-                    .to_string()
-                },
-                now_ms,
-                out,
-            );
+        if !writes.is_empty() {
+            self.commit(writes, Pending::Notices { items });
         }
-        Ok(())
+    }
+
+    /// Routes a stored `user:` channel message to the user's connections and followers, and keeps it in the
+    /// recent window.
+    fn deliver_user_channel(
+        &mut self,
+        channel: Arc<str>,
+        offset: u64,
+        payload: &str,
+        ts: u64,
+        out: &mut Vec<Out>,
+    ) {
+        let json = render_user(&channel, offset, payload);
+        let delivery = Delivery::new(channel.clone(), offset, json);
+        let limits = self.history;
+        let log = self.channels.entry(channel.clone()).or_default();
+        log.last_offset = log.last_offset.max(offset);
+        log.push(
+            Entry {
+                ts,
+                from: None,
+                delivery: delivery.clone(),
+            },
+            limits.topic_count,
+        );
+        let mut to: Vec<ConnRef> = self.followers.get(&channel).cloned().unwrap_or_default();
+        if let Some(user) = channel.strip_prefix("user:") {
+            to.extend_from_slice(self.connections(user));
+        }
+        self.route(to, delivery, out);
     }
 
     // ---- SSE and polling ------------------------------------------------------------------------------
@@ -668,7 +1145,7 @@ impl Router {
                 self.follow(conn, Arc::from(ch.as_str()));
             }
         }
-        self.presence.entry(user).or_default().push(conn);
+        self.presence.entry(user.clone()).or_default().push(conn);
         out.push(Out::Loop {
             conn,
             cmd: LoopCmd::StreamStart {
@@ -683,6 +1160,7 @@ impl Router {
                 delivery: d,
             });
         }
+        self.start_flush(conn, &user);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -764,21 +1242,24 @@ impl Router {
                 }
                 let members: BTreeSet<Arc<str>> =
                     members.iter().map(|m| Arc::from(m.as_str())).collect();
-                let body = serde_json::json!({"id": id, "members": members.iter().map(|m| &**m).collect::<Vec<_>>()});
+                let list: Vec<String> = members.iter().map(|m| m.to_string()).collect();
+                let body = serde_json::json!({"id": id, "members": &list}).to_string();
                 let (status, old) = match self.conversations.get_mut(&id) {
-                    Some(c) if c.members == members => (200, None),
+                    Some(c) if c.members == members => {
+                        http(out, conn, 200, body);
+                        return;
+                    }
                     Some(c) => (
                         200,
                         Some(std::mem::replace(&mut c.members, members.clone())),
                     ),
                     None => {
+                        let log = Log::default();
                         self.conversations.insert(
                             id.clone(),
                             Conversation {
                                 members: members.clone(),
-                                log: Log::default(),
-                                delivered: HashMap::new(),
-                                read: HashMap::new(),
+                                log,
                             },
                         );
                         (201, None)
@@ -795,11 +1276,15 @@ impl Router {
                         .or_default()
                         .insert(id.clone());
                 }
-                http(out, conn, status, body.to_string());
+                // Members take effect at once (a send right behind this request is accepted); the answer waits
+                // for the commit.
+                self.commit(
+                    vec![Write::PutConversation { id, members: list }],
+                    Pending::Answer { conn, status, body },
+                );
             }
             ApiRequest::Publish { channel, body } => {
-                match cursor::kind(&channel) {
-                    Ok(Kind::Topic) | Ok(Kind::User) => {}
+                let kind = match cursor::kind(&channel) {
                     Ok(Kind::Conversation) => {
                         let e = msg::error(
                             "bad_request",
@@ -809,11 +1294,12 @@ impl Router {
                         http(out, conn, 400, e);
                         return;
                     }
+                    Ok(k) => k,
                     Err(e) => {
                         http(out, conn, 400, msg::error("bad_channel", &e.0, None));
                         return;
                     }
-                }
+                };
                 if body.get().len() > self.max_body_bytes {
                     http(
                         out,
@@ -823,19 +1309,35 @@ impl Router {
                     );
                     return;
                 }
+                if kind == Kind::User {
+                    // Notices to a user are durable, like receipts.
+                    let user = &channel["user:".len()..];
+                    let json = serde_json::json!({"type": "notice", "body": &body}).to_string();
+                    let offline = if self.presence.contains_key(user) {
+                        vec![]
+                    } else {
+                        vec![user.to_string()]
+                    };
+                    let write = Write::Append(NewMessage {
+                        channel: channel.clone(),
+                        from: None,
+                        client_id: None,
+                        ts: now_ms,
+                        json: json.clone(),
+                        offline,
+                    });
+                    let pending = Pending::UserPublish {
+                        conn,
+                        channel: Arc::from(channel.as_str()),
+                        json,
+                        ts: now_ms,
+                    };
+                    self.commit(vec![write], pending);
+                    return;
+                }
                 let offset = self.publish(
                     &channel,
-                    |offset| {
-                        serde_json::to_string(&msg::Message {
-                            ty: "message",
-                            channel: &channel,
-                            offset,
-                            from: None,
-                            ts: now_ms,
-                            body: &body,
-                        })
-                        .unwrap_or_default()
-                    },
+                    |offset| message_json(&channel, offset, None, now_ms, &body),
                     now_ms,
                     out,
                 );
@@ -850,20 +1352,18 @@ impl Router {
                 conversation,
                 before,
                 limit,
-            } => match self.conversations.get(&conversation) {
-                Some(c) => http(
-                    out,
-                    conn,
-                    200,
-                    history_json(c, &conversation, before, limit),
-                ),
-                None => http(
-                    out,
-                    conn,
-                    404,
-                    msg::error("not_found", "no such conversation", None),
-                ),
-            },
+            } => {
+                if self.conversations.contains_key(&conversation) {
+                    self.history(ReplyTo::Http(conn), conversation, before, limit);
+                } else {
+                    http(
+                        out,
+                        conn,
+                        404,
+                        msg::error("not_found", "no such conversation", None),
+                    );
+                }
+            }
         }
     }
 }
@@ -905,38 +1405,85 @@ pub fn poll_body(items: &[Arc<Delivery>], cur: &CursorVec) -> String {
     s
 }
 
-fn history_json(
-    c: &Conversation,
-    conversation: &str,
-    before: Option<u64>,
-    limit: Option<usize>,
-) -> String {
-    let limit = limit
-        .unwrap_or(DEFAULT_HISTORY_LIMIT)
-        .clamp(1, MAX_HISTORY_LIMIT);
-    let before = before.unwrap_or(u64::MAX);
-    let mut page = c
-        .log
-        .entries
-        .iter()
-        .rev()
-        .filter(|e| e.delivery.offset < before);
+/// A page `{"type":"history",…}` from store messages read newest first, one more than the page size.
+fn history_json(conversation: &str, msgs: &[StoredMessage]) -> String {
+    // The store read asked for limit + 1 rows: a full read means there is more.
+    let limit = msgs.len().saturating_sub(1).max(1).min(msgs.len());
+    let more = msgs.len() > 1 && msgs.len() > limit;
+    let shown = if more { &msgs[..limit] } else { msgs };
     let mut s = String::from("{\"type\":\"history\",\"conversation\":");
     s.push_str(&serde_json::to_string(conversation).unwrap_or_default());
     s.push_str(",\"messages\":[");
-    for (i, e) in page.by_ref().take(limit).enumerate() {
+    for (i, m) in shown.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
-        s.push_str(std::str::from_utf8(&e.delivery.json).unwrap_or("null"));
+        s.push_str(&render(m));
     }
-    let more = page.next().is_some();
     s.push_str(if more {
         "],\"more\":true}"
     } else {
         "],\"more\":false}"
     });
     s
+}
+
+/// The JSON of a chat or topic message.
+fn message_json(
+    channel: &str,
+    offset: u64,
+    from: Option<&str>,
+    ts: u64,
+    body: &RawValue,
+) -> String {
+    serde_json::to_string(&msg::Message {
+        ty: "message",
+        channel,
+        offset,
+        from,
+        ts,
+        body,
+    })
+    .unwrap_or_default()
+}
+
+/// A `user:` channel payload (an object) with its channel and offset added.
+fn render_user(channel: &str, offset: u64, payload: &str) -> String {
+    let trimmed = payload.trim_end();
+    match trimmed.strip_suffix('}') {
+        Some(head) if head.trim_start().starts_with('{') => {
+            let sep = if head.trim_end().ends_with('{') {
+                ""
+            } else {
+                ","
+            };
+            format!(
+                "{head}{sep}\"channel\":{},\"channel_offset\":{offset}}}",
+                serde_json::to_string(channel).unwrap_or_default()
+            )
+        }
+        _ => payload.to_string(),
+    }
+}
+
+/// The delivered JSON of a stored message.
+fn render(m: &StoredMessage) -> String {
+    if m.channel.starts_with("conversation:") {
+        let body = RawValue::from_string(m.json.clone())
+            .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("valid JSON"));
+        message_json(&m.channel, m.offset, m.from.as_deref(), m.ts, &body)
+    } else {
+        render_user(&m.channel, m.offset, &m.json)
+    }
+}
+
+fn entry_of(channel: &Arc<str>, m: StoredMessage) -> Entry {
+    let json = render(&m);
+    Entry {
+        ts: m.ts,
+        from: m.from.map(|f| Arc::from(f.as_str())),
+        delivery: Delivery::new(channel.clone(), m.offset, json),
+    }
 }
 
 fn sent_json(client_id: &str, conversation: &str, offset: u64, ts: u64) -> String {
@@ -953,6 +1500,90 @@ fn sent_json(client_id: &str, conversation: &str, offset: u64, ts: u64) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::embedded::{Embedded, Fsync};
+
+    /// The router with a real embedded store, its requests executed synchronously after each event.
+    struct Harness {
+        r: Router,
+        store: Embedded,
+        dir: std::path::PathBuf,
+    }
+
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    impl Harness {
+        fn new(max_body: usize, limits: HistoryLimits) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "corelay-router-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            let store = Embedded::open(&dir, Fsync::Always).unwrap();
+            Harness {
+                r: Router::new(max_body, limits),
+                store,
+                dir,
+            }
+        }
+
+        fn handle(&mut self, ev: Event, now_ms: u64, out: &mut Vec<Out>) {
+            self.r.handle(ev, now_ms, out);
+            self.pump(now_ms, out);
+        }
+
+        fn pump(&mut self, now_ms: u64, out: &mut Vec<Out>) {
+            loop {
+                let reqs = self.r.take_requests();
+                if reqs.is_empty() {
+                    return;
+                }
+                for req in reqs {
+                    let c = match req {
+                        Request::Commit { token, batch } => Completion::Committed {
+                            token,
+                            result: self.store.commit(&batch).map_err(|e| e.to_string()),
+                        },
+                        Request::History {
+                            token,
+                            channel,
+                            before,
+                            limit,
+                        } => Completion::Messages {
+                            token,
+                            result: self
+                                .store
+                                .history(&channel, before, limit)
+                                .map_err(|e| e.to_string()),
+                        },
+                        Request::ReadAfter {
+                            token,
+                            channel,
+                            after,
+                            limit,
+                        } => Completion::Messages {
+                            token,
+                            result: self
+                                .store
+                                .read_after(&channel, after, limit)
+                                .map_err(|e| e.to_string()),
+                        },
+                        Request::Offline { token, user, limit } => Completion::Messages {
+                            token,
+                            result: self.store.offline(&user, limit).map_err(|e| e.to_string()),
+                        },
+                    };
+                    self.r.on_completion(c, now_ms, out);
+                }
+            }
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 
     fn c(w: u16, i: u32) -> ConnRef {
         ConnRef {
@@ -992,8 +1623,8 @@ mod tests {
         })
     }
 
-    fn setup() -> (Router, Vec<Out>) {
-        let mut r = Router::new(1024, HistoryLimits::default());
+    fn setup() -> (Harness, Vec<Out>) {
+        let mut r = Harness::new(1024, HistoryLimits::default());
         let mut out = Vec::new();
         r.handle(
             Event::Api {
@@ -1026,7 +1657,7 @@ mod tests {
         (r, out)
     }
 
-    fn send(r: &mut Router, conn: ConnRef, user: &str, conv: &str, cid: &str, out: &mut Vec<Out>) {
+    fn send(r: &mut Harness, conn: ConnRef, user: &str, conv: &str, cid: &str, out: &mut Vec<Out>) {
         let m = msg::parse_client(
             format!(r#"{{"type":"send","conversation":"{conv}","client_id":"{cid}","body":"hi"}}"#)
                 .as_bytes(),
@@ -1043,7 +1674,7 @@ mod tests {
         );
     }
 
-    fn publish(r: &mut Router, channel: &str, body: &str, out: &mut Vec<Out>) {
+    fn publish(r: &mut Harness, channel: &str, body: &str, out: &mut Vec<Out>) {
         let body = RawValue::from_string(body.into()).unwrap();
         r.handle(
             Event::Api {
@@ -1172,7 +1803,7 @@ mod tests {
 
     #[test]
     fn old_cursor_gets_a_reset_not_a_gap() {
-        let mut r = Router::new(
+        let mut r = Harness::new(
             1024,
             HistoryLimits {
                 topic_count: 3,

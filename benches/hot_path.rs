@@ -1,0 +1,2 @@
+//! Placeholder while the real file is written.
+fn main() {}

@@ -1,0 +1,231 @@
+//! The contract every [`Store`] implementation passes (the embedded store always; Scylla when `SCYLLA_NODES`
+//! is set). Each run uses a fresh namespace of channel and user names, so it can share a database.
+
+use super::{Appended, NewMessage, ReceiptState, Store, Write, WriteResult};
+
+fn msg(channel: &str, from: Option<&str>, cid: Option<&str>, ts: u64, offline: &[&str]) -> Write {
+    Write::Append(NewMessage {
+        channel: channel.to_string(),
+        from: from.map(str::to_string),
+        client_id: cid.map(str::to_string),
+        ts,
+        json: format!("{{\"n\":{ts}}}"),
+        offline: offline.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+fn appended(r: &WriteResult) -> Appended {
+    match r {
+        WriteResult::Appended(a) => *a,
+        other => panic!("expected an append result, got {other:?}"),
+    }
+}
+
+/// Runs every contract check. `make` opens the store; it is called twice (the second time after the first
+/// store was dropped) to check that data survives a reopen.
+pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Store>) {
+    let ns = format!(
+        "t{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() % 1_000_000_000)
+            .unwrap_or(0)
+    );
+    let conv = format!("conversation:{ns}c1");
+    let user_ch = format!("user:{ns}alice");
+    let (alice, bob) = (format!("{ns}alice"), format!("{ns}bob"));
+    let mut s = make();
+
+    // Group commit: many appends in one call, offsets dense and in order; a retry in the same batch dedupes.
+    let batch: Vec<Write> = (1..=5)
+        .map(|i| {
+            msg(
+                &conv,
+                Some(&alice),
+                Some(&format!("k{i}")),
+                100 + i,
+                &[&bob],
+            )
+        })
+        .chain([msg(&conv, Some(&alice), Some("k3"), 999, &[&bob])])
+        .collect();
+    let r = s.commit(&batch).expect("commit");
+    assert_eq!(r.len(), 6);
+    for (i, res) in r.iter().take(5).enumerate() {
+        assert_eq!(
+            appended(res),
+            Appended::New {
+                offset: i as u64 + 1
+            }
+        );
+    }
+    assert_eq!(
+        appended(&r[5]),
+        Appended::Duplicate { offset: 3, ts: 103 },
+        "dedupe within a batch"
+    );
+    // ...and across batches; the same client id from another user is a different message.
+    let r = s
+        .commit(&[
+            msg(&conv, Some(&alice), Some("k1"), 1, &[]),
+            msg(&conv, Some(&bob), Some("k1"), 106, &[]),
+        ])
+        .unwrap();
+    assert_eq!(appended(&r[0]), Appended::Duplicate { offset: 1, ts: 101 });
+    assert_eq!(appended(&r[1]), Appended::New { offset: 6 });
+    assert_eq!(s.last_offset(&conv).unwrap(), 6);
+    assert_eq!(s.last_offset("conversation:never").unwrap(), 0);
+
+    // Messages without a dedupe key (receipts on user channels) always append.
+    let r = s
+        .commit(&[
+            msg(&user_ch, None, None, 7, &[]),
+            msg(&user_ch, None, None, 8, &[]),
+        ])
+        .unwrap();
+    assert_eq!(appended(&r[1]), Appended::New { offset: 2 });
+
+    // History: newest first, paged with `before`.
+    let page = s.history(&conv, None, 4).unwrap();
+    assert_eq!(
+        page.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        [6, 5, 4, 3]
+    );
+    assert_eq!(page[1].from.as_deref(), Some(alice.as_str()));
+    assert_eq!(page[1].json, "{\"n\":105}");
+    let page = s.history(&conv, Some(3), 10).unwrap();
+    assert_eq!(page.iter().map(|m| m.offset).collect::<Vec<_>>(), [2, 1]);
+    assert!(s.history(&conv, Some(1), 10).unwrap().is_empty());
+
+    // Resume: after an offset, oldest first.
+    let after = s.read_after(&conv, 4, 10).unwrap();
+    assert_eq!(after.iter().map(|m| m.offset).collect::<Vec<_>>(), [5, 6]);
+    assert_eq!(s.read_after(&conv, 0, 2).unwrap().len(), 2);
+    assert!(s.read_after(&conv, 6, 10).unwrap().is_empty());
+
+    // Offline queue: bob got 1..=5 queued in the append transactions; read in order, trim on ack.
+    let q = s.offline(&bob, 100).unwrap();
+    assert_eq!(
+        q.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert!(q.iter().all(|m| m.channel == conv));
+    s.commit(&[Write::TrimOffline {
+        user: bob.clone(),
+        channel: conv.clone(),
+        upto: 3,
+    }])
+    .unwrap();
+    assert_eq!(
+        s.offline(&bob, 100)
+            .unwrap()
+            .iter()
+            .map(|m| m.offset)
+            .collect::<Vec<_>>(),
+        [4, 5]
+    );
+    assert!(s.offline(&alice, 100).unwrap().is_empty());
+
+    // Receipts: sent → delivered → read, never backwards; read implies delivered.
+    let rc = |state, offset| Write::Receipt {
+        conversation: conv.clone(),
+        member: bob.clone(),
+        state,
+        offset,
+    };
+    let r = s
+        .commit(&[
+            rc(ReceiptState::Delivered, 4),
+            rc(ReceiptState::Read, 2),
+            rc(ReceiptState::Delivered, 3),
+        ])
+        .unwrap();
+    assert_eq!(
+        r[0],
+        WriteResult::Receipt {
+            prev_delivered: 0,
+            prev_read: 0
+        }
+    );
+    assert_eq!(
+        r[1],
+        WriteResult::Receipt {
+            prev_delivered: 4,
+            prev_read: 0
+        }
+    );
+    assert_eq!(
+        r[2],
+        WriteResult::Receipt {
+            prev_delivered: 4,
+            prev_read: 2
+        },
+        "no step back"
+    );
+    s.commit(&[rc(ReceiptState::Read, 6)]).unwrap();
+    let rs = s.receipts(&conv).unwrap();
+    assert_eq!(rs.len(), 1);
+    assert_eq!(
+        (rs[0].member.as_str(), rs[0].delivered, rs[0].read),
+        (bob.as_str(), 6, 6)
+    );
+
+    // Conversations and members, devices.
+    let id = format!("{ns}c1");
+    s.commit(&[Write::PutConversation {
+        id: id.clone(),
+        members: vec![alice.clone(), bob.clone()],
+    }])
+    .unwrap();
+    s.commit(&[
+        Write::PutDevice {
+            user: alice.clone(),
+            platform: "apns".into(),
+            token: "tok1".into(),
+        },
+        Write::PutDevice {
+            user: alice.clone(),
+            platform: "fcm".into(),
+            token: "tok2".into(),
+        },
+    ])
+    .unwrap();
+    let mut devs = s.devices(&alice).unwrap();
+    devs.sort();
+    assert_eq!(
+        devs,
+        [
+            ("apns".to_string(), "tok1".to_string()),
+            ("fcm".to_string(), "tok2".to_string())
+        ]
+    );
+
+    // Everything survives closing and reopening.
+    drop(s);
+    let mut s = make();
+    assert_eq!(s.last_offset(&conv).unwrap(), 6);
+    let convs = s.conversations().unwrap();
+    let c = convs
+        .iter()
+        .find(|(i, _)| *i == id)
+        .expect("conversation kept");
+    assert_eq!(c.1, [alice.clone(), bob.clone()]);
+    assert_eq!(s.offline(&bob, 100).unwrap().len(), 2);
+    let r = s
+        .commit(&[msg(&conv, Some(&alice), Some("k2"), 1, &[])])
+        .unwrap();
+    assert_eq!(
+        appended(&r[0]),
+        Appended::Duplicate { offset: 2, ts: 102 },
+        "dedupe survives a reopen"
+    );
+    let r = s
+        .commit(&[msg(&conv, Some(&alice), Some("k7"), 107, &[])])
+        .unwrap();
+    assert_eq!(
+        appended(&r[0]),
+        Appended::New { offset: 7 },
+        "offsets continue after a reopen"
+    );
+}

@@ -1,0 +1,379 @@
+//! The embedded store (the default): one `redb` file under `--data-dir`.
+//!
+//! Why redb: a pure-Rust, well-kept, ACID B-tree with copy-on-write pages and checksummed commits, so a
+//! `kill -9` or power cut leaves the last committed transaction intact; one file; and a per-transaction
+//! durability switch, which is exactly the group-commit knob we need (see `docs/ARCHITECTURE.md` for the
+//! comparison with fjall and a hand-written log).
+//!
+//! Durability policies: `Always` fsyncs every group commit before "sent" is answered. `Interval(d)` commits
+//! without fsync and makes everything durable with an fsyncing commit at most every `d` (a crash can lose the
+//! last `d` of acknowledged messages; documented as such).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{Appended, Receipts, Result, Store, StoreError, StoredMessage, Write, WriteResult};
+
+/// (channel, offset) → message record.
+const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+/// channel → last offset.
+const LAST: TableDefinition<&str, u64> = TableDefinition::new("last_offset");
+/// (user, channel, client_id) → (offset, ts).
+const DEDUPE: TableDefinition<(&str, &str, &str), (u64, u64)> = TableDefinition::new("dedupe");
+/// (user, channel, offset) → ().
+const OFFLINE: TableDefinition<(&str, &str, u64), ()> = TableDefinition::new("offline");
+/// (conversation, member) → (delivered, read).
+const RECEIPTS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("receipts");
+/// conversation → members (JSON array).
+const CONVERSATIONS: TableDefinition<&str, &str> = TableDefinition::new("conversations");
+/// (user, platform, token) → ().
+const DEVICES: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("devices");
+
+/// Sorts after every valid id (ids are ASCII), for prefix ranges over tuple keys.
+const MAX_STR: &str = "\u{10FFFF}";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsync {
+    /// fsync every group commit before acknowledging (the default).
+    Always,
+    /// fsync at most this often; acknowledged messages of the last interval can be lost in a crash.
+    Interval(Duration),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
+    ts: u64,
+    json: String,
+}
+
+pub struct Embedded {
+    db: Database,
+    fsync: Fsync,
+    last_sync: Instant,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl Embedded {
+    /// Opens (or creates) `dir/corelay.redb`.
+    pub fn open(dir: &Path, fsync: Fsync) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(backend)?;
+        let db = Database::create(dir.join("corelay.redb")).map_err(backend)?;
+        // Create every table up front so readers never see "table does not exist".
+        let txn = db.begin_write().map_err(backend)?;
+        txn.open_table(MESSAGES).map_err(backend)?;
+        txn.open_table(LAST).map_err(backend)?;
+        txn.open_table(DEDUPE).map_err(backend)?;
+        txn.open_table(OFFLINE).map_err(backend)?;
+        txn.open_table(RECEIPTS).map_err(backend)?;
+        txn.open_table(CONVERSATIONS).map_err(backend)?;
+        txn.open_table(DEVICES).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(Embedded {
+            db,
+            fsync,
+            last_sync: Instant::now(),
+        })
+    }
+
+    fn decode(channel: &str, offset: u64, raw: &[u8]) -> Result<StoredMessage> {
+        let r: Record = serde_json::from_slice(raw)
+            .map_err(|e| StoreError::Corrupt(format!("{channel}@{offset}: {e}")))?;
+        Ok(StoredMessage {
+            channel: channel.to_string(),
+            offset,
+            from: r.from,
+            ts: r.ts,
+            json: r.json,
+        })
+    }
+}
+
+impl Store for Embedded {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn commit(&mut self, batch: &[Write]) -> Result<Vec<WriteResult>> {
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        let sync_now = match self.fsync {
+            Fsync::Always => true,
+            Fsync::Interval(d) => self.last_sync.elapsed() >= d,
+        };
+        txn.set_durability(if sync_now {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(backend)?;
+        let mut results = Vec::with_capacity(batch.len());
+        {
+            let mut messages = txn.open_table(MESSAGES).map_err(backend)?;
+            let mut last = txn.open_table(LAST).map_err(backend)?;
+            let mut dedupe = txn.open_table(DEDUPE).map_err(backend)?;
+            let mut offline = txn.open_table(OFFLINE).map_err(backend)?;
+            let mut receipts = txn.open_table(RECEIPTS).map_err(backend)?;
+            let mut conversations = txn.open_table(CONVERSATIONS).map_err(backend)?;
+            let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            for w in batch {
+                let r = match w {
+                    Write::Append(m) => {
+                        let key = match (&m.from, &m.client_id) {
+                            (Some(f), Some(c)) => {
+                                Some((f.as_str(), m.channel.as_str(), c.as_str()))
+                            }
+                            _ => None,
+                        };
+                        let dup = match key {
+                            Some(k) => dedupe.get(k).map_err(backend)?.map(|v| v.value()),
+                            None => None,
+                        };
+                        if let Some((offset, ts)) = dup {
+                            WriteResult::Appended(Appended::Duplicate { offset, ts })
+                        } else {
+                            let offset = last
+                                .get(m.channel.as_str())
+                                .map_err(backend)?
+                                .map_or(0, |v| v.value())
+                                + 1;
+                            last.insert(m.channel.as_str(), offset).map_err(backend)?;
+                            let rec = serde_json::to_vec(&Record {
+                                from: m.from.clone(),
+                                ts: m.ts,
+                                json: m.json.clone(),
+                            })
+                            .map_err(backend)?;
+                            messages
+                                .insert((m.channel.as_str(), offset), rec.as_slice())
+                                .map_err(backend)?;
+                            if let Some(k) = key {
+                                dedupe.insert(k, (offset, m.ts)).map_err(backend)?;
+                            }
+                            for u in &m.offline {
+                                offline
+                                    .insert((u.as_str(), m.channel.as_str(), offset), ())
+                                    .map_err(backend)?;
+                            }
+                            WriteResult::Appended(Appended::New { offset })
+                        }
+                    }
+                    Write::Receipt {
+                        conversation,
+                        member,
+                        state,
+                        offset,
+                    } => {
+                        let k = (conversation.as_str(), member.as_str());
+                        let (d, rd) = receipts
+                            .get(k)
+                            .map_err(backend)?
+                            .map_or((0, 0), |v| v.value());
+                        let nd = d.max(*offset);
+                        let nr = if *state == super::ReceiptState::Read {
+                            rd.max(*offset)
+                        } else {
+                            rd
+                        };
+                        if (nd, nr) != (d, rd) {
+                            receipts.insert(k, (nd, nr)).map_err(backend)?;
+                        }
+                        WriteResult::Receipt {
+                            prev_delivered: d,
+                            prev_read: rd,
+                        }
+                    }
+                    Write::TrimOffline {
+                        user,
+                        channel,
+                        upto,
+                    } => {
+                        let lo = (user.as_str(), channel.as_str(), 0u64);
+                        let hi = (user.as_str(), channel.as_str(), *upto);
+                        offline.retain_in(lo..=hi, |_, _| false).map_err(backend)?;
+                        WriteResult::Done
+                    }
+                    Write::PutConversation { id, members } => {
+                        let json = serde_json::to_string(members).map_err(backend)?;
+                        conversations
+                            .insert(id.as_str(), json.as_str())
+                            .map_err(backend)?;
+                        WriteResult::Done
+                    }
+                    Write::PutDevice {
+                        user,
+                        platform,
+                        token,
+                    } => {
+                        devices
+                            .insert((user.as_str(), platform.as_str(), token.as_str()), ())
+                            .map_err(backend)?;
+                        WriteResult::Done
+                    }
+                };
+                results.push(r);
+            }
+        }
+        txn.commit().map_err(backend)?;
+        if sync_now {
+            self.last_sync = Instant::now();
+        }
+        Ok(results)
+    }
+
+    fn history(
+        &mut self,
+        channel: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(MESSAGES).map_err(backend)?;
+        let hi = before.unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        for item in t
+            .range((channel, 0u64)..(channel, hi))
+            .map_err(backend)?
+            .rev()
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(backend)?;
+            out.push(Self::decode(channel, k.value().1, v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn read_after(
+        &mut self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(MESSAGES).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in t
+            .range((channel, after.saturating_add(1))..=(channel, u64::MAX))
+            .map_err(backend)?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(backend)?;
+            out.push(Self::decode(channel, k.value().1, v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn last_offset(&mut self, channel: &str) -> Result<u64> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(LAST).map_err(backend)?;
+        Ok(t.get(channel).map_err(backend)?.map_or(0, |v| v.value()))
+    }
+
+    fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let q = txn.open_table(OFFLINE).map_err(backend)?;
+        let m = txn.open_table(MESSAGES).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in q
+            .range((user, "", 0u64)..=(user, MAX_STR, u64::MAX))
+            .map_err(backend)?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = item.map_err(backend)?;
+            let (_, channel, offset) = k.value();
+            if let Some(v) = m.get((channel, offset)).map_err(backend)? {
+                out.push(Self::decode(channel, offset, v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn conversations(&mut self) -> Result<Vec<(String, Vec<String>)>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(CONVERSATIONS).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(backend)? {
+            let (k, v) = item.map_err(backend)?;
+            let members: Vec<String> =
+                serde_json::from_str(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push((k.value().to_string(), members));
+        }
+        Ok(out)
+    }
+
+    fn receipts(&mut self, conversation: &str) -> Result<Vec<Receipts>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(RECEIPTS).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in t
+            .range((conversation, "")..=(conversation, MAX_STR))
+            .map_err(backend)?
+        {
+            let (k, v) = item.map_err(backend)?;
+            let (delivered, read) = v.value();
+            out.push(Receipts {
+                member: k.value().1.to_string(),
+                delivered,
+                read,
+            });
+        }
+        Ok(out)
+    }
+
+    fn devices(&mut self, user: &str) -> Result<Vec<(String, String)>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(DEVICES).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in t
+            .range((user, "", "")..=(user, MAX_STR, MAX_STR))
+            .map_err(backend)?
+        {
+            let (k, _) = item.map_err(backend)?;
+            let (_, p, tok) = k.value();
+            out.push((p.to_string(), tok.to_string()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("corelay-embedded-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn contract_fsync_always() {
+        let dir = temp("always");
+        super::super::contract::run_all(&mut || {
+            Box::new(Embedded::open(&dir, Fsync::Always).unwrap())
+        });
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn contract_fsync_interval() {
+        let dir = temp("interval");
+        super::super::contract::run_all(&mut || {
+            Box::new(Embedded::open(&dir, Fsync::Interval(Duration::from_millis(50))).unwrap())
+        });
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,142 @@
+//! Durable state behind one trait: channel message logs (`conversation:` and `user:` channels), offsets,
+//! dedupe of `(user, client_id)`, per-user offline queues, receipts, conversations and members, device tokens.
+//!
+//! Implementations are synchronous and owned by one store thread ([`thread`]), which batches every write that
+//! queued up while the previous commit ran into one transaction: group commit, one fsync for many sends.
+//! The backplane never blocks on it: it sends requests and gets completions back on a channel.
+//! Every implementation passes the same [`contract`] suite.
+
+pub mod contract;
+pub mod embedded;
+pub mod thread;
+
+use thiserror::Error;
+
+/// A message to append. The store assigns the offset (the channel's last offset + 1) inside the transaction,
+/// so offsets stay dense and increasing in commit order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    pub channel: String,
+    /// The sender (chat messages) or none (receipts and notices on `user:` channels).
+    pub from: Option<String>,
+    /// With `from`, the dedupe key: a second append with the same `(from, channel, client_id)` stores nothing
+    /// and returns the first one's offset.
+    pub client_id: Option<String>,
+    pub ts: u64,
+    /// The message's JSON, as it will be delivered (the store does not look inside).
+    pub json: String,
+    /// Users whose offline queue gets `(channel, offset)` in the same transaction.
+    pub offline: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub channel: String,
+    pub offset: u64,
+    pub from: Option<String>,
+    pub ts: u64,
+    pub json: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    New {
+        offset: u64,
+    },
+    /// A retry: `offset` and `ts` of the message first stored under this `(user, client_id)`.
+    Duplicate {
+        offset: u64,
+        ts: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReceiptState {
+    Delivered = 1,
+    Read = 2,
+}
+
+/// One write of a group commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Append(NewMessage),
+    /// Moves a member's receipt state forward (never backwards; "read" implies "delivered").
+    Receipt {
+        conversation: String,
+        member: String,
+        state: ReceiptState,
+        offset: u64,
+    },
+    /// Removes `user`'s offline entries of `channel` up to and including `upto`.
+    TrimOffline {
+        user: String,
+        channel: String,
+        upto: u64,
+    },
+    PutConversation {
+        id: String,
+        members: Vec<String>,
+    },
+    PutDevice {
+        user: String,
+        platform: String,
+        token: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteResult {
+    Appended(Appended),
+    /// Receipt: the previous (delivered, read) offsets of that member, before this write.
+    Receipt {
+        prev_delivered: u64,
+        prev_read: u64,
+    },
+    Done,
+}
+
+/// A member's receipt state in a conversation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipts {
+    pub member: String,
+    pub delivered: u64,
+    pub read: u64,
+}
+
+/// Which side failed, so logs and metrics can tell a full disk from a bad request.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store backend: {0}")]
+    Backend(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The durable store. All writes go through [`Store::commit`] so that one call is one transaction.
+pub trait Store: Send {
+    /// Applies `batch` atomically and durably (per the store's durability policy), in order; returns one
+    /// result per write.
+    fn commit(&mut self, batch: &[Write]) -> Result<Vec<WriteResult>>;
+    /// Up to `limit` messages of `channel` with offset < `before` (all when None), newest first.
+    fn history(
+        &mut self,
+        channel: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>>;
+    /// Up to `limit` messages of `channel` with offset > `after`, oldest first.
+    fn read_after(&mut self, channel: &str, after: u64, limit: usize)
+    -> Result<Vec<StoredMessage>>;
+    fn last_offset(&mut self, channel: &str) -> Result<u64>;
+    /// The user's offline queue: up to `limit` messages, ordered by channel then offset.
+    fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>>;
+    fn conversations(&mut self) -> Result<Vec<(String, Vec<String>)>>;
+    fn receipts(&mut self, conversation: &str) -> Result<Vec<Receipts>>;
+    fn devices(&mut self, user: &str) -> Result<Vec<(String, String)>>;
+    /// A short name for logs ("embedded", "scylla").
+    fn name(&self) -> &'static str;
+}

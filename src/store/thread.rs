@@ -1,0 +1,147 @@
+//! The store thread: owns the [`Store`], turns queued writes into group commits, answers reads.
+//!
+//! Every request carries a token; every completion goes back to the backplane on an unbounded tokio channel
+//! whose length is bounded by the backplane's own cap on requests in flight (`max_pending_writes`).
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Store, StoredMessage, Write, WriteResult};
+
+pub type Token = u64;
+
+#[derive(Debug)]
+pub enum Request {
+    Commit {
+        token: Token,
+        batch: Vec<Write>,
+    },
+    History {
+        token: Token,
+        channel: String,
+        before: Option<u64>,
+        limit: usize,
+    },
+    ReadAfter {
+        token: Token,
+        channel: String,
+        after: u64,
+        limit: usize,
+    },
+    Offline {
+        token: Token,
+        user: String,
+        limit: usize,
+    },
+}
+
+#[derive(Debug)]
+pub enum Completion {
+    Committed {
+        token: Token,
+        result: Result<Vec<WriteResult>, String>,
+    },
+    Messages {
+        token: Token,
+        result: Result<Vec<StoredMessage>, String>,
+    },
+}
+
+/// Most writes folded into one transaction.
+pub const MAX_GROUP: usize = 4096;
+
+/// Starts the thread. It ends when every sender of requests is dropped.
+pub fn spawn(
+    mut store: Box<dyn Store>,
+    done: UnboundedSender<Completion>,
+) -> std::io::Result<(mpsc::Sender<Request>, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Request>();
+    let handle = std::thread::Builder::new()
+        .name("corelay-store".into())
+        .spawn(move || {
+            let mut commits: Vec<(Token, Vec<Write>)> = Vec::new();
+            let mut reads: Vec<Request> = Vec::new();
+            while let Ok(first) = rx.recv() {
+                // Take everything that queued up while the last commit ran: that is the group.
+                let mut next = Some(first);
+                let mut writes = 0;
+                while let Some(req) = next.take() {
+                    match req {
+                        Request::Commit { token, batch } => {
+                            writes += batch.len();
+                            commits.push((token, batch));
+                        }
+                        other => reads.push(other),
+                    }
+                    if writes < MAX_GROUP {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !commits.is_empty() {
+                    group_commit(&mut *store, &mut commits, &done);
+                }
+                for r in reads.drain(..) {
+                    let (token, result) = match r {
+                        Request::History {
+                            token,
+                            channel,
+                            before,
+                            limit,
+                        } => (token, store.history(&channel, before, limit)),
+                        Request::ReadAfter {
+                            token,
+                            channel,
+                            after,
+                            limit,
+                        } => (token, store.read_after(&channel, after, limit)),
+                        Request::Offline { token, user, limit } => {
+                            (token, store.offline(&user, limit))
+                        }
+                        Request::Commit { .. } => unreachable!("commits are split off above"),
+                    };
+                    let _ = done.send(Completion::Messages {
+                        token,
+                        result: result.map_err(|e| e.to_string()),
+                    });
+                }
+            }
+        })?;
+    Ok((tx, handle))
+}
+
+fn group_commit(
+    store: &mut dyn Store,
+    commits: &mut Vec<(Token, Vec<Write>)>,
+    done: &UnboundedSender<Completion>,
+) {
+    let mut sizes = Vec::with_capacity(commits.len());
+    let mut all = Vec::new();
+    for (token, batch) in commits.drain(..) {
+        sizes.push((token, batch.len()));
+        all.extend(batch);
+    }
+    match store.commit(&all) {
+        Ok(results) => {
+            let mut it = results.into_iter();
+            for (token, n) in sizes {
+                let mine: Vec<WriteResult> = it.by_ref().take(n).collect();
+                let _ = done.send(Completion::Committed {
+                    token,
+                    result: Ok(mine),
+                });
+            }
+        }
+        Err(e) => {
+            tracing::warn!(store = store.name(), error = %e, writes = all.len(), "group commit failed");
+            let msg = e.to_string();
+            for (token, _) in sizes {
+                let _ = done.send(Completion::Committed {
+                    token,
+                    result: Err(msg.clone()),
+                });
+            }
+        }
+    }
+}
