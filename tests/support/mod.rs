@@ -15,17 +15,22 @@ pub struct Node {
     pub child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Remove the data dir on drop (not when a test restarts a node on it).
+    owns_dir: bool,
 }
 
 impl Node {
     /// Starts the binary with `--listen 127.0.0.1:0` and the given extra flags; waits for its listening line.
     pub fn start(extra: &[&str]) -> Node {
-        let data_dir = std::env::temp_dir().join(format!(
-            "corelay-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&data_dir);
+        let data_dir = fresh_dir();
+        let mut n = Node::start_in(&data_dir, extra);
+        n.owns_dir = true;
+        n
+    }
+
+    /// Starts on an existing data dir, which is kept when this node is dropped.
+    pub fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> Node {
+        let data_dir = data_dir.to_path_buf();
         let mut child = Command::new(env!("CARGO_BIN_EXE_corelay"))
             .args([
                 "run",
@@ -60,7 +65,14 @@ impl Node {
             child,
             addr,
             data_dir,
+            owns_dir: false,
         }
+    }
+
+    /// SIGKILL, no drain, no flush.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -105,8 +117,21 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
+}
+
+/// A new, empty temporary directory name.
+pub fn fresh_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "corelay-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
 }
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
