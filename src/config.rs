@@ -121,6 +121,11 @@ pub struct Config {
     pub fsync_interval: Option<Duration>,
     /// Store requests in flight before sends are refused with a retryable `store_busy`.
     pub max_pending_writes: usize,
+    /// Scylla contact points; when set, messages and chat state live in Scylla instead of the embedded store.
+    pub scylla: Vec<String>,
+    pub scylla_keyspace: String,
+    /// The replication map for `CREATE KEYSPACE` (only used when the keyspace does not exist yet).
+    pub scylla_replication: Option<String>,
     /// Browser `Origin`s allowed to open client endpoints; empty = any (non-browser clients send none).
     pub allowed_origins: Vec<String>,
     /// Pin each loop to a core (on by default; off is useful when several nodes share a small machine).
@@ -150,6 +155,9 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             fsync_interval: None,
             max_pending_writes: crate::backplane::router::DEFAULT_MAX_PENDING,
+            scylla: Vec::new(),
+            scylla_keyspace: "corelay".into(),
+            scylla_replication: None,
             pin_threads: true,
             limits: Limits::default(),
         }
@@ -194,6 +202,9 @@ pub struct FileConfig {
     /// "always" or a duration like "10ms".
     pub fsync: Option<String>,
     pub max_pending_writes: Option<usize>,
+    pub scylla: Option<Vec<String>>,
+    pub scylla_keyspace: Option<String>,
+    pub scylla_replication: Option<String>,
     pub pin_threads: Option<bool>,
     pub max_header_bytes: Option<String>,
     pub max_headers: Option<usize>,
@@ -276,6 +287,11 @@ impl FileConfig {
         set(&mut cfg.allowed_origins, self.allowed_origins);
         set(&mut cfg.topic_history, self.topic_history);
         set(&mut cfg.max_pending_writes, self.max_pending_writes);
+        set(&mut cfg.scylla, self.scylla);
+        set(&mut cfg.scylla_keyspace, self.scylla_keyspace);
+        if self.scylla_replication.is_some() {
+            cfg.scylla_replication = self.scylla_replication;
+        }
         if let Some(v) = self.fsync {
             cfg.fsync_interval = parse_fsync(&v)?;
         }
@@ -356,6 +372,14 @@ impl Config {
         }
         if l.max_connections_per_loop == 0 || l.backplane_queue == 0 {
             return Err(invalid("max_connections_per_loop", "limits must be > 0"));
+        }
+        if !self
+            .scylla_keyspace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || self.scylla_keyspace.is_empty()
+        {
+            return Err(invalid("scylla_keyspace", "must be [A-Za-z0-9_]+"));
         }
         if self.topic_history == 0 {
             return Err(invalid("topic_history", "must be at least 1"));

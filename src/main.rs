@@ -91,6 +91,15 @@ struct RunArgs {
     /// Store requests in flight before sends get a retryable `store_busy` [default: 10000].
     #[arg(long)]
     max_pending_writes: Option<usize>,
+    /// Scylla contact points (host:9042, comma-separated or repeated); stores messages in Scylla.
+    #[arg(long, value_delimiter = ',', env = "CORELAY_SCYLLA")]
+    scylla: Vec<String>,
+    /// Scylla keyspace [default: corelay].
+    #[arg(long)]
+    scylla_keyspace: Option<String>,
+    /// Replication map used when creating the keyspace, e.g. "{'class': 'SimpleStrategy', 'replication_factor': 1}".
+    #[arg(long)]
+    scylla_replication: Option<String>,
     /// Allowed browser Origin (repeatable; none = any).
     #[arg(long = "allowed-origin")]
     allowed_origins: Vec<String>,
@@ -229,6 +238,15 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = r.max_pending_writes {
         cfg.max_pending_writes = v;
+    }
+    if !r.scylla.is_empty() {
+        cfg.scylla = r.scylla;
+    }
+    if let Some(v) = r.scylla_keyspace {
+        cfg.scylla_keyspace = v;
+    }
+    if r.scylla_replication.is_some() {
+        cfg.scylla_replication = r.scylla_replication;
     }
     if let Some(v) = r.topic_history {
         cfg.topic_history = v;

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::embedded::{Embedded, Fsync};
+use crate::store::scylla::{Scylla, ScyllaConfig};
 use crate::worker::{Shared, Worker, listener};
 
 /// Commands queued per loop before the backplane waits for room.
@@ -21,6 +22,16 @@ const LOOP_QUEUE: usize = 16_384;
 
 /// Opens the configured message store.
 fn open_store(cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
+    if !cfg.scylla.is_empty() {
+        let mut sc = ScyllaConfig::new(cfg.scylla.clone(), cfg.scylla_keyspace.clone());
+        if let Some(r) = &cfg.scylla_replication {
+            sc.replication = r.clone();
+        }
+        let store = Scylla::connect(&sc)
+            .with_context(|| format!("connecting to Scylla at {:?}", cfg.scylla))?;
+        tracing::info!(nodes = ?cfg.scylla, keyspace = %cfg.scylla_keyspace, "message store: scylla");
+        return Ok(Box::new(store));
+    }
     let fsync = match cfg.fsync_interval {
         None => Fsync::Always,
         Some(d) => Fsync::Interval(d),
