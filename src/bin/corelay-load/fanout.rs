@@ -1,0 +1,614 @@
+//! `fanout`: one conversation with N subscribers (users s0..s{N-1}) and a publisher (`pub`). The
+//! publisher sends M chat messages, one at a time (the next once every subscriber has the previous one)
+//! or on a fixed `--gap`. For each message the report gives the time until the LAST subscriber had it,
+//! and over all deliveries the per-subscriber latency.
+//!
+//! Timestamps that cross processes are wall-clock µs (see `stats::Clock`): the publisher puts its send
+//! time in the message body (`{"seq":m,"t":µs}`), each worker records every delivery's latency and,
+//! once all of its subscribers have message m, reports `SAMPLE {"seq":m,"n":…,"first_us":…,"last_us":…}`
+//! to the coordinator, which takes the maximum over workers.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use corelay::proto::ws::Opcode;
+use serde_json::{Value, json};
+
+use crate::net::{Event, Net, Rng, Target, Transport};
+use crate::open::Opener;
+use crate::stats::{self, Clock, Report, Tally, r3};
+use crate::ui;
+use crate::workers::{self, Cmd, Line, Link, Workers};
+use crate::{Common, check_fd_budget, emit_result, mint};
+
+#[derive(Args, Clone, Debug)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Base URL of the HTTP API, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub api: String,
+    /// Key for POST /api/conversations.
+    #[arg(long)]
+    pub api_key: String,
+    /// Subscriber connections (users s0..s{N-1}).
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Messages the publisher sends.
+    #[arg(long, default_value_t = 20)]
+    pub messages: usize,
+    /// Send on this fixed gap instead of waiting for every subscriber to have the previous message.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub gap: Option<Duration>,
+    /// Give up waiting for a message's deliveries after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub msg_timeout: Duration,
+    /// Extra bytes of filler in every message body.
+    #[arg(long, default_value_t = 0)]
+    pub pad: usize,
+    /// Handshakes in flight per process while opening (0: all at once).
+    #[arg(long, default_value_t = 1000)]
+    pub max_pending: usize,
+}
+
+pub fn worker(a: &FanoutArgs, link: Link) {
+    let r = work(a, &link);
+    emit_result(&link, r);
+}
+
+#[derive(Clone, Copy, Default)]
+struct Seq {
+    n: u64,
+    first_us: u64,
+    last_us: u64,
+    reported: bool,
+}
+
+struct Subs<'a> {
+    link: &'a Link,
+    clock: Clock,
+    welcomed: Vec<bool>,
+    welcomes: u64,
+    live_welcomed: u64,
+    seqs: Vec<Seq>,
+    latency: hdrhistogram::Histogram<u64>,
+    deliveries: u64,
+    unexpected: u64,
+    errors: Tally,
+    closed: Tally,
+}
+
+impl Subs<'_> {
+    fn on_event(&mut self, ev: Event<'_>) {
+        match ev {
+            Event::Message { id, payload, .. } => {
+                let recv_us = self.clock.now_us();
+                let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+                    self.unexpected += 1;
+                    return;
+                };
+                match v["type"].as_str() {
+                    Some("welcome") => {
+                        if id >= self.welcomed.len() {
+                            self.welcomed.resize(id + 1, false);
+                        }
+                        if !self.welcomed[id] {
+                            self.welcomed[id] = true;
+                            self.welcomes += 1;
+                            self.live_welcomed += 1;
+                        }
+                    }
+                    Some("message") => {
+                        let (Some(seq), Some(t)) =
+                            (v["body"]["seq"].as_u64(), v["body"]["t"].as_u64())
+                        else {
+                            self.unexpected += 1;
+                            return;
+                        };
+                        let Some(s) = self.seqs.get_mut(seq as usize) else {
+                            self.unexpected += 1;
+                            return;
+                        };
+                        self.deliveries += 1;
+                        stats::record(
+                            &mut self.latency,
+                            Duration::from_micros(recv_us.saturating_sub(t)),
+                        );
+                        if s.n == 0 {
+                            s.first_us = recv_us;
+                        }
+                        s.n += 1;
+                        s.last_us = s.last_us.max(recv_us);
+                        if !s.reported && s.n >= self.live_welcomed {
+                            s.reported = true;
+                            self.link.emit(
+                                "SAMPLE",
+                                &json!({"seq": seq, "n": s.n, "first_us": s.first_us, "last_us": s.last_us}),
+                            );
+                        }
+                    }
+                    Some("error") => self.errors.add(v["code"].as_str().unwrap_or("error"), 1),
+                    _ => self.unexpected += 1,
+                }
+            }
+            Event::Failed {
+                id,
+                reason,
+                opened: true,
+            } => {
+                self.closed.add(&reason, 1);
+                if self.welcomed.get(id).copied().unwrap_or(false) {
+                    self.live_welcomed -= 1;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
+    let secret = a
+        .common
+        .token_secret
+        .as_deref()
+        .context("--token-secret is required")?;
+    let range = workers::share(a.subscribers, link.index, link.count);
+    let deadline = Instant::now() + a.common.timeout + Duration::from_secs(5);
+    let mut net = Net::new(a.common.target(Transport::Ws)?)?;
+    let mut op = Opener::new(range, a.max_pending, a.common.connect_timeout, deadline);
+    let timeout = a.common.timeout;
+    let mut query = |i: usize| {
+        format!(
+            "token={}",
+            mint(secret, &format!("s{i}"), timeout).unwrap_or_default()
+        )
+    };
+    let mut subs = Subs {
+        link,
+        clock: Clock::new(),
+        welcomed: Vec::new(),
+        welcomes: 0,
+        live_welcomed: 0,
+        seqs: vec![Seq::default(); a.messages],
+        latency: stats::histogram(),
+        deliveries: 0,
+        unexpected: 0,
+        errors: Tally::default(),
+        closed: Tally::default(),
+    };
+    // Open, and wait for every open connection's welcome.
+    loop {
+        let closed_before_welcome = subs
+            .closed
+            .total()
+            .saturating_sub(subs.welcomes - subs.live_welcomed);
+        let waiting = (op.open as u64).saturating_sub(subs.welcomes + closed_before_welcome);
+        if op.done() && waiting == 0 {
+            break;
+        }
+        if !op.step(&mut net, link, &mut query, &mut |_, _, ev| {
+            subs.on_event(ev)
+        })? {
+            break;
+        }
+    }
+    op.progress(link);
+    link.emit(
+        "READY",
+        &json!({"open": subs.live_welcomed, "failed": op.failed.total() + (op.open as u64).saturating_sub(subs.welcomes)}),
+    );
+    let mut stop = op.stopped;
+    while !stop && Instant::now() < deadline {
+        net.poll(Some(Duration::from_millis(50)), &mut |_, ev| {
+            subs.on_event(ev)
+        })?;
+        stop = link.try_cmd() == Some(Cmd::Stop);
+    }
+    let incomplete: Vec<Value> = subs
+        .seqs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.reported)
+        .map(|(i, s)| json!({"seq": i, "n": s.n, "first_us": s.first_us, "last_us": s.last_us}))
+        .collect();
+    let v = json!({
+        "open": subs.welcomes,
+        "failed": op.failed.total(),
+        "failures": op.failed.to_json(),
+        "deliveries": subs.deliveries,
+        "unexpected": subs.unexpected,
+        "server_errors": subs.errors.to_json(),
+        "closed": subs.closed.total(),
+        "closed_reasons": subs.closed.to_json(),
+        "pings_answered": net.stats.pings_answered,
+        "latency_us": stats::encode(&subs.latency),
+        "incomplete": incomplete,
+    });
+    net.close_all();
+    Ok(v)
+}
+
+/// POST {api}/api/conversations (blocking; one request).
+fn create_conversation(api: &str, key: &str, id: &str, members: &[String]) -> anyhow::Result<u16> {
+    let t = Target::parse(api, Transport::Sse, false)?;
+    let path = format!("{}/api/conversations", t.path.trim_end_matches('/'));
+    let body = json!({"id": id, "members": members}).to_string();
+    let mut s = std::net::TcpStream::connect_timeout(&t.addr, Duration::from_secs(10))
+        .with_context(|| format!("connecting to {}", t.addr))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        t.host,
+        body.len()
+    )?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let status: u16 = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .context("malformed response")?;
+                let text = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]);
+                if !(200..300).contains(&status) {
+                    bail!("POST {path}: {status} {}", text.trim());
+                }
+                return Ok(status);
+            }
+        }
+        let n = s.read(&mut chunk).context("reading the API response")?;
+        if n == 0 {
+            bail!("POST {path}: connection closed before a complete response");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        anyhow::ensure!(buf.len() < (1 << 20), "POST {path}: response too large");
+    }
+}
+
+/// The publisher connection, in the coordinator.
+#[derive(Default)]
+struct Publisher {
+    welcomed: bool,
+    failed: Option<String>,
+    acks: u64,
+    errors: Tally,
+}
+
+impl Publisher {
+    fn on_event(&mut self, ev: Event<'_>) {
+        match ev {
+            Event::Message { payload, .. } => {
+                let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+                    return;
+                };
+                match v["type"].as_str() {
+                    Some("welcome") => self.welcomed = true,
+                    Some("sent") => self.acks += 1,
+                    Some("error") => {
+                        let code = v["code"].as_str().unwrap_or("error");
+                        let msg = v["message"].as_str().unwrap_or("");
+                        self.errors.add(&format!("{code}: {msg}"), 1);
+                    }
+                    _ => {}
+                }
+            }
+            Event::Failed { reason, .. } => self.failed = Some(reason),
+            _ => {}
+        }
+    }
+}
+
+/// Per message: when it was sent and what each worker reported.
+struct Track {
+    send_us: Vec<Option<u64>>,
+    /// [seq][worker] = (n, first_us, last_us)
+    got: Vec<Vec<Option<(u64, u64, u64)>>>,
+    expect: Vec<bool>,
+}
+
+impl Track {
+    fn complete(&self, m: usize) -> bool {
+        self.got[m]
+            .iter()
+            .zip(&self.expect)
+            .all(|(g, e)| !e || g.is_some())
+    }
+
+    fn on_line(&mut self, i: usize, l: Line) {
+        if let Line::Sample(v) = l
+            && let Some(seq) = v["seq"].as_u64()
+            && let Some(row) = self.got.get_mut(seq as usize)
+        {
+            row[i] = Some((
+                v["n"].as_u64().unwrap_or(0),
+                v["first_us"].as_u64().unwrap_or(0),
+                v["last_us"].as_u64().unwrap_or(0),
+            ));
+        }
+    }
+}
+
+/// Polls the publisher and takes in worker lines for up to `wait`.
+fn pump(
+    net: &mut Net,
+    pubr: &mut Publisher,
+    w: &mut Workers,
+    track: &mut Track,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    net.poll(Some(wait), &mut |_, ev| pubr.on_event(ev))?;
+    while let Some((i, l)) = w.try_recv() {
+        track.on_line(i, l);
+    }
+    Ok(())
+}
+
+pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
+    a.common.check()?;
+    let quiet = a.common.quiet;
+    let secret = a
+        .common
+        .token_secret
+        .clone()
+        .context("--token-secret is required (subscribers and the publisher need tokens)")?;
+    anyhow::ensure!(a.subscribers > 0, "--subscribers must be positive");
+    let procs = a.common.procs;
+    check_fd_budget(a.subscribers.div_ceil(procs), procs, quiet);
+    let started = Instant::now();
+    let deadline = started + a.common.timeout;
+    let conv = format!("fanout-{:016x}", Rng::new().next_u64());
+    let mut members: Vec<String> = (0..a.subscribers).map(|i| format!("s{i}")).collect();
+    members.push("pub".into());
+    let status = create_conversation(&a.api, &a.api_key, &conv, &members)?;
+    ui::note(
+        quiet,
+        &format!(
+            "fanout: conversation {conv} created ({status}); connecting {} subscribers",
+            a.subscribers
+        ),
+    );
+
+    let mut net = Net::new(a.common.target(Transport::Ws)?)?;
+    let waker = net.waker()?;
+    let mut w = Workers::start(procs, Some(waker), {
+        let a = a.clone();
+        move |link| worker(&a, link)
+    })
+    .context("starting workers")?;
+    let pub_query = format!("token={}", mint(&secret, "pub", a.common.timeout)?);
+    let pub_id = match net.connect(&pub_query, a.subscribers) {
+        Ok(id) => id,
+        Err(e) => bail!("publisher connection: {e:?}"),
+    };
+    let mut pubr = Publisher::default();
+    let pb = ui::bar(quiet, a.subscribers as u64, "connect");
+    let ready = ui::await_ready(&mut w, deadline, &pb, &mut || {
+        let _ = net.poll(Some(Duration::ZERO), &mut |_, ev| pubr.on_event(ev));
+    });
+    pb.finish_and_clear();
+    let t_pub = Instant::now();
+    while !pubr.welcomed && pubr.failed.is_none() && t_pub.elapsed() < a.common.connect_timeout {
+        net.poll(Some(Duration::from_millis(20)), &mut |_, ev| {
+            pubr.on_event(ev)
+        })?;
+    }
+    if let Some(f) = &pubr.failed {
+        bail!("publisher connection failed: {f}");
+    }
+    anyhow::ensure!(pubr.welcomed, "publisher got no welcome");
+    let expect: Vec<bool> = ready
+        .ready
+        .iter()
+        .map(|r| {
+            r.as_ref()
+                .is_some_and(|v| v["open"].as_u64().unwrap_or(0) > 0)
+        })
+        .collect();
+    let subs_open: u64 = stats::sum(&ready.values(), "open");
+    anyhow::ensure!(subs_open > 0, "no subscriber connected");
+    ui::note(
+        quiet,
+        &format!(
+            "fanout: {subs_open} subscribers ready after {:.2}s; publishing {} messages",
+            ready.elapsed.as_secs_f64(),
+            a.messages
+        ),
+    );
+
+    let clock = Clock::new();
+    let mut track = Track {
+        send_us: vec![None; a.messages],
+        got: vec![vec![None; w.count]; a.messages],
+        expect,
+    };
+    let pad = "x".repeat(a.pad);
+    let mut timeouts = 0u64;
+    let t0 = Instant::now();
+    let pb = ui::bar(quiet, a.messages as u64, "publish");
+    for m in 0..a.messages {
+        if let Some(gap) = a.gap {
+            let due = t0 + gap * m as u32;
+            while Instant::now() < due && Instant::now() < deadline {
+                let wait = due.saturating_duration_since(Instant::now());
+                pump(&mut net, &mut pubr, &mut w, &mut track, wait)?;
+            }
+        }
+        if Instant::now() >= deadline || pubr.failed.is_some() {
+            break;
+        }
+        let send_us = clock.now_us();
+        let mut body = json!({"seq": m, "t": send_us});
+        if !pad.is_empty() {
+            body["pad"] = json!(pad);
+        }
+        let frame = json!({
+            "type": "send",
+            "conversation": conv,
+            "client_id": format!("{conv}-{m}"),
+            "body": body,
+        })
+        .to_string();
+        net.send(pub_id, Opcode::Text, frame.as_bytes());
+        track.send_us[m] = Some(send_us);
+        if a.gap.is_none() {
+            let until = (Instant::now() + a.msg_timeout).min(deadline);
+            while !track.complete(m) && Instant::now() < until && pubr.failed.is_none() {
+                let wait = until.saturating_duration_since(Instant::now());
+                pump(
+                    &mut net,
+                    &mut pubr,
+                    &mut w,
+                    &mut track,
+                    wait.min(Duration::from_millis(100)),
+                )?;
+            }
+            if !track.complete(m) {
+                timeouts += 1;
+            }
+        }
+        pb.set_position(m as u64 + 1);
+    }
+    // Wait for the stragglers.
+    let until = (Instant::now() + a.msg_timeout).min(deadline);
+    while (0..a.messages).any(|m| track.send_us[m].is_some() && !track.complete(m))
+        && Instant::now() < until
+        && pubr.failed.is_none()
+    {
+        let wait = until.saturating_duration_since(Instant::now());
+        pump(
+            &mut net,
+            &mut pubr,
+            &mut w,
+            &mut track,
+            wait.min(Duration::from_millis(100)),
+        )?;
+    }
+    pb.finish_and_clear();
+    for _ in 0..5 {
+        pump(
+            &mut net,
+            &mut pubr,
+            &mut w,
+            &mut track,
+            Duration::from_millis(10),
+        )?;
+    }
+    w.send(Cmd::Stop);
+    let (results, lost_workers) = w.collect(Instant::now() + Duration::from_secs(15), |i, l| {
+        track.on_line(i, l)
+    });
+    w.finish(Duration::from_secs(5));
+    net.close_all();
+
+    let mut latency = stats::histogram();
+    let mut last = stats::histogram();
+    let mut first = stats::histogram();
+    let mut failures = Tally::default();
+    let mut closed = Tally::default();
+    let mut server_errors = Tally::default();
+    let mut errors = Vec::new();
+    for r in &results {
+        stats::merge(&mut latency, &r["latency_us"]);
+        failures.merge(&r["failures"]);
+        closed.merge(&r["closed_reasons"]);
+        server_errors.merge(&r["server_errors"]);
+        if let Some(e) = r["error"].as_str() {
+            errors.push(e.to_string());
+        }
+    }
+    let mut sent = 0u64;
+    let mut complete = 0u64;
+    let mut first_send = None;
+    let mut last_delivery = 0u64;
+    for m in 0..a.messages {
+        let Some(s) = track.send_us[m] else { continue };
+        sent += 1;
+        first_send.get_or_insert(s);
+        let reports: Vec<_> = track.got[m].iter().flatten().collect();
+        if let Some(l) = reports.iter().map(|r| r.2).max() {
+            last_delivery = last_delivery.max(l);
+        }
+        if track.complete(m) {
+            complete += 1;
+            let l = reports.iter().map(|r| r.2).max().unwrap_or(s);
+            let f = reports.iter().map(|r| r.1).min().unwrap_or(s);
+            stats::record(&mut last, Duration::from_micros(l.saturating_sub(s)));
+            stats::record(&mut first, Duration::from_micros(f.saturating_sub(s)));
+        }
+    }
+    // Incomplete messages' deliveries still count towards the last-delivery instant.
+    for r in &results {
+        for inc in r["incomplete"].as_array().into_iter().flatten() {
+            last_delivery = last_delivery.max(inc["last_us"].as_u64().unwrap_or(0));
+        }
+    }
+    let deliveries = stats::sum(&results, "deliveries");
+    let span_s = first_send.map_or(0.0, |f| last_delivery.saturating_sub(f) as f64 / 1e6);
+
+    let mut m = Report::default();
+    m.insert("scenario", json!("fanout"));
+    m.insert("url", json!(a.common.url));
+    m.insert("conversation", json!(conv));
+    m.insert("subscribers", json!(a.subscribers));
+    m.insert("procs", json!(procs));
+    m.insert("messages", json!(a.messages));
+    m.insert(
+        "pacing",
+        json!(match a.gap {
+            Some(g) => format!("gap {}", humantime::format_duration(g)),
+            None => "lock-step".to_string(),
+        }),
+    );
+    m.insert("subscribers_connected", json!(subs_open));
+    m.insert("connect_failures", json!(failures.total()));
+    m.insert("failures", failures.to_json());
+    m.insert("connect_s", r3(ready.elapsed.as_secs_f64()));
+    m.insert("sent", json!(sent));
+    m.insert("publisher_acks", json!(pubr.acks));
+    m.insert("publisher_errors", pubr.errors.to_json());
+    m.insert("messages_complete", json!(complete));
+    m.insert("message_timeouts", json!(timeouts));
+    m.insert("deliveries", json!(deliveries));
+    m.insert("deliveries_expected", json!(subs_open * sent));
+    m.insert(
+        "deliveries_per_s",
+        if span_s > 0.0 {
+            r3(deliveries as f64 / span_s)
+        } else {
+            Value::Null
+        },
+    );
+    m.insert("span_s", r3(span_s));
+    stats::percentiles(&last, "last_delivery", &mut m);
+    stats::percentiles(&first, "first_delivery", &mut m);
+    stats::percentiles(&latency, "delivery", &mut m);
+    m.insert("closed_during_run", json!(closed.total()));
+    m.insert("closed_reasons", closed.to_json());
+    m.insert("subscriber_server_errors", server_errors.to_json());
+    m.insert(
+        "unexpected_frames",
+        json!(stats::sum(&results, "unexpected")),
+    );
+    m.insert("workers_lost", json!(lost_workers));
+    if !errors.is_empty() {
+        m.insert("worker_errors", json!(errors));
+    }
+    m.insert("elapsed_s", r3(started.elapsed().as_secs_f64()));
+    Ok(m)
+}

@@ -1,0 +1,171 @@
+//! `corelay-load`: a load generator for corelay. One `mio` Poll per process drives thousands of
+//! non-blocking client connections; `--procs P` spreads them over P child processes. Every scenario
+//! prints progress on stderr and ends with one `RESULT {json}` line on stdout. See `docs/LOADGEN.md`.
+
+mod echo;
+mod fanout;
+mod idle;
+mod net;
+mod open;
+mod stats;
+mod storm;
+mod ui;
+mod workers;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::net::{Target, Transport};
+use crate::workers::Link;
+
+#[derive(Parser)]
+#[command(
+    name = "corelay-load",
+    version,
+    about = "Load generator for corelay: idle connections, echo latency, chat fan-out, connect storms"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Internal: this process is worker `i` of a `--procs` run.
+    #[arg(long, global = true, hide = true)]
+    child_index: Option<usize>,
+    /// Internal: how many workers the run has.
+    #[arg(long, global = true, hide = true)]
+    child_count: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hold N idle connections and measure the server's memory per connection and idle CPU.
+    Idle(idle::IdleArgs),
+    /// Echo messages over WebSocket connections (closed loop, or open loop with --rate) and measure latency.
+    Echo(echo::EchoArgs),
+    /// One publisher, N chat subscribers in one conversation: time until the last subscriber has each message.
+    Fanout(fanout::FanoutArgs),
+    /// Open N WebSocket connections at once and measure the handshake rate.
+    ConnectStorm(storm::StormArgs),
+}
+
+/// Flags every scenario has.
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// Endpoint, e.g. ws://127.0.0.1:8080/echo (http:// for --transport sse/longpoll).
+    #[arg(long)]
+    pub url: String,
+    /// Worker processes; the connections are split evenly between them.
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Bound on the whole run.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// A connection that has not completed its handshake after this long fails.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// No progress output on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Mint a JWT per connection with this secret and pass it as ?token= (user = prefix + index).
+    #[arg(long)]
+    pub token_secret: Option<String>,
+    /// User id prefix for minted tokens.
+    #[arg(long, default_value = "u")]
+    pub user_prefix: String,
+    /// Do not bind sockets to rotating 127.0.0.2..=250 source addresses before connecting.
+    #[arg(long)]
+    pub no_source_rotation: bool,
+}
+
+impl Common {
+    pub fn target(&self, transport: Transport) -> anyhow::Result<Target> {
+        let mut t = Target::parse(&self.url, transport, !self.no_source_rotation)?;
+        if transport == Transport::Ws && (t.path == "/ws" || t.path.starts_with("/ws?")) {
+            t.subprotocol = Some("corelay.v1".into());
+        }
+        Ok(t)
+    }
+
+    /// `token=JWT` for connection `i` (empty without --token-secret).
+    pub fn token_query(&self, i: usize) -> anyhow::Result<String> {
+        match &self.token_secret {
+            None => Ok(String::new()),
+            Some(secret) => Ok(format!(
+                "token={}",
+                mint(secret, &format!("{}{i}", self.user_prefix), self.timeout)?
+            )),
+        }
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.procs >= 1, "--procs must be at least 1");
+        anyhow::ensure!(!self.timeout.is_zero(), "--timeout must be positive");
+        Ok(())
+    }
+}
+
+pub fn mint(secret: &str, user: &str, run_timeout: Duration) -> anyhow::Result<String> {
+    corelay::auth::mint(secret, user, run_timeout + Duration::from_secs(3600))
+        .with_context(|| format!("minting a token for {user}"))
+}
+
+/// Runs a worker body and emits its `RESULT` (or `{"error": …}`).
+pub fn emit_result(link: &Link, r: anyhow::Result<Value>) {
+    let v = r.unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+    link.emit("RESULT", &v);
+}
+
+/// Warns when one process would need more sockets than its open-file limit allows.
+pub fn check_fd_budget(per_process: usize, procs: usize, quiet: bool) {
+    if let Some(limit) = stats::procfs::nofile_limit() {
+        let need = per_process as u64 + 64;
+        if need > limit {
+            let suggest = (per_process * procs).div_ceil(limit.saturating_sub(64).max(1) as usize);
+            eprintln!(
+                "corelay-load: warning: {per_process} connections per process but the open-file limit is {limit}; \
+                 expect 'open-file limit reached' failures (use --procs {suggest} or more)"
+            );
+        } else if !quiet && need > limit * 9 / 10 {
+            eprintln!(
+                "corelay-load: note: {per_process} connections per process is close to the open-file limit {limit}"
+            );
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(index) = cli.child_index {
+        let link = Link::child(index, cli.child_count.unwrap_or(1));
+        match cli.command {
+            Command::Idle(a) => idle::worker(&a, link),
+            Command::Echo(a) => echo::worker(&a, link),
+            Command::Fanout(a) => fanout::worker(&a, link),
+            Command::ConnectStorm(a) => storm::worker(&a, link),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let (scenario, r) = match cli.command {
+        Command::Idle(a) => ("idle", idle::run(a)),
+        Command::Echo(a) => ("echo", echo::run(a)),
+        Command::Fanout(a) => ("fanout", fanout::run(a)),
+        Command::ConnectStorm(a) => ("connect-storm", storm::run(a)),
+    };
+    match r {
+        Ok(v) => {
+            println!("RESULT {v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("corelay-load: {e:#}");
+            let mut r = stats::Report::default();
+            r.insert("scenario", json!(scenario));
+            r.insert("error", json!(format!("{e:#}")));
+            println!("RESULT {r}");
+            ExitCode::FAILURE
+        }
+    }
+}

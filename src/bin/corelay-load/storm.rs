@@ -1,0 +1,188 @@
+//! `connect-storm`: every worker prepares its share (tokens minted up front), then on the
+//! coordinator's `go` starts all of its non-blocking connects at once (in batches of 256 between
+//! event checks) and measures each handshake from `connect()` to the parsed `101`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::net::{Event, Net, Transport};
+use crate::open::Opener;
+use crate::stats::{self, Clock, Report, Tally, r3};
+use crate::ui;
+use crate::workers::{self, Cmd, Line, Link, Workers};
+use crate::{Common, check_fd_budget, emit_result};
+
+#[derive(Args, Clone, Debug)]
+pub struct StormArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Connections to open (split over --procs).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Handshakes in flight per process (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    pub max_pending: usize,
+}
+
+pub fn worker(a: &StormArgs, link: Link) {
+    let r = work(a, &link);
+    emit_result(&link, r);
+}
+
+fn work(a: &StormArgs, link: &Link) -> anyhow::Result<Value> {
+    let range = workers::share(a.connections, link.index, link.count);
+    let start = range.start;
+    let queries: Vec<String> = range
+        .clone()
+        .map(|i| a.common.token_query(i))
+        .collect::<anyhow::Result<_>>()?;
+    let mut net = Net::new(a.common.target(Transport::Ws)?)?;
+    let clock = Clock::new();
+    link.emit("READY", &json!({"open": 0, "failed": 0}));
+    let limit = Instant::now() + a.common.timeout + Duration::from_secs(5);
+    let mut go = false;
+    while Instant::now() < limit {
+        match link.try_cmd() {
+            Some(Cmd::Go) => {
+                go = true;
+                break;
+            }
+            Some(Cmd::Stop) => break,
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    if !go {
+        return Ok(json!({"open": 0, "failed": 0, "started": false}));
+    }
+    let mut op = Opener::new(range, a.max_pending, a.common.connect_timeout, limit);
+    let mut closed = Tally::default();
+    let mut query = |i: usize| queries[i - start].clone();
+    while !op.done() {
+        let more = op.step(&mut net, link, &mut query, &mut |_, _, ev| {
+            if let Event::Failed {
+                reason,
+                opened: true,
+                ..
+            } = ev
+            {
+                closed.add(&reason, 1);
+            }
+        })?;
+        if !more {
+            break;
+        }
+    }
+    op.progress(link);
+    let v = json!({
+        "open": op.open,
+        "failed": op.failed.total(),
+        "failures": op.failed.to_json(),
+        "closed": closed.total(),
+        "closed_reasons": closed.to_json(),
+        "handshake_us": stats::encode(&op.handshake),
+        "first_connect_us": op.first_start.map(|t| clock.us(t)),
+        "last_open_us": op.last_open.map(|t| clock.us(t)),
+        "started": true,
+    });
+    net.close_all();
+    Ok(v)
+}
+
+pub fn run(a: StormArgs) -> anyhow::Result<Report> {
+    a.common.check()?;
+    let quiet = a.common.quiet;
+    let target = a.common.target(Transport::Ws)?;
+    a.common.token_query(0)?;
+    let procs = a.common.procs;
+    check_fd_budget(a.connections.div_ceil(procs), procs, quiet);
+    let started = Instant::now();
+    let deadline = started + a.common.timeout;
+    ui::note(
+        quiet,
+        &format!(
+            "connect-storm: {} connections to {} from {procs} process(es)",
+            a.connections, target.addr
+        ),
+    );
+    let mut w = Workers::start(procs, None, {
+        let a = a.clone();
+        move |link| worker(&a, link)
+    })
+    .context("starting workers")?;
+    let pb = ui::bar(quiet, procs as u64, "prepare");
+    let ready = ui::await_ready(&mut w, deadline, &pb, &mut || {});
+    pb.finish_and_clear();
+    anyhow::ensure!(
+        ready.ready.iter().any(Option::is_some),
+        "no worker got ready"
+    );
+    w.send(Cmd::Go);
+    let pb = ui::bar(quiet, a.connections as u64, "storm");
+    let mut progress = vec![(0u64, 0u64); w.count];
+    let (results, lost_workers) = w.collect(deadline + Duration::from_secs(10), |i, l| {
+        if let Line::Progress(v) = l {
+            progress[i] = (
+                v["open"].as_u64().unwrap_or(0),
+                v["failed"].as_u64().unwrap_or(0),
+            );
+            let open: u64 = progress.iter().map(|p| p.0).sum();
+            let failed: u64 = progress.iter().map(|p| p.1).sum();
+            pb.set_position(open + failed);
+            pb.set_message(format!("open {open}, failed {failed}"));
+        }
+    });
+    w.finish(Duration::from_secs(5));
+    pb.finish_and_clear();
+
+    let mut hs = stats::histogram();
+    let mut failures = Tally::default();
+    let mut closed = Tally::default();
+    let mut errors = Vec::new();
+    for r in &results {
+        stats::merge(&mut hs, &r["handshake_us"]);
+        failures.merge(&r["failures"]);
+        closed.merge(&r["closed_reasons"]);
+        if let Some(e) = r["error"].as_str() {
+            errors.push(e.to_string());
+        }
+    }
+    let open = stats::sum(&results, "open");
+    let first = results
+        .iter()
+        .filter_map(|r| r["first_connect_us"].as_u64())
+        .min();
+    let last = results
+        .iter()
+        .filter_map(|r| r["last_open_us"].as_u64())
+        .max();
+    let span_s = match (first, last) {
+        (Some(f), Some(l)) if l > f => Some((l - f) as f64 / 1e6),
+        _ => None,
+    };
+    let mut m = Report::default();
+    m.insert("scenario", json!("connect-storm"));
+    m.insert("url", json!(a.common.url));
+    m.insert("connections", json!(a.connections));
+    m.insert("procs", json!(procs));
+    m.insert("max_pending", json!(a.max_pending));
+    m.insert("connected", json!(open));
+    m.insert("failed", json!(failures.total()));
+    m.insert("failures", failures.to_json());
+    m.insert("span_s", span_s.map_or(Value::Null, r3));
+    m.insert(
+        "handshakes_per_s",
+        span_s.map_or(Value::Null, |s| r3(open as f64 / s)),
+    );
+    stats::percentiles(&hs, "handshake", &mut m);
+    m.insert("closed_during_run", json!(closed.total()));
+    m.insert("closed_reasons", closed.to_json());
+    m.insert("workers_lost", json!(lost_workers));
+    if !errors.is_empty() {
+        m.insert("worker_errors", json!(errors));
+    }
+    m.insert("elapsed_s", r3(started.elapsed().as_secs_f64()));
+    Ok(m)
+}
