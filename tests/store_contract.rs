@@ -2,8 +2,11 @@
 //! (comma-separated host:port) names a real cluster. No Scylla server can be installed on the development and
 //! CI machines, so there the Scylla run reports that it was skipped.
 
+mod support;
+
 use corelay::store::contract;
 use corelay::store::embedded::{Embedded, Fsync};
+use corelay::store::redis::{RedisConfig, RedisStore};
 use corelay::store::scylla::{Scylla, ScyllaConfig};
 
 #[test]
@@ -34,4 +37,59 @@ fn scylla_store_passes_the_contract() {
     cfg.replication = std::env::var("SCYLLA_REPLICATION")
         .unwrap_or_else(|_| "{'class': 'SimpleStrategy', 'replication_factor': 1}".into());
     contract::run_all(&mut || Box::new(Scylla::connect(&cfg).expect("connect to Scylla")));
+}
+
+#[test]
+fn redis_store_passes_the_contract() {
+    let redis = support::RedisServer::start();
+    let cfg = RedisConfig {
+        url: redis.url(),
+        dedupe_ttl: std::time::Duration::from_secs(3600),
+        topic_maxlen: 1000,
+    };
+    contract::run_all(&mut || {
+        Box::new(RedisStore::connect(cfg.clone()).expect("connect to redis-server"))
+    });
+}
+
+#[test]
+fn redis_store_survives_a_redis_restart_with_aof() {
+    use corelay::store::{NewMessage, Store, Write};
+    let mut redis = support::RedisServer::start();
+    let cfg = RedisConfig {
+        url: redis.url(),
+        dedupe_ttl: std::time::Duration::from_secs(3600),
+        topic_maxlen: 1000,
+    };
+    let mut s = RedisStore::connect(cfg).unwrap();
+    let msg = |cid: &str| {
+        Write::Append(NewMessage {
+            channel: "conversation:r1".into(),
+            from: Some("alice".into()),
+            client_id: Some(cid.into()),
+            ts: 1,
+            json: "1".into(),
+            offline: vec![],
+        })
+    };
+    s.commit(&[msg("a"), msg("b")]).unwrap();
+    redis.kill();
+    assert!(
+        s.commit(&[msg("c")]).is_err(),
+        "a commit while Redis is down fails (the client retries)"
+    );
+    redis.restart();
+    // The same store reconnects by itself, reloads its scripts, and offsets keep growing.
+    let r = s.commit(&[msg("c"), msg("a")]).unwrap();
+    assert_eq!(
+        r,
+        [
+            corelay::store::WriteResult::Appended(corelay::store::Appended::New { offset: 3 }),
+            corelay::store::WriteResult::Appended(corelay::store::Appended::Duplicate {
+                offset: 1,
+                ts: 1
+            }),
+        ]
+    );
+    assert_eq!(s.last_offset("conversation:r1").unwrap(), 3);
 }

@@ -8,6 +8,7 @@
 
 pub mod contract;
 pub mod embedded;
+pub mod redis;
 pub mod scylla;
 pub mod thread;
 
