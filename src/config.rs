@@ -121,6 +121,11 @@ pub struct Config {
     pub fsync_interval: Option<Duration>,
     /// Store requests in flight before sends are refused with a retryable `store_busy`.
     pub max_pending_writes: usize,
+    /// Redis URL: cluster mode (shared state, pub/sub bus, presence). Without `--scylla` the message log lives
+    /// in Redis too.
+    pub redis: Option<String>,
+    /// How long this node's presence entries live in Redis without a refresh (a dead node ages out).
+    pub presence_ttl: Duration,
     /// Scylla contact points; when set, messages and chat state live in Scylla instead of the embedded store.
     pub scylla: Vec<String>,
     pub scylla_keyspace: String,
@@ -155,6 +160,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             fsync_interval: None,
             max_pending_writes: crate::backplane::router::DEFAULT_MAX_PENDING,
+            redis: None,
+            presence_ttl: Duration::from_secs(30),
             scylla: Vec::new(),
             scylla_keyspace: "corelay".into(),
             scylla_replication: None,
@@ -202,6 +209,8 @@ pub struct FileConfig {
     /// "always" or a duration like "10ms".
     pub fsync: Option<String>,
     pub max_pending_writes: Option<usize>,
+    pub redis: Option<String>,
+    pub presence_ttl: Option<String>,
     pub scylla: Option<Vec<String>>,
     pub scylla_keyspace: Option<String>,
     pub scylla_replication: Option<String>,
@@ -288,6 +297,12 @@ impl FileConfig {
         set(&mut cfg.topic_history, self.topic_history);
         set(&mut cfg.max_pending_writes, self.max_pending_writes);
         set(&mut cfg.scylla, self.scylla);
+        if self.redis.is_some() {
+            cfg.redis = self.redis;
+        }
+        if let Some(v) = self.presence_ttl {
+            cfg.presence_ttl = parse_duration("presence_ttl", &v)?;
+        }
         set(&mut cfg.scylla_keyspace, self.scylla_keyspace);
         if self.scylla_replication.is_some() {
             cfg.scylla_replication = self.scylla_replication;

@@ -91,6 +91,12 @@ struct RunArgs {
     /// Store requests in flight before sends get a retryable `store_busy` [default: 10000].
     #[arg(long)]
     max_pending_writes: Option<usize>,
+    /// Redis URL (redis://host:6379): cluster mode. Shared state, pub/sub between nodes, presence.
+    #[arg(long, env = "CORELAY_REDIS")]
+    redis: Option<String>,
+    /// How long presence entries live in Redis without a refresh [default: 30s].
+    #[arg(long)]
+    presence_ttl: Option<String>,
     /// Scylla contact points (host:9042, comma-separated or repeated); stores messages in Scylla.
     #[arg(long, value_delimiter = ',', env = "CORELAY_SCYLLA")]
     scylla: Vec<String>,
@@ -238,6 +244,12 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = r.max_pending_writes {
         cfg.max_pending_writes = v;
+    }
+    if r.redis.is_some() {
+        cfg.redis = r.redis;
+    }
+    if let Some(v) = r.presence_ttl {
+        cfg.presence_ttl = config::parse_duration("presence_ttl", &v)?;
     }
     if !r.scylla.is_empty() {
         cfg.scylla = r.scylla;

@@ -80,6 +80,10 @@ pub struct Metrics {
     /// Events waiting for the backplane, sampled by the backplane thread.
     pub backplane_queue_depth: AtomicU64,
     pub messages_routed: AtomicU64,
+    /// Cluster mode: the Redis bus is connected (always true on a single node).
+    pub bus_up: std::sync::atomic::AtomicBool,
+    /// Cluster mode: channels received from the bus and synced.
+    pub bus_channels: AtomicU64,
 }
 
 impl Metrics {
@@ -89,6 +93,8 @@ impl Metrics {
             backplane_stalls: AtomicU64::new(0),
             backplane_queue_depth: AtomicU64::new(0),
             messages_routed: AtomicU64::new(0),
+            bus_up: std::sync::atomic::AtomicBool::new(true),
+            bus_channels: AtomicU64::new(0),
         }
     }
 
@@ -172,6 +178,16 @@ impl Metrics {
             s,
             "# HELP corelay_backplane_stalls_total Times the backplane waited for room in a loop's queue (dropped commands: none, it waits).\n# TYPE corelay_backplane_stalls_total counter\ncorelay_backplane_stalls_total {}",
             self.backplane_stalls.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_bus_up Whether the Redis bus is connected (1 on a single node).\n# TYPE corelay_bus_up gauge\ncorelay_bus_up {}",
+            u8::from(self.bus_up.load(Relaxed))
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_bus_channels Channels this node receives from the Redis bus (synced).\n# TYPE corelay_bus_channels gauge\ncorelay_bus_channels {}",
+            self.bus_channels.load(Relaxed)
         );
         let _ = writeln!(
             s,

@@ -14,8 +14,10 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::embedded::{Embedded, Fsync};
+use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::scylla::{Scylla, ScyllaConfig};
 use crate::worker::{Shared, Worker, listener};
+use std::time::Duration;
 
 /// Commands queued per loop before the backplane waits for room.
 const LOOP_QUEUE: usize = 16_384;
@@ -30,6 +32,16 @@ fn open_store(cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
         let store = Scylla::connect(&sc)
             .with_context(|| format!("connecting to Scylla at {:?}", cfg.scylla))?;
         tracing::info!(nodes = ?cfg.scylla, keyspace = %cfg.scylla_keyspace, "message store: scylla");
+        return Ok(Box::new(store));
+    }
+    if let Some(url) = &cfg.redis {
+        let store = RedisStore::connect(RedisConfig {
+            url: url.clone(),
+            dedupe_ttl: Duration::from_secs(7 * 24 * 3600),
+            topic_maxlen: cfg.topic_history,
+        })
+        .with_context(|| format!("connecting to Redis at {url}"))?;
+        tracing::info!(%url, "message store: redis");
         return Ok(Box::new(store));
     }
     let fsync = match cfg.fsync_interval {
@@ -108,13 +120,28 @@ impl Server {
         router
             .load(&mut *store)
             .context("loading state from the store")?;
+        let bus = match &cfg.redis {
+            Some(url) => {
+                router.enable_cluster(&cfg.node_id, cfg.presence_ttl.as_millis() as u64);
+                let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
+                let tx = crate::backplane::bus::spawn(url, &cfg.node_id, ev_tx)?;
+                tracing::info!(node = %cfg.node_id, "cluster mode: redis bus");
+                Some((tx, ev_rx))
+            }
+            None => None,
+        };
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         let (store_tx, store_thread) = crate::store::thread::spawn(store, done_tx)?;
         let bp_loops = loops.clone();
         let backplane = std::thread::Builder::new()
             .name("corelay-backplane".into())
             .spawn(move || {
-                backplane::run(router, bp_rx, notify, bp_loops, metrics, store_tx, done_rx);
+                let links = backplane::Links {
+                    store: store_tx,
+                    done: done_rx,
+                    bus,
+                };
+                backplane::run(router, bp_rx, notify, bp_loops, metrics, links);
                 // The store thread ends once the backplane dropped its sender; wait so the last commit is on disk.
                 let _ = store_thread.join();
             })?;

@@ -5,7 +5,9 @@
 //! touches a socket. Fan-out sends one command per loop carrying the shared encoded frame, never one per
 //! subscriber.
 
+pub mod bus;
 pub mod router;
+pub mod sequencer;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -242,6 +244,16 @@ pub fn channel(capacity: usize) -> (BackplaneHandle, Receiver<Event>, Arc<Notify
     )
 }
 
+/// The backplane's links to the store thread and (in cluster mode) the Redis bus threads.
+pub struct Links {
+    pub store: std::sync::mpsc::Sender<crate::store::thread::Request>,
+    pub done: tokio::sync::mpsc::UnboundedReceiver<crate::store::thread::Completion>,
+    pub bus: Option<(
+        std::sync::mpsc::Sender<bus::BusCmd>,
+        tokio::sync::mpsc::UnboundedReceiver<bus::BusEvent>,
+    )>,
+}
+
 /// Runs the backplane on the current thread until every loop has hung up and the store has answered every
 /// request in flight.
 pub fn run(
@@ -250,9 +262,13 @@ pub fn run(
     notify: Arc<Notify>,
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
-    store_tx: std::sync::mpsc::Sender<crate::store::thread::Request>,
-    mut done_rx: tokio::sync::mpsc::UnboundedReceiver<crate::store::thread::Completion>,
+    links: Links,
 ) {
+    let Links {
+        store: store_tx,
+        done: mut done_rx,
+        bus,
+    } = links;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -260,6 +276,12 @@ pub fn run(
     rt.block_on(async move {
         let mut out = Vec::new();
         let mut loops_gone = false;
+        let (bus_tx, mut bus_rx) = match bus {
+            Some((tx, rx)) => (Some(tx), Some(rx)),
+            None => (None, None),
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(25));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             // Drain in batches so one burst of events yields one round of commands per loop and one group
             // commit in the store.
@@ -267,6 +289,14 @@ pub fn run(
             while let Ok(c) = done_rx.try_recv() {
                 got_any = true;
                 router.on_completion(c, router::unix_ms(), &mut out);
+            }
+            if let Some(rx) = bus_rx.as_mut() {
+                while let Ok(ev) = rx.try_recv() {
+                    got_any = true;
+                    router.on_bus(ev, router::unix_ms(), &mut out);
+                }
+                metrics.bus_up.store(router.bus_up(), Relaxed);
+                metrics.bus_channels.store(router.bus_channels() as u64, Relaxed);
             }
             for _ in 0..1024 {
                 match rx.try_recv() {
@@ -281,9 +311,17 @@ pub fn run(
                     }
                 }
             }
+            if bus_tx.is_some() {
+                router.tick(router::unix_ms());
+            }
             for req in router.take_requests() {
                 if store_tx.send(req).is_err() {
                     tracing::error!("store thread is gone");
+                }
+            }
+            if let Some(tx) = &bus_tx {
+                for cmd in router.take_bus_cmds() {
+                    let _ = tx.send(cmd);
                 }
             }
             metrics.backplane_queue_depth.store(rx.len() as u64, Relaxed);
@@ -295,9 +333,17 @@ pub fn run(
             }
             if !got_any {
                 // The permit stored by notify_one() means a send between try_recv and here is not lost.
+                let bus_next = async {
+                    match bus_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = notify.notified() => {}
                     Some(c) = done_rx.recv() => router.on_completion(c, router::unix_ms(), &mut out),
+                    Some(ev) = bus_next => router.on_bus(ev, router::unix_ms(), &mut out),
+                    _ = tick.tick(), if bus_tx.is_some() => {}
                     // Notice that the loops hung up (the channel disconnects) even when nobody sends.
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }

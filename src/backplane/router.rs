@@ -21,6 +21,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
+use super::bus::{BusCmd, BusEvent, CONTROL_CHANNEL};
+use super::sequencer::Sequencer;
 use super::{ApiRequest, ConnRef, CursorVec, Delivery, Event, LoopCmd};
 use crate::auth::valid_id;
 use crate::proto::cursor::{self, Kind};
@@ -176,6 +178,23 @@ enum Pending {
     Flush {
         conn: ConnRef,
     },
+    /// Cluster: a topic publish, whose offset the store assigns.
+    TopicPublish {
+        conn: ConnRef,
+        channel: Arc<str>,
+        body: Box<RawValue>,
+        ts: u64,
+    },
+    /// Cluster: a gap fill or catch-up read of a channel.
+    Fill {
+        channel: Arc<str>,
+    },
+    /// Cluster: where a newly followed channel ends.
+    Sync {
+        channel: Arc<str>,
+    },
+    /// Cluster: every conversation's members, reread after the bus (re)connects.
+    Members,
 }
 
 /// Why a request was refused: an error code, a message, and the HTTP status for one-way transports.
@@ -214,7 +233,26 @@ pub struct Router {
     max_pending: usize,
     /// Connections whose offline queue is being flushed: live deliveries wait here until it is done.
     flushing: HashMap<ConnRef, Vec<Arc<Delivery>>>,
+    /// Cluster mode (Redis): bus, sequencer, subscriptions, presence.
+    cluster: Option<Cluster>,
 }
+
+/// This node's part of a cluster.
+struct Cluster {
+    node: String,
+    seq: Sequencer,
+    /// channel → local reasons to receive it (a connected user for its conversations and `user:` channel, a
+    /// follower for any channel). Subscribed on the bus while > 0.
+    interest: HashMap<Arc<str>, usize>,
+    bus: Vec<BusCmd>,
+    presence_ttl_ms: u64,
+    last_presence_ms: u64,
+    /// The bus is connected (for `/readyz`).
+    up: bool,
+}
+
+/// How long an out-of-order message waits for the gap before the store fills it.
+pub const GAP_WAIT_MS: u64 = 50;
 
 /// How many offline messages one reconnect flushes (the rest on the next one, after acks).
 pub const MAX_FLUSH: usize = 10_000;
@@ -237,6 +275,228 @@ impl Router {
             next_token: 1,
             max_pending: DEFAULT_MAX_PENDING,
             flushing: HashMap::new(),
+            cluster: None,
+        }
+    }
+
+    /// Turns on cluster mode: this node's id and how long its presence entries live without a refresh.
+    pub fn enable_cluster(&mut self, node: &str, presence_ttl_ms: u64) {
+        self.cluster = Some(Cluster {
+            node: node.to_string(),
+            seq: Sequencer::default(),
+            interest: HashMap::new(),
+            bus: Vec::new(),
+            presence_ttl_ms,
+            last_presence_ms: 0,
+            up: false,
+        });
+    }
+
+    /// Bus commands produced since the last call.
+    pub fn take_bus_cmds(&mut self) -> Vec<BusCmd> {
+        self.cluster
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.bus))
+            .unwrap_or_default()
+    }
+
+    /// Channels this node receives from the bus and has synced (0 on a single node).
+    pub fn bus_channels(&self) -> usize {
+        self.cluster.as_ref().map_or(0, |c| c.seq.synced())
+    }
+
+    pub fn bus_up(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.up)
+    }
+
+    fn interest(&mut self, channel: &str, delta: isize) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let key: Arc<str> = Arc::from(channel);
+        let n = cl.interest.entry(key.clone()).or_default();
+        let before = *n;
+        *n = (*n as isize + delta).max(0) as usize;
+        match (before, *n) {
+            (0, 1..) => {
+                cl.seq.track(key.clone());
+                cl.bus.push(BusCmd::Subscribe(key.to_string()));
+            }
+            (1.., 0) => {
+                cl.interest.remove(&key);
+                cl.seq.untrack(&key);
+                cl.bus.push(BusCmd::Unsubscribe(key.to_string()));
+            }
+            _ => {}
+        }
+    }
+
+    /// A user's first connection on this node opened (`up`) or its last one closed.
+    fn user_presence(&mut self, user: &Arc<str>, up: bool, now_ms: u64) {
+        if self.cluster.is_none() {
+            return;
+        }
+        let delta = if up { 1 } else { -1 };
+        let mut chans = vec![format!("user:{user}")];
+        chans.extend(
+            self.memberships
+                .get(user)
+                .into_iter()
+                .flatten()
+                .map(|c| format!("conversation:{c}")),
+        );
+        for ch in chans {
+            self.interest(&ch, delta);
+        }
+        if let Some(cl) = self.cluster.as_mut() {
+            let until_ms = if up { now_ms + cl.presence_ttl_ms } else { 0 };
+            cl.bus.push(BusCmd::Presence {
+                users: vec![user.to_string()],
+                until_ms,
+            });
+        }
+    }
+
+    /// Periodic work: presence refresh, and asking the store for gaps the bus left.
+    pub fn tick(&mut self, now_ms: u64) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if now_ms.saturating_sub(cl.last_presence_ms) >= cl.presence_ttl_ms / 3 {
+            cl.last_presence_ms = now_ms;
+            let users: Vec<String> = self.presence.keys().map(|u| u.to_string()).collect();
+            if !users.is_empty() {
+                cl.bus.push(BusCmd::Presence {
+                    users,
+                    until_ms: now_ms + cl.presence_ttl_ms,
+                });
+            }
+        }
+        let gaps = cl.seq.gaps(now_ms, GAP_WAIT_MS);
+        for (channel, after) in gaps {
+            self.fill(channel, after);
+        }
+    }
+
+    /// Reads a channel from the store after `after` to fill a gap (or catch up after a reconnect).
+    fn fill(&mut self, channel: Arc<str>, after: u64) {
+        let ch = channel.to_string();
+        self.request(
+            |token| Request::ReadAfter {
+                token,
+                channel: ch,
+                after,
+                limit: MAX_REPLAY,
+            },
+            Pending::Fill { channel },
+        );
+    }
+
+    /// A bus event (cluster mode).
+    pub fn on_bus(&mut self, ev: BusEvent, now_ms: u64, out: &mut Vec<Out>) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        match ev {
+            BusEvent::Up => {
+                cl.up = true;
+                // Control messages published while we were not subscribed are lost: reread the members.
+                self.request(|token| Request::Conversations { token }, Pending::Members);
+            }
+            BusEvent::Down => cl.up = false,
+            BusEvent::Subscribed(channel) => {
+                if !cl.seq.is_tracked(&channel) {
+                    return;
+                }
+                match cl.seq.released_upto(&channel) {
+                    // Re-subscribed after a reconnect: read what pub/sub may have lost.
+                    Some(upto) => self.fill(Arc::from(channel.as_str()), upto),
+                    // New: learn where the channel ends before releasing anything.
+                    None => {
+                        let ch = channel.clone();
+                        self.request(
+                            |token| Request::LastOffset { token, channel: ch },
+                            Pending::Sync {
+                                channel: Arc::from(channel.as_str()),
+                            },
+                        );
+                    }
+                }
+            }
+            BusEvent::Message { channel, payload } if channel == CONTROL_CHANNEL => {
+                #[derive(serde::Deserialize)]
+                struct Control {
+                    n: String,
+                    id: String,
+                    members: Vec<String>,
+                }
+                let Ok(c) = serde_json::from_str::<Control>(&payload) else {
+                    return;
+                };
+                if c.n != cl.node {
+                    self.set_members(
+                        &c.id,
+                        c.members.iter().map(|m| Arc::from(m.as_str())).collect(),
+                    );
+                }
+            }
+            BusEvent::Message { channel, payload } => {
+                #[derive(serde::Deserialize)]
+                struct Wire {
+                    n: String,
+                    o: u64,
+                    j: String,
+                }
+                let Ok(w) = serde_json::from_str::<Wire>(&payload) else {
+                    tracing::warn!(%channel, "bus: unreadable message");
+                    return;
+                };
+                if w.n == cl.node {
+                    return; // our own publication: already routed
+                }
+                let d = Delivery::new(Arc::from(channel.as_str()), w.o, w.j);
+                let mut released = Vec::new();
+                cl.seq.push(d, now_ms, &mut released);
+                for d in released {
+                    self.route_local_parsed(d, out);
+                }
+            }
+        }
+    }
+
+    /// Sets a conversation's members (locally created, loaded, or announced by another node), keeping the
+    /// memberships index and the bus interest of locally connected members in step.
+    fn set_members(&mut self, id: &str, members: BTreeSet<Arc<str>>) {
+        let old = match self.conversations.get_mut(id) {
+            Some(c) => std::mem::replace(&mut c.members, members.clone()),
+            None => {
+                self.conversations.insert(
+                    id.to_string(),
+                    Conversation {
+                        members: members.clone(),
+                        log: Log::default(),
+                    },
+                );
+                BTreeSet::new()
+            }
+        };
+        let channel = format!("conversation:{id}");
+        for m in old.difference(&members) {
+            if let Some(set) = self.memberships.get_mut(m) {
+                set.remove(id);
+            }
+            if self.presence.contains_key(m) {
+                self.interest(&channel, -1);
+            }
+        }
+        for m in members.difference(&old) {
+            self.memberships
+                .entry(m.clone())
+                .or_default()
+                .insert(id.to_string());
+            if self.presence.contains_key(m) {
+                self.interest(&channel, 1);
+            }
         }
     }
 
@@ -310,6 +570,14 @@ impl Router {
         }
     }
 
+    fn add_presence(&mut self, conn: ConnRef, user: &Arc<str>, now_ms: u64) {
+        let conns = self.presence.entry(user.clone()).or_default();
+        conns.push(conn);
+        if conns.len() == 1 {
+            self.user_presence(user, true, now_ms);
+        }
+    }
+
     /// Connections of a user on this node.
     pub fn connections(&self, user: &str) -> &[ConnRef] {
         self.presence.get(user).map(Vec::as_slice).unwrap_or(&[])
@@ -318,7 +586,7 @@ impl Router {
     pub fn handle(&mut self, ev: Event, now_ms: u64, out: &mut Vec<Out>) {
         match ev {
             Event::Opened { conn, user } => {
-                self.presence.entry(user.clone()).or_default().push(conn);
+                self.add_presence(conn, &user, now_ms);
                 self.start_flush(conn, &user);
             }
             Event::Closed { conn, user } => {
@@ -328,6 +596,7 @@ impl Router {
                     conns.retain(|c| *c != conn);
                     if conns.is_empty() {
                         self.presence.remove(&user);
+                        self.user_presence(&user, false, now_ms);
                     }
                 }
                 self.flushing.remove(&conn);
@@ -458,12 +727,20 @@ impl Router {
             return;
         }
         list.push(channel.clone());
-        self.followers.entry(channel).or_default().push(conn);
+        self.followers
+            .entry(channel.clone())
+            .or_default()
+            .push(conn);
+        self.interest(&channel, 1);
     }
 
     fn unfollow(&mut self, conn: ConnRef, channel: &str) {
         if let Some(list) = self.following.get_mut(&conn) {
+            let before = list.len();
             list.retain(|c| &**c != channel);
+            if list.len() < before {
+                self.interest(channel, -1);
+            }
         }
         if let Some(f) = self.followers.get_mut(channel) {
             f.retain(|c| *c != conn);
@@ -475,6 +752,7 @@ impl Router {
 
     fn unfollow_all(&mut self, conn: ConnRef) {
         for ch in self.following.remove(&conn).unwrap_or_default() {
+            self.interest(&ch, -1);
             if let Some(f) = self.followers.get_mut(&ch) {
                 f.retain(|c| *c != conn);
                 if f.is_empty() {
@@ -728,7 +1006,8 @@ impl Router {
             .get(conversation)
             .filter(|c| c.members.contains(&**user))
             .ok_or_else(|| refuse("not_member", 403, format!("not a member of {conversation}")))?;
-        if offset > c.log.last_offset {
+        // (In cluster mode this node may not have seen the latest offsets yet; the store keeps states monotonic.)
+        if self.cluster.is_none() && offset > c.log.last_offset {
             return Err(refuse(
                 "bad_request",
                 400,
@@ -788,6 +1067,33 @@ impl Router {
         let (token, result) = match c {
             Completion::Committed { token, result } => (token, Ok(result)),
             Completion::Messages { token, result } => (token, Err(result)),
+            Completion::Conversations { token, result } => {
+                if let (Some(Pending::Members), Ok(all)) = (self.pending.remove(&token), result) {
+                    for (id, members) in all {
+                        self.set_members(
+                            &id,
+                            members.iter().map(|m| Arc::from(m.as_str())).collect(),
+                        );
+                    }
+                }
+                return;
+            }
+            Completion::Offset { token, result } => {
+                if let Some(Pending::Sync { channel }) = self.pending.remove(&token) {
+                    let last = result.unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, %channel, "last offset read failed");
+                        0
+                    });
+                    let mut released = Vec::new();
+                    if let Some(cl) = self.cluster.as_mut() {
+                        cl.seq.sync(&channel, last, now_ms, &mut released);
+                    }
+                    for d in released {
+                        self.route_local_parsed(d, out);
+                    }
+                }
+                return;
+            }
         };
         let Some(p) = self.pending.remove(&token) else {
             return;
@@ -809,28 +1115,7 @@ impl Router {
                     Ok(Some(WriteResult::Appended(Appended::New { offset }))) => {
                         let json = message_json(&channel, offset, Some(&from), ts, &body);
                         let delivery = Delivery::new(channel.clone(), offset, json);
-                        let max = self.history.conversation_count;
-                        let mut to = Vec::new();
-                        if let Some(c) = self.conversations.get_mut(conversation) {
-                            c.log.last_offset = c.log.last_offset.max(offset);
-                            c.log.push(
-                                Entry {
-                                    ts,
-                                    from: Some(from.clone()),
-                                    delivery: delivery.clone(),
-                                },
-                                max,
-                            );
-                            to.extend(
-                                c.members
-                                    .iter()
-                                    .filter_map(|m| self.presence.get(m))
-                                    .flatten()
-                                    .copied(),
-                            );
-                        }
-                        to.extend(self.followers.get(&channel).into_iter().flatten().copied());
-                        self.route(to, delivery, out);
+                        self.commit_routed(delivery, Some(from.clone()), ts, now_ms, out);
                         Ok(sent_json(&client_id, conversation, offset, ts))
                     }
                     Ok(Some(WriteResult::Appended(Appended::Duplicate { offset, ts }))) => {
@@ -992,6 +1277,50 @@ impl Router {
                     }
                 }
             }
+            (
+                Pending::TopicPublish {
+                    conn,
+                    channel,
+                    body,
+                    ts,
+                },
+                Ok(res),
+            ) => match res.map(|r| r.first().copied()) {
+                Ok(Some(WriteResult::Appended(Appended::New { offset }))) => {
+                    let json = message_json(&channel, offset, None, ts, &body);
+                    let d = Delivery::new(channel, offset, json);
+                    self.commit_routed(d, None, ts, now_ms, out);
+                    http(
+                        out,
+                        conn,
+                        200,
+                        serde_json::json!({"offset": offset}).to_string(),
+                    );
+                }
+                _ => http(
+                    out,
+                    conn,
+                    503,
+                    msg::error("store_unavailable", "not stored; retry", None),
+                ),
+            },
+            (Pending::Fill { channel }, Err(res)) => {
+                let msgs = res.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, %channel, "gap fill read failed");
+                    Vec::new()
+                });
+                let ds: Vec<Arc<Delivery>> = msgs
+                    .iter()
+                    .map(|m| Delivery::new(channel.clone(), m.offset, render(m)))
+                    .collect();
+                let mut released = Vec::new();
+                if let Some(cl) = self.cluster.as_mut() {
+                    cl.seq.filled(&channel, ds, now_ms, &mut released);
+                }
+                for d in released {
+                    self.route_local_parsed(d, out);
+                }
+            }
             _ => tracing::error!("store completion of the wrong kind"),
         }
     }
@@ -1069,23 +1398,93 @@ impl Router {
         out: &mut Vec<Out>,
     ) {
         let json = render_user(&channel, offset, payload);
-        let delivery = Delivery::new(channel.clone(), offset, json);
-        let limits = self.history;
-        let log = self.channels.entry(channel.clone()).or_default();
-        log.last_offset = log.last_offset.max(offset);
-        log.push(
-            Entry {
-                ts,
-                from: None,
-                delivery: delivery.clone(),
-            },
-            limits.topic_count,
-        );
-        let mut to: Vec<ConnRef> = self.followers.get(&channel).cloned().unwrap_or_default();
-        if let Some(user) = channel.strip_prefix("user:") {
-            to.extend_from_slice(self.connections(user));
+        let delivery = Delivery::new(channel, offset, json);
+        self.commit_routed(delivery, None, ts, ts, out);
+    }
+
+    /// A message this node committed: in cluster mode it is published to the other nodes and goes through the
+    /// sequencer like theirs; on a single node it is routed at once (commit order is offset order).
+    fn commit_routed(
+        &mut self,
+        d: Arc<Delivery>,
+        from: Option<Arc<str>>,
+        ts: u64,
+        now_ms: u64,
+        out: &mut Vec<Out>,
+    ) {
+        let Some(cl) = self.cluster.as_mut() else {
+            self.route_local(d, from, ts, out);
+            return;
+        };
+        let payload = serde_json::json!({
+            "n": cl.node,
+            "o": d.offset,
+            "j": std::str::from_utf8(&d.json).unwrap_or("null"),
+        })
+        .to_string();
+        cl.bus.push(BusCmd::Publish {
+            channel: d.channel.to_string(),
+            payload,
+        });
+        let mut released = Vec::new();
+        cl.seq.push(d, now_ms, &mut released);
+        for d in released {
+            self.route_local_parsed(d, out);
         }
-        self.route(to, delivery, out);
+    }
+
+    /// Routes a message released by the sequencer (its sender and time are read from its JSON).
+    fn route_local_parsed(&mut self, d: Arc<Delivery>, out: &mut Vec<Out>) {
+        #[derive(serde::Deserialize)]
+        struct Meta {
+            from: Option<String>,
+            #[serde(default)]
+            ts: u64,
+        }
+        let meta = serde_json::from_slice::<Meta>(&d.json).unwrap_or(Meta { from: None, ts: 0 });
+        let from = meta.from.map(|f| Arc::from(f.as_str()));
+        self.route_local(d, from, meta.ts, out);
+    }
+
+    /// Keeps a message in this node's recent window and delivers it to the local connections that get it:
+    /// members' (or the user's) connections, and explicit followers.
+    fn route_local(
+        &mut self,
+        d: Arc<Delivery>,
+        from: Option<Arc<str>>,
+        ts: u64,
+        out: &mut Vec<Out>,
+    ) {
+        let entry = Entry {
+            ts,
+            from,
+            delivery: d.clone(),
+        };
+        let mut to: Vec<ConnRef> = self.followers.get(&d.channel).cloned().unwrap_or_default();
+        if let Some(id) = d.channel.strip_prefix("conversation:") {
+            let max = self.history.conversation_count;
+            if let Some(c) = self.conversations.get_mut(id) {
+                c.log.last_offset = c.log.last_offset.max(d.offset);
+                c.log.push(entry, max);
+                to.extend(
+                    c.members
+                        .iter()
+                        .filter_map(|m| self.presence.get(m))
+                        .flatten()
+                        .copied(),
+                );
+            }
+        } else {
+            let limits = self.history;
+            let log = self.channels.entry(d.channel.clone()).or_default();
+            log.expire(ts, limits.topic_age_ms);
+            log.last_offset = log.last_offset.max(d.offset);
+            log.push(entry, limits.topic_count);
+            if let Some(user) = d.channel.strip_prefix("user:") {
+                to.extend_from_slice(self.connections(user));
+            }
+        }
+        self.route(to, d, out);
     }
 
     // ---- SSE and polling ------------------------------------------------------------------------------
@@ -1145,7 +1544,7 @@ impl Router {
                 self.follow(conn, Arc::from(ch.as_str()));
             }
         }
-        self.presence.entry(user.clone()).or_default().push(conn);
+        self.add_presence(conn, &user, _now_ms);
         out.push(Out::Loop {
             conn,
             cmd: LoopCmd::StreamStart {
@@ -1244,37 +1643,22 @@ impl Router {
                     members.iter().map(|m| Arc::from(m.as_str())).collect();
                 let list: Vec<String> = members.iter().map(|m| m.to_string()).collect();
                 let body = serde_json::json!({"id": id, "members": &list}).to_string();
-                let (status, old) = match self.conversations.get_mut(&id) {
+                let status = match self.conversations.get(&id) {
                     Some(c) if c.members == members => {
                         http(out, conn, 200, body);
                         return;
                     }
-                    Some(c) => (
-                        200,
-                        Some(std::mem::replace(&mut c.members, members.clone())),
-                    ),
-                    None => {
-                        let log = Log::default();
-                        self.conversations.insert(
-                            id.clone(),
-                            Conversation {
-                                members: members.clone(),
-                                log,
-                            },
-                        );
-                        (201, None)
-                    }
+                    Some(_) => 200,
+                    None => 201,
                 };
-                for m in old.iter().flatten() {
-                    if let Some(set) = self.memberships.get_mut(m) {
-                        set.remove(&id);
-                    }
-                }
-                for m in &members {
-                    self.memberships
-                        .entry(m.clone())
-                        .or_default()
-                        .insert(id.clone());
+                self.set_members(&id, members);
+                if let Some(cl) = self.cluster.as_mut() {
+                    let payload =
+                        serde_json::json!({"n": cl.node, "id": id, "members": &list}).to_string();
+                    cl.bus.push(BusCmd::Publish {
+                        channel: CONTROL_CHANNEL.to_string(),
+                        payload,
+                    });
                 }
                 // Members take effect at once (a send right behind this request is accepted); the answer waits
                 // for the commit.
@@ -1330,6 +1714,26 @@ impl Router {
                         conn,
                         channel: Arc::from(channel.as_str()),
                         json,
+                        ts: now_ms,
+                    };
+                    self.commit(vec![write], pending);
+                    return;
+                }
+                if self.cluster.is_some() {
+                    // Offsets of a topic must be unique across nodes: the store (Redis INCR) assigns them, and
+                    // its stream keeps the history any node can resume from.
+                    let write = Write::Append(NewMessage {
+                        channel: channel.clone(),
+                        from: None,
+                        client_id: None,
+                        ts: now_ms,
+                        json: body.get().to_string(),
+                        offline: vec![],
+                    });
+                    let pending = Pending::TopicPublish {
+                        conn,
+                        channel: Arc::from(channel.as_str()),
+                        body,
                         ts: now_ms,
                     };
                     self.commit(vec![write], pending);
@@ -1466,15 +1870,15 @@ fn render_user(channel: &str, offset: u64, payload: &str) -> String {
     }
 }
 
-/// The delivered JSON of a stored message.
+/// The delivered JSON of a stored message: chat and topic messages carry their body; `user:` channel entries
+/// are whole objects (receipts, notices).
 fn render(m: &StoredMessage) -> String {
-    if m.channel.starts_with("conversation:") {
-        let body = RawValue::from_string(m.json.clone())
-            .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("valid JSON"));
-        message_json(&m.channel, m.offset, m.from.as_deref(), m.ts, &body)
-    } else {
-        render_user(&m.channel, m.offset, &m.json)
+    if m.channel.starts_with("user:") {
+        return render_user(&m.channel, m.offset, &m.json);
     }
+    let body = RawValue::from_string(m.json.clone())
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("valid JSON"));
+    message_json(&m.channel, m.offset, m.from.as_deref(), m.ts, &body)
 }
 
 fn entry_of(channel: &Arc<str>, m: StoredMessage) -> Entry {
@@ -1571,6 +1975,14 @@ mod tests {
                         Request::Offline { token, user, limit } => Completion::Messages {
                             token,
                             result: self.store.offline(&user, limit).map_err(|e| e.to_string()),
+                        },
+                        Request::LastOffset { token, channel } => Completion::Offset {
+                            token,
+                            result: self.store.last_offset(&channel).map_err(|e| e.to_string()),
+                        },
+                        Request::Conversations { token } => Completion::Conversations {
+                            token,
+                            result: self.store.conversations().map_err(|e| e.to_string()),
                         },
                     };
                     self.r.on_completion(c, now_ms, out);

@@ -154,10 +154,27 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
         "/send" | "/api/conversations" | "/api/publish" if !post => {
             fail(conn, cx, wrong_method("use POST"), &["Allow: POST"]);
         }
-        "/healthz" => respond(conn, cx, me, 200, "text/plain", b"ok\n", keep_alive),
+        "/healthz" => {
+            let body: &[u8] = if cx.shared.metrics.bus_up.load(Relaxed) {
+                b"ok\n"
+            } else {
+                b"degraded: redis unreachable\n"
+            };
+            respond(conn, cx, me, 200, "text/plain", body, keep_alive)
+        }
         "/readyz" => {
             if cx.shared.draining.load(Relaxed) {
                 respond(conn, cx, me, 503, "text/plain", b"draining\n", keep_alive);
+            } else if !cx.shared.metrics.bus_up.load(Relaxed) {
+                respond(
+                    conn,
+                    cx,
+                    me,
+                    503,
+                    "text/plain",
+                    b"degraded: redis unreachable\n",
+                    keep_alive,
+                );
             } else {
                 respond(conn, cx, me, 200, "text/plain", b"ready\n", keep_alive);
             }

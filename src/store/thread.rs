@@ -35,6 +35,13 @@ pub enum Request {
         user: String,
         limit: usize,
     },
+    LastOffset {
+        token: Token,
+        channel: String,
+    },
+    Conversations {
+        token: Token,
+    },
 }
 
 #[derive(Debug)]
@@ -46,6 +53,14 @@ pub enum Completion {
     Messages {
         token: Token,
         result: Result<Vec<StoredMessage>, String>,
+    },
+    Offset {
+        token: Token,
+        result: Result<u64, String>,
+    },
+    Conversations {
+        token: Token,
+        result: Result<Vec<(String, Vec<String>)>, String>,
     },
 }
 
@@ -83,6 +98,16 @@ pub fn spawn(
                     group_commit(&mut *store, &mut commits, &done);
                 }
                 for r in reads.drain(..) {
+                    if let Request::LastOffset { token, channel } = r {
+                        let result = store.last_offset(&channel).map_err(|e| e.to_string());
+                        let _ = done.send(Completion::Offset { token, result });
+                        continue;
+                    }
+                    if let Request::Conversations { token } = r {
+                        let result = store.conversations().map_err(|e| e.to_string());
+                        let _ = done.send(Completion::Conversations { token, result });
+                        continue;
+                    }
                     let (token, result) = match r {
                         Request::History {
                             token,
@@ -99,7 +124,11 @@ pub fn spawn(
                         Request::Offline { token, user, limit } => {
                             (token, store.offline(&user, limit))
                         }
-                        Request::Commit { .. } => unreachable!("commits are split off above"),
+                        Request::Commit { .. }
+                        | Request::LastOffset { .. }
+                        | Request::Conversations { .. } => {
+                            unreachable!("handled above")
+                        }
                     };
                     let _ = done.send(Completion::Messages {
                         token,

@@ -1,0 +1,234 @@
+//! The Redis bus (cluster mode): pub/sub between nodes and the presence registry.
+//!
+//! Two threads with blocking `redis` connections, so that nothing here can stall the backplane's runtime:
+//! - the **publisher** takes [`BusCmd`]s in order: `PUBLISH`es, presence writes, and subscription changes
+//!   (which it forwards to the subscriber);
+//! - the **subscriber** holds one `SUBSCRIBE` connection: the node's own `node:{id}`, the control channel, and
+//!   every channel a local client follows (subscribed on the first local follower, unsubscribed on the last).
+//!   It turns messages into [`BusEvent`]s.
+//!
+//! Either thread reconnects with exponential backoff (50 ms … 2 s) after a lost connection. The subscriber then
+//! resubscribes everything and reports [`BusEvent::Up`] followed by `Subscribed` for each channel, and the router
+//! re-reads each channel from the store after the last offset it released: what pub/sub lost while Redis was
+//! away is delivered from the log, and the sequencer drops what arrives twice.
+//!
+//! One Redis message per node per channel message: a node publishes once; every node that has local followers
+//! receives it once and fans it out to its own connections. Redis Cluster would use sharded pub/sub
+//! (`SSUBSCRIBE`/`SPUBLISH`, Redis 7) so that a channel's messages only travel to the shard that owns its slot;
+//! the commands here map one to one.
+
+use std::collections::BTreeSet;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Control messages between nodes (conversation membership changes).
+pub const CONTROL_CHANNEL: &str = "corelay:control";
+
+#[derive(Debug)]
+pub enum BusCmd {
+    Subscribe(String),
+    Unsubscribe(String),
+    Publish {
+        channel: String,
+        payload: String,
+    },
+    /// Marks users live on this node until `until_ms` (Unix ms), or not live (`until_ms` = 0).
+    Presence {
+        users: Vec<String>,
+        until_ms: u64,
+    },
+}
+
+#[derive(Debug)]
+pub enum BusEvent {
+    Message {
+        channel: String,
+        payload: String,
+    },
+    /// A (re)subscription is active: catch up on this channel from the store.
+    Subscribed(String),
+    Up,
+    Down,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often the subscriber checks for subscription changes while no message arrives.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Starts both threads; returns the command sender. The threads end when the sender is dropped.
+pub fn spawn(
+    url: &str,
+    node_id: &str,
+    events: UnboundedSender<BusEvent>,
+) -> std::io::Result<mpsc::Sender<BusCmd>> {
+    let client = redis::Client::open(url).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (tx, rx) = mpsc::channel::<BusCmd>();
+    let (sub_tx, sub_rx) = mpsc::channel::<(bool, String)>();
+    let base: BTreeSet<String> = [format!("node:{node_id}"), CONTROL_CHANNEL.to_string()].into();
+    {
+        let client = client.clone();
+        let events = events.clone();
+        std::thread::Builder::new()
+            .name("corelay-bus-sub".into())
+            .spawn(move || subscriber(client, base, sub_rx, events))?;
+    }
+    let node = node_id.to_string();
+    std::thread::Builder::new()
+        .name("corelay-bus-pub".into())
+        .spawn(move || publisher(client, node, rx, sub_tx))?;
+    Ok(tx)
+}
+
+fn connect(client: &redis::Client, backoff: &mut Duration) -> redis::Connection {
+    loop {
+        match client.get_connection_with_timeout(Duration::from_secs(2)) {
+            Ok(c) => {
+                *backoff = BACKOFF_MIN;
+                return c;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis bus: connect failed");
+                std::thread::sleep(*backoff);
+                *backoff = (*backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+fn publisher(
+    client: redis::Client,
+    node: String,
+    rx: mpsc::Receiver<BusCmd>,
+    sub_tx: mpsc::Sender<(bool, String)>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut conn: Option<redis::Connection> = None;
+    while let Ok(cmd) = rx.recv() {
+        let mut pipe = redis::pipe();
+        match cmd {
+            BusCmd::Subscribe(ch) => {
+                let _ = sub_tx.send((true, ch));
+                continue;
+            }
+            BusCmd::Unsubscribe(ch) => {
+                let _ = sub_tx.send((false, ch));
+                continue;
+            }
+            BusCmd::Publish { channel, payload } => {
+                pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+            }
+            BusCmd::Presence { users, until_ms } => {
+                for u in users {
+                    let key = crate::store::redis::RedisStore::presence_key(&u);
+                    if until_ms == 0 {
+                        pipe.cmd("HDEL").arg(&key).arg(&node).ignore();
+                    } else {
+                        pipe.cmd("HSET").arg(&key).arg(&node).arg(until_ms).ignore();
+                        pipe.cmd("PEXPIRE")
+                            .arg(&key)
+                            .arg(
+                                until_ms.saturating_sub(crate::backplane::router::unix_ms())
+                                    + 60_000,
+                            )
+                            .ignore();
+                    }
+                }
+            }
+        }
+        // A few tries; a publish lost here is recovered by the receivers' gap fill from the store.
+        for attempt in 0..3 {
+            let c = conn.get_or_insert_with(|| connect(&client, &mut backoff));
+            match pipe.query::<()>(c) {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "redis bus: write failed");
+                    conn = None;
+                }
+            }
+        }
+    }
+}
+
+fn subscriber(
+    client: redis::Client,
+    base: BTreeSet<String>,
+    changes: mpsc::Receiver<(bool, String)>,
+    events: UnboundedSender<BusEvent>,
+) {
+    let mut wanted: BTreeSet<String> = base.clone();
+    let mut backoff = BACKOFF_MIN;
+    let mut first = true;
+    loop {
+        let mut conn = connect(&client, &mut backoff);
+        let _ = conn.set_read_timeout(Some(POLL));
+        let mut ps = conn.as_pubsub();
+        let ok = wanted.iter().all(|ch| ps.subscribe(ch).is_ok());
+        if !ok {
+            std::thread::sleep(backoff);
+            continue;
+        }
+        if events.send(BusEvent::Up).is_err() {
+            return;
+        }
+        if !first {
+            for ch in &wanted {
+                let _ = events.send(BusEvent::Subscribed(ch.clone()));
+            }
+        }
+        first = false;
+        let mut last_ok = Instant::now();
+        'conn: loop {
+            loop {
+                match changes.try_recv() {
+                    Ok((true, ch)) => {
+                        if wanted.insert(ch.clone()) && ps.subscribe(&ch).is_err() {
+                            break 'conn;
+                        }
+                        let _ = events.send(BusEvent::Subscribed(ch));
+                    }
+                    Ok((false, ch)) => {
+                        if !base.contains(&ch) && wanted.remove(&ch) && ps.unsubscribe(&ch).is_err()
+                        {
+                            break 'conn;
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            match ps.get_message() {
+                Ok(msg) => {
+                    last_ok = Instant::now();
+                    let payload: String = msg.get_payload().unwrap_or_default();
+                    let ev = BusEvent::Message {
+                        channel: msg.get_channel_name().to_string(),
+                        payload,
+                    };
+                    if events.send(ev).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.is_timeout() => {
+                    // Quiet: check the connection now and then.
+                    if last_ok.elapsed() > Duration::from_secs(5) {
+                        if ps.ping::<String>().is_err() {
+                            break 'conn;
+                        }
+                        last_ok = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis bus: subscriber connection lost");
+                    break 'conn;
+                }
+            }
+        }
+        drop(ps);
+        let _ = events.send(BusEvent::Down);
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
