@@ -121,6 +121,10 @@ pub struct Config {
     pub fsync_interval: Option<Duration>,
     /// Store requests in flight before sends are refused with a retryable `store_busy`.
     pub max_pending_writes: usize,
+    /// Every connection starts with a PROXY protocol v1 or v2 header (behind an L4 balancer that sends one).
+    pub proxy_protocol: bool,
+    /// Node ids of the consistent-hash ring that `/api/route` and `corelay route` answer from.
+    pub ring_nodes: Vec<String>,
     /// Redis URL: cluster mode (shared state, pub/sub bus, presence). Without `--scylla` the message log lives
     /// in Redis too.
     pub redis: Option<String>,
@@ -160,6 +164,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             fsync_interval: None,
             max_pending_writes: crate::backplane::router::DEFAULT_MAX_PENDING,
+            proxy_protocol: false,
+            ring_nodes: Vec::new(),
             redis: None,
             presence_ttl: Duration::from_secs(30),
             scylla: Vec::new(),
@@ -211,6 +217,8 @@ pub struct FileConfig {
     pub max_pending_writes: Option<usize>,
     pub redis: Option<String>,
     pub presence_ttl: Option<String>,
+    pub proxy_protocol: Option<bool>,
+    pub ring_nodes: Option<Vec<String>>,
     pub scylla: Option<Vec<String>>,
     pub scylla_keyspace: Option<String>,
     pub scylla_replication: Option<String>,
@@ -300,6 +308,8 @@ impl FileConfig {
         if self.redis.is_some() {
             cfg.redis = self.redis;
         }
+        set(&mut cfg.proxy_protocol, self.proxy_protocol);
+        set(&mut cfg.ring_nodes, self.ring_nodes);
         if let Some(v) = self.presence_ttl {
             cfg.presence_ttl = parse_duration("presence_ttl", &v)?;
         }

@@ -27,6 +27,21 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print a signed client token (JWT HS256, `sub` = user).
     Token(TokenArgs),
+    /// Print the node that owns a user on a consistent-hash ring of node ids.
+    Route(RouteArgs),
+}
+
+#[derive(Args)]
+struct RouteArgs {
+    /// Node ids (comma-separated), e.g. n0,n1,n2.
+    #[arg(long, value_delimiter = ',', required = true)]
+    nodes: Vec<String>,
+    /// User ids to route (repeatable).
+    #[arg(long = "user", required = true)]
+    users: Vec<String>,
+    /// Virtual nodes per node.
+    #[arg(long, default_value_t = corelay::cluster::ring::Ring::DEFAULT_VNODES)]
+    vnodes: usize,
 }
 
 #[derive(Args, Default)]
@@ -91,6 +106,12 @@ struct RunArgs {
     /// Store requests in flight before sends get a retryable `store_busy` [default: 10000].
     #[arg(long)]
     max_pending_writes: Option<usize>,
+    /// Expect a PROXY protocol (v1 or v2) header on every connection (behind HAProxy `send-proxy-v2`).
+    #[arg(long)]
+    proxy_protocol: bool,
+    /// Node ids of the consistent-hash ring for `/api/route` (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    ring_nodes: Vec<String>,
     /// Redis URL (redis://host:6379): cluster mode. Shared state, pub/sub between nodes, presence.
     #[arg(long, env = "CORELAY_REDIS")]
     redis: Option<String>,
@@ -153,6 +174,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token(t)) => token(t),
+        Some(Command::Route(r)) => {
+            let ring = corelay::cluster::ring::Ring::new(r.nodes, r.vnodes);
+            for u in r.users {
+                println!("{u} {}", ring.node_for(&u).unwrap_or("-"));
+            }
+            Ok(())
+        }
         Some(Command::Run(r)) => run(*r),
         None => run(cli.run),
     }
@@ -248,6 +276,12 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     if r.redis.is_some() {
         cfg.redis = r.redis;
     }
+    if r.proxy_protocol {
+        cfg.proxy_protocol = true;
+    }
+    if !r.ring_nodes.is_empty() {
+        cfg.ring_nodes = r.ring_nodes;
+    }
     if let Some(v) = r.presence_ttl {
         cfg.presence_ttl = config::parse_duration("presence_ttl", &v)?;
     }
@@ -312,6 +346,7 @@ fn run(r: RunArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut cfg = build_config(r)?;
     let (secret, src) =

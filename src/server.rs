@@ -86,6 +86,10 @@ impl Server {
             metrics: metrics.clone(),
             backplane: bp,
             draining: draining.clone(),
+            ring: Arc::new(crate::cluster::ring::Ring::new(
+                cfg.ring_nodes.clone(),
+                crate::cluster::ring::Ring::DEFAULT_VNODES,
+            )),
         };
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut loops = Vec::new();

@@ -31,6 +31,36 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
     conn.inbuf.extend_from_slice(data);
     loop {
         match &mut conn.mode {
+            Mode::Proxy => match crate::cluster::proxy::parse(&conn.inbuf) {
+                Ok(None) => return Flow::Continue,
+                Ok(Some((header, n))) => {
+                    conn.inbuf.drain(..n);
+                    match header {
+                        crate::cluster::proxy::ProxyHeader::Proxied {
+                            source,
+                            destination,
+                        } => {
+                            tracing::debug!(worker = cx.id, conn = me.index, client = %source, via = %destination, "accepted (PROXY protocol)");
+                        }
+                        crate::cluster::proxy::ProxyHeader::Local => {
+                            tracing::debug!(
+                                worker = cx.id,
+                                conn = me.index,
+                                "accepted (PROXY LOCAL: balancer health check)"
+                            );
+                        }
+                    }
+                    conn.mode = Mode::Http { served: 0 };
+                    if conn.inbuf.is_empty() {
+                        conn.inbuf = Vec::new();
+                        return Flow::Continue;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(worker = cx.id, conn = me.index, error = %e, "bad PROXY header");
+                    return Flow::Close;
+                }
+            },
             Mode::Http { served } => {
                 let served = *served;
                 let limits = http1::HeadLimits {
@@ -122,7 +152,7 @@ fn respond(
             *served
         }
         Mode::PollHeld(p) => p.served,
-        Mode::WebSocket(_) | Mode::Sse(_) => 0,
+        Mode::WebSocket(_) | Mode::Sse(_) | Mode::Proxy => 0,
     };
     let mut out = Vec::with_capacity(128 + body.len());
     http1::encode_response(status, content_type, &[], body, keep_alive, &mut out);
@@ -148,7 +178,9 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
     let is_echo = cx.shared.cfg.echo_path.as_deref() == Some(path);
     let wrong_method = |allow: &'static str| HttpError::new(405, allow);
     match path {
-        "/healthz" | "/readyz" | "/metrics" | "/sse" | "/poll" | "/api/history" if !get => {
+        "/healthz" | "/readyz" | "/metrics" | "/sse" | "/poll" | "/api/history" | "/api/route"
+            if !get =>
+        {
             fail(conn, cx, wrong_method("use GET"), &["Allow: GET, HEAD"]);
         }
         "/send" | "/api/conversations" | "/api/publish" if !post => {
@@ -198,6 +230,31 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
         "/send" => match authenticate(&head, cx, me) {
             Ok(_) => start_body(conn, head, served, cx),
             Err(e) => fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
+        },
+        "/api/route" => match check_api_key(&head, cx) {
+            Err(e) => fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
+            Ok(()) => match (head.query_param("user"), cx.shared.ring.is_empty()) {
+                (None, _) => fail(conn, cx, HttpError::new(400, "user= is required"), &[]),
+                (Some(_), true) => fail(
+                    conn,
+                    cx,
+                    HttpError::new(503, "no ring configured (--ring-nodes)"),
+                    &[],
+                ),
+                (Some(user), false) => {
+                    let node = cx.shared.ring.node_for(&user).unwrap_or_default();
+                    let body = serde_json::json!({"user": user, "node": node}).to_string();
+                    respond(
+                        conn,
+                        cx,
+                        me,
+                        200,
+                        "application/json",
+                        body.as_bytes(),
+                        keep_alive,
+                    );
+                }
+            },
         },
         "/api/conversations" | "/api/publish" | "/api/history" => {
             if let Err(e) = check_api_key(&head, cx) {

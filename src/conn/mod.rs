@@ -21,6 +21,8 @@ pub use queue::WriteQueue;
 
 /// What a connection is doing.
 pub enum Mode {
+    /// Waiting for the PROXY protocol header (`--proxy-protocol`), before the first request.
+    Proxy,
     /// Reading a request head (first request or keep-alive).
     Http {
         served: u32,
@@ -104,11 +106,15 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(socket: TcpStream, generation: u32, now_ms: u64) -> Self {
+    pub fn new(socket: TcpStream, generation: u32, now_ms: u64, proxy_protocol: bool) -> Self {
         Conn {
             socket,
             generation,
-            mode: Mode::Http { served: 0 },
+            mode: if proxy_protocol {
+                Mode::Proxy
+            } else {
+                Mode::Http { served: 0 }
+            },
             inbuf: Vec::new(),
             out: WriteQueue::default(),
             timer: None,

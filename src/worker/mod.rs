@@ -49,6 +49,8 @@ pub struct Shared {
     pub backplane: BackplaneHandle,
     /// Set on drain: `/readyz` answers 503.
     pub draining: Arc<AtomicBool>,
+    /// The consistent-hash ring for `/api/route` (`--ring-nodes`).
+    pub ring: Arc<crate::cluster::ring::Ring>,
 }
 
 /// A loop's state that connection code may use (everything but the slab and the scratch buffer).
@@ -263,7 +265,11 @@ impl Worker {
                     }
                     let generation = self.next_generation;
                     self.next_generation = self.next_generation.wrapping_add(1).max(1);
-                    let conn = entry.insert(Conn::new(socket, generation, self.cx.now_ms));
+                    let proxied = self.cx.shared.cfg.proxy_protocol;
+                    if !proxied {
+                        tracing::debug!(worker = self.cx.id, conn = index, client = %_peer, "accepted");
+                    }
+                    let conn = entry.insert(Conn::new(socket, generation, self.cx.now_ms, proxied));
                     let me = ConnRef {
                         worker: self.cx.id,
                         index: index as u32,
@@ -643,6 +649,10 @@ impl Worker {
                 | Mode::HttpBody { .. }
                 | Mode::Sse(_)
                 | Mode::PollHeld(_) => conn.close_after_flush = true,
+                Mode::Proxy => {
+                    self.close(i);
+                    continue;
+                }
                 Mode::Http { .. } if conn.out.is_empty() => {
                     self.close(i);
                     continue;
@@ -673,6 +683,10 @@ impl Worker {
         let cfg = self.cx.shared.cfg.clone();
         let conn = &mut self.conns[i];
         match &mut conn.mode {
+            Mode::Proxy => {
+                tracing::debug!(worker = self.cx.id, conn = i, "no PROXY header in time");
+                self.close(i);
+            }
             Mode::Http { served: 0 } | Mode::HttpBody { .. } => {
                 // Slowloris: the request (head or body) did not arrive in time.
                 tracing::debug!(worker = self.cx.id, conn = i, "request timeout");

@@ -30,7 +30,27 @@ impl Node {
 
     /// Starts on an existing data dir, which is kept when this node is dropped.
     pub fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> Node {
+        Node::spawn(data_dir, extra, None)
+    }
+
+    /// Starts with debug logs written to `log` (to check what the gateway logs).
+    pub fn start_logged(extra: &[&str], log: &std::path::Path) -> Node {
+        let mut n = Node::spawn(&fresh_dir(), extra, Some(log));
+        n.owns_dir = true;
+        n
+    }
+
+    fn spawn(data_dir: &std::path::Path, extra: &[&str], log: Option<&std::path::Path>) -> Node {
         let data_dir = data_dir.to_path_buf();
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
+            None => Stdio::inherit(),
+        };
+        let level = if log.is_some() {
+            "corelay=debug".to_string()
+        } else {
+            std::env::var("CORELAY_LOG").unwrap_or_else(|_| "warn".into())
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_corelay"))
             .args([
                 "run",
@@ -44,12 +64,9 @@ impl Node {
             .arg(&data_dir)
             .args(["--auth-secret", SECRET, "--api-key", API_KEY])
             .args(extra)
-            .env(
-                "CORELAY_LOG",
-                std::env::var("CORELAY_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("CORELAY_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn corelay");
         let mut line = String::new();
