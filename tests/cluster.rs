@@ -236,3 +236,56 @@ fn a_redis_restart_while_traffic_flows_loses_nothing_acknowledged() {
     }
     assert_eq!(got, acked, "every acked message, in order, exactly once");
 }
+
+#[test]
+fn a_killed_nodes_user_resumes_on_another_node_with_every_acked_message_once() {
+    let redis = RedisServer::start();
+    let mut nodes = start_nodes(&redis, 2);
+    nodes[0].create_conversation("k1", &["sam", "tom"]);
+    let mut sam = connect(&nodes[0], "sam");
+    let mut tom = connect(&nodes[1], "tom");
+    wait_channels(&nodes[0], 2);
+    wait_channels(&nodes[1], 2);
+    let mut acked = Vec::new();
+    let mut seen = Vec::new();
+    for i in 1..=40 {
+        send_json(
+            &mut sam,
+            json!({"type":"send","conversation":"k1","client_id":format!("k{i}"),"body":i}),
+        );
+        acked.push(next_of(&mut sam, "sent")["offset"].as_u64().unwrap());
+        if i <= 15 {
+            // tom reads live on n1 until its node dies.
+            seen.push(next_of(&mut tom, "message")["offset"].as_u64().unwrap());
+        }
+        if i == 15 {
+            nodes[1].kill9();
+        }
+    }
+    // tom reconnects to the surviving node and resumes from the last offset it saw.
+    let last = *seen.last().unwrap();
+    let mut tom = connect(&nodes[0], "tom");
+    send_json(
+        &mut tom,
+        json!({"type":"subscribe","channels":["conversation:k1"],"cursor":{"conversation:k1": last}}),
+    );
+    loop {
+        let v = next_json(&mut tom);
+        match v["type"].as_str() {
+            Some("message") => seen.push(v["offset"].as_u64().unwrap()),
+            Some("subscribed") => break,
+            _ => {}
+        }
+    }
+    // Traffic goes on after the resume.
+    send_json(
+        &mut sam,
+        json!({"type":"send","conversation":"k1","client_id":"after","body":0}),
+    );
+    acked.push(next_of(&mut sam, "sent")["offset"].as_u64().unwrap());
+    seen.push(next_of(&mut tom, "message")["offset"].as_u64().unwrap());
+    assert_eq!(
+        seen, acked,
+        "every acknowledged message exactly once, in order"
+    );
+}

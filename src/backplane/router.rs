@@ -195,6 +195,15 @@ enum Pending {
     },
     /// Cluster: every conversation's members, reread after the bus (re)connects.
     Members,
+    /// A `subscribe` with a cursor: what the connection missed on a durable channel, from the store.
+    Replay {
+        conn: ConnRef,
+    },
+    /// Sent after a subscribe's replays (queued last, so it completes after them).
+    SubscribeAck {
+        conn: ConnRef,
+        json: String,
+    },
 }
 
 /// Why a request was refused: an error code, a message, and the HTTP status for one-way transports.
@@ -232,9 +241,18 @@ pub struct Router {
     /// Most store requests in flight; past it sends are refused with a retryable `store_busy`.
     max_pending: usize,
     /// Connections whose offline queue is being flushed: live deliveries wait here until it is done.
-    flushing: HashMap<ConnRef, Vec<Arc<Delivery>>>,
+    flushing: HashMap<ConnRef, Hold>,
     /// Cluster mode (Redis): bus, sequencer, subscriptions, presence.
     cluster: Option<Cluster>,
+}
+
+/// A connection whose catch-up reads (offline queue, resume from a cursor) are running: live deliveries wait
+/// in `held` until the last read is out, and anything a read already delivered is not delivered again.
+#[derive(Default)]
+struct Hold {
+    reads: usize,
+    held: Vec<Arc<Delivery>>,
+    sent: std::collections::HashSet<(Arc<str>, u64)>,
 }
 
 /// This node's part of a cluster.
@@ -558,8 +576,8 @@ impl Router {
     fn route(&mut self, mut to: Vec<ConnRef>, delivery: Arc<Delivery>, out: &mut Vec<Out>) {
         if !self.flushing.is_empty() {
             to.retain(|c| match self.flushing.get_mut(c) {
-                Some(held) => {
-                    held.push(delivery.clone());
+                Some(hold) => {
+                    hold.held.push(delivery.clone());
                     false
                 }
                 None => true,
@@ -839,6 +857,7 @@ impl Router {
             ClientMsg::Subscribe { channels, cursor } => {
                 let mut items = Vec::new();
                 let mut now_at = serde_json::Map::new();
+                let mut reads = Vec::new();
                 for ch in channels {
                     let kind = match self.check_access(&user, &ch) {
                         Ok(k) => k,
@@ -848,13 +867,18 @@ impl Router {
                         }
                     };
                     // Conversations and the own `user:` channel arrive on every connection anyway; a cursor
-                    // asks for what was missed. Topics are followed from now (or from the cursor).
-                    let at = match cursor.get(&ch) {
-                        Some(&after) => {
+                    // asks for what was missed, read from the store (any node has all of it). Topics are
+                    // followed from now, or from the cursor out of the recent history.
+                    let at = match (cursor.get(&ch), kind) {
+                        (Some(&after), Kind::Topic) => {
                             let mut budget = MAX_REPLAY;
                             self.replay(&ch, after, &mut budget, &mut items)
                         }
-                        None => self.last_offset(&ch),
+                        (Some(&after), _) => {
+                            reads.push((ch.clone(), after));
+                            self.last_offset(&ch).max(after)
+                        }
+                        (None, _) => self.last_offset(&ch),
                     };
                     if kind == Kind::Topic {
                         self.follow(conn, Arc::from(ch.as_str()));
@@ -868,8 +892,30 @@ impl Router {
                     });
                 }
                 // After the replay: the client is live from here, and knows where each channel stands.
-                let ack = serde_json::json!({"type": "subscribed", "cursor": now_at});
-                reply(out, conn, &ack.to_string());
+                let ack = serde_json::json!({"type": "subscribed", "cursor": now_at}).to_string();
+                if reads.is_empty() {
+                    reply(out, conn, &ack);
+                } else {
+                    // Live traffic for this connection waits until the reads are out (no gap, no duplicate);
+                    // the ack is queued behind them.
+                    self.flushing.entry(conn).or_default().reads += reads.len() + 1;
+                    for (channel, after) in reads {
+                        self.request(
+                            |token| Request::ReadAfter {
+                                token,
+                                channel,
+                                after,
+                                limit: MAX_REPLAY,
+                            },
+                            Pending::Replay { conn },
+                        );
+                    }
+                    let channel = format!("user:{user}");
+                    self.request(
+                        |token| Request::LastOffset { token, channel },
+                        Pending::SubscribeAck { conn, json: ack },
+                    );
+                }
             }
             ClientMsg::Unsubscribe { channels } => {
                 for ch in channels {
@@ -1049,7 +1095,7 @@ impl Router {
 
     /// Reads the user's offline queue for a connection that just opened; its live traffic waits meanwhile.
     fn start_flush(&mut self, conn: ConnRef, user: &str) {
-        self.flushing.insert(conn, Vec::new());
+        self.flushing.entry(conn).or_default().reads += 1;
         let user = user.to_string();
         self.request(
             |token| Request::Offline {
@@ -1059,6 +1105,37 @@ impl Router {
             },
             Pending::Flush { conn },
         );
+    }
+
+    /// Delivers one catch-up read's messages to `conn`; after the last read, releases the held live traffic
+    /// that the reads did not already deliver.
+    fn catch_up(&mut self, conn: ConnRef, msgs: Vec<StoredMessage>, out: &mut Vec<Out>) {
+        let Some(hold) = self.flushing.get_mut(&conn) else {
+            return;
+        };
+        for m in msgs {
+            let ch: Arc<str> = Arc::from(m.channel.as_str());
+            if hold.sent.insert((ch.clone(), m.offset)) {
+                let d = Delivery::new(ch, m.offset, render(&m));
+                out.push(Out::Message {
+                    to: vec![conn],
+                    delivery: d,
+                });
+            }
+        }
+        hold.reads = hold.reads.saturating_sub(1);
+        if hold.reads == 0
+            && let Some(hold) = self.flushing.remove(&conn)
+        {
+            for d in hold.held {
+                if !hold.sent.contains(&(d.channel.clone(), d.offset)) {
+                    out.push(Out::Message {
+                        to: vec![conn],
+                        delivery: d,
+                    });
+                }
+            }
+        }
     }
 
     // ---- store completions ----------------------------------------------------------------------------
@@ -1079,7 +1156,13 @@ impl Router {
                 return;
             }
             Completion::Offset { token, result } => {
-                if let Some(Pending::Sync { channel }) = self.pending.remove(&token) {
+                let p = self.pending.remove(&token);
+                if let Some(Pending::SubscribeAck { conn, json }) = p {
+                    self::reply(out, conn, &json);
+                    self.catch_up(conn, Vec::new(), out);
+                    return;
+                }
+                if let Some(Pending::Sync { channel }) = p {
                     let last = result.unwrap_or_else(|e| {
                         tracing::warn!(error = %e, %channel, "last offset read failed");
                         0
@@ -1250,32 +1333,12 @@ impl Router {
                     ),
                 }
             }
-            (Pending::Flush { conn }, Err(res)) => {
-                let Some(held) = self.flushing.remove(&conn) else {
-                    return;
-                };
+            (Pending::Flush { conn }, Err(res)) | (Pending::Replay { conn, .. }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "offline queue read failed");
+                    tracing::warn!(error = %e, "catch-up read failed");
                     Vec::new()
                 });
-                let mut flushed: std::collections::HashSet<(String, u64)> =
-                    std::collections::HashSet::new();
-                for m in msgs {
-                    flushed.insert((m.channel.clone(), m.offset));
-                    let d = Delivery::new(Arc::from(m.channel.as_str()), m.offset, render(&m));
-                    out.push(Out::Message {
-                        to: vec![conn],
-                        delivery: d,
-                    });
-                }
-                for d in held {
-                    if !flushed.contains(&(d.channel.to_string(), d.offset)) {
-                        out.push(Out::Message {
-                            to: vec![conn],
-                            delivery: d,
-                        });
-                    }
-                }
+                self.catch_up(conn, msgs, out);
             }
             (
                 Pending::TopicPublish {
