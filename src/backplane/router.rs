@@ -339,6 +339,11 @@ impl Router {
             (0, 1..) => {
                 cl.seq.track(key.clone());
                 cl.bus.push(BusCmd::Subscribe(key.to_string()));
+                // Where the channel ends now, read after the local interest began: everything after it is
+                // new to the local followers, and arrives by pub/sub once subscribed or by the fill that the
+                // subscription's confirmation triggers.
+                let ch = key.to_string();
+                self.request(|token| Request::LastOffset { token, channel: ch }, Pending::Sync { channel: key });
             }
             (1.., 0) => {
                 cl.interest.remove(&key);
@@ -426,19 +431,11 @@ impl Router {
                 if !cl.seq.is_tracked(&channel) {
                     return;
                 }
-                match cl.seq.released_upto(&channel) {
-                    // Re-subscribed after a reconnect: read what pub/sub may have lost.
-                    Some(upto) => self.fill(Arc::from(channel.as_str()), upto),
-                    // New: learn where the channel ends before releasing anything.
-                    None => {
-                        let ch = channel.clone();
-                        self.request(
-                            |token| Request::LastOffset { token, channel: ch },
-                            Pending::Sync {
-                                channel: Arc::from(channel.as_str()),
-                            },
-                        );
-                    }
+                // The subscription is active: read what was committed between the sync point (or the last
+                // released message, after a reconnect) and now. If the sync has not answered yet, it was read
+                // after this point and nothing is missing.
+                if let Some(upto) = cl.seq.released_upto(&channel) {
+                    self.fill(Arc::from(channel.as_str()), upto);
                 }
             }
             BusEvent::Message { channel, payload } if channel == CONTROL_CHANNEL => {

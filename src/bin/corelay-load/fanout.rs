@@ -51,6 +51,11 @@ pub struct FanoutArgs {
     /// Handshakes in flight per process while opening (0: all at once).
     #[arg(long, default_value_t = 1000)]
     pub max_pending: usize,
+    /// Subscribers connect here instead of --url (repeatable): worker process i uses the (i mod n)-th, so
+    /// with --procs equal to the number of nodes the subscribers spread over a cluster while the publisher
+    /// stays on --url (cross-node delivery).
+    #[arg(long = "sub-url")]
+    pub sub_urls: Vec<String>,
 }
 
 pub fn worker(a: &FanoutArgs, link: Link) {
@@ -156,7 +161,15 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
         .context("--token-secret is required")?;
     let range = workers::share(a.subscribers, link.index, link.count);
     let deadline = Instant::now() + a.common.timeout + Duration::from_secs(5);
-    let mut net = Net::new(a.common.target(Transport::Ws)?)?;
+    let target = match a.sub_urls.get(link.index % a.sub_urls.len().max(1)) {
+        Some(url) => {
+            let mut c = a.common.clone();
+            c.url = url.clone();
+            c.target(Transport::Ws)?
+        }
+        None => a.common.target(Transport::Ws)?,
+    };
+    let mut net = Net::new(target)?;
     let mut op = Opener::new(range, a.max_pending, a.common.connect_timeout, deadline);
     let timeout = a.common.timeout;
     let mut query = |i: usize| {
