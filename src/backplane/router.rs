@@ -159,11 +159,12 @@ enum Pending {
     Notices {
         items: Vec<(Arc<str>, String, u64)>,
     },
-    /// `POST /api/publish` to a `user:` channel.
-    UserPublish {
+    /// `POST /api/publish` to a durable channel (`user:` always; topics in cluster mode, for global
+    /// offsets): answered with the offset the store assigned. `payload` is what was stored.
+    Publish {
         conn: ConnRef,
         channel: Arc<str>,
-        json: String,
+        payload: String,
         ts: u64,
     },
     Answer {
@@ -177,13 +178,6 @@ enum Pending {
     },
     Flush {
         conn: ConnRef,
-    },
-    /// Cluster: a topic publish, whose offset the store assigns.
-    TopicPublish {
-        conn: ConnRef,
-        channel: Arc<str>,
-        body: Box<RawValue>,
-        ts: u64,
     },
     /// Cluster: a gap fill or catch-up read of a channel.
     Fill {
@@ -1269,29 +1263,31 @@ impl Router {
                 }
             }
             (
-                Pending::UserPublish {
+                Pending::Publish {
                     conn,
                     channel,
-                    json,
+                    payload,
                     ts,
                 },
                 Ok(res),
             ) => match res.map(|r| r.first().copied()) {
                 Ok(Some(WriteResult::Appended(Appended::New { offset }))) => {
-                    self.deliver_user_channel(channel, offset, &json, ts, out);
-                    http(
-                        out,
-                        conn,
-                        200,
-                        serde_json::json!({"offset": offset}).to_string(),
-                    );
+                    let stored = StoredMessage {
+                        channel: channel.to_string(),
+                        offset,
+                        from: None,
+                        ts,
+                        json: payload,
+                    };
+                    let d = Delivery::new(channel, offset, render(&stored));
+                    self.commit_routed(d, None, ts, now_ms, out);
+                    let body = serde_json::json!({"offset": offset}).to_string();
+                    http(out, conn, 200, body);
                 }
-                _ => http(
-                    out,
-                    conn,
-                    503,
-                    msg::error("store_unavailable", "not stored; retry", None),
-                ),
+                _ => {
+                    let e = msg::error("store_unavailable", "not stored; retry", None);
+                    http(out, conn, 503, e);
+                }
             },
             (Pending::Answer { conn, status, body }, Ok(res)) => match res {
                 Ok(_) => http(out, conn, status, body),
@@ -1337,33 +1333,6 @@ impl Router {
                 });
                 self.catch_up(conn, msgs, out);
             }
-            (
-                Pending::TopicPublish {
-                    conn,
-                    channel,
-                    body,
-                    ts,
-                },
-                Ok(res),
-            ) => match res.map(|r| r.first().copied()) {
-                Ok(Some(WriteResult::Appended(Appended::New { offset }))) => {
-                    let json = message_json(&channel, offset, None, ts, &body);
-                    let d = Delivery::new(channel, offset, json);
-                    self.commit_routed(d, None, ts, now_ms, out);
-                    http(
-                        out,
-                        conn,
-                        200,
-                        serde_json::json!({"offset": offset}).to_string(),
-                    );
-                }
-                _ => http(
-                    out,
-                    conn,
-                    503,
-                    msg::error("store_unavailable", "not stored; retry", None),
-                ),
-            },
             (Pending::Fill { channel }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, %channel, "gap fill read failed");
@@ -1753,47 +1722,30 @@ impl Router {
                     );
                     return;
                 }
-                if kind == Kind::User {
-                    // Notices to a user are durable, like receipts.
-                    let user = &channel["user:".len()..];
-                    let json = serde_json::json!({"type": "notice", "body": &body}).to_string();
-                    let offline = if self.presence.contains_key(user) {
-                        vec![]
-                    } else {
-                        vec![user.to_string()]
+                // Notices to a user are durable, like receipts. In cluster mode topics go through the store
+                // too: their offsets must be unique across nodes (Redis INCR), and the Redis stream keeps the
+                // history any node can resume from.
+                if kind == Kind::User || self.cluster.is_some() {
+                    let (payload, offline) = match channel.strip_prefix("user:") {
+                        Some(user) => {
+                            let live = self.presence.contains_key(user);
+                            let json = serde_json::json!({"type": "notice", "body": &body}).to_string();
+                            (json, if live { vec![] } else { vec![user.to_string()] })
+                        }
+                        None => (body.get().to_string(), vec![]),
                     };
                     let write = Write::Append(NewMessage {
                         channel: channel.clone(),
                         from: None,
                         client_id: None,
                         ts: now_ms,
-                        json: json.clone(),
+                        json: payload.clone(),
                         offline,
                     });
-                    let pending = Pending::UserPublish {
+                    let pending = Pending::Publish {
                         conn,
                         channel: Arc::from(channel.as_str()),
-                        json,
-                        ts: now_ms,
-                    };
-                    self.commit(vec![write], pending);
-                    return;
-                }
-                if self.cluster.is_some() {
-                    // Offsets of a topic must be unique across nodes: the store (Redis INCR) assigns them, and
-                    // its stream keeps the history any node can resume from.
-                    let write = Write::Append(NewMessage {
-                        channel: channel.clone(),
-                        from: None,
-                        client_id: None,
-                        ts: now_ms,
-                        json: body.get().to_string(),
-                        offline: vec![],
-                    });
-                    let pending = Pending::TopicPublish {
-                        conn,
-                        channel: Arc::from(channel.as_str()),
-                        body,
+                        payload,
                         ts: now_ms,
                     };
                     self.commit(vec![write], pending);
