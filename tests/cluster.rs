@@ -289,3 +289,54 @@ fn a_killed_nodes_user_resumes_on_another_node_with_every_acked_message_once() {
         "every acknowledged message exactly once, in order"
     );
 }
+
+#[test]
+fn any_node_resumes_any_cursor_from_the_shared_log() {
+    let redis = RedisServer::start();
+    let nodes = start_nodes(&redis, 3);
+    // Nobody follows the topic anywhere while it is published.
+    for i in 1..=3 {
+        assert_eq!(nodes[0].publish("news:late", json!({"n": i})), i);
+    }
+    let t = token("reader");
+    let (st, body) = nodes[2].get(&format!(
+        "/poll?channels=news:late&cursor=news:late%3D1&timeout=0&token={t}"
+    ));
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let offs: Vec<u64> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offs, [2, 3]);
+    assert_eq!(v["cursor"], "news:late=3");
+    let sse = Sse::open(
+        &nodes[1],
+        &format!("/sse?channels=news:late&token={t}"),
+        Some("news:late=0"),
+    );
+    assert_eq!(sse.status(), 200);
+    for want in 1..=3 {
+        let e = sse.next_event(Duration::from_secs(5));
+        assert_eq!(
+            serde_json::from_str::<Value>(&e.data).unwrap()["offset"],
+            want
+        );
+    }
+    // A held poll on a third node is answered by a publish through the first.
+    let addr = nodes[2].addr;
+    let path = format!("/poll?channels=news:late&cursor=news:late%3D3&timeout=10&token={t}");
+    let waiter = std::thread::spawn(move || {
+        http(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        )
+    });
+    wait_channels(&nodes[2], 1);
+    nodes[0].publish("news:late", json!({"n": 4}));
+    let (st, text) = waiter.join().unwrap();
+    assert_eq!(st, 200, "{text}");
+    assert!(text.contains("\"offset\":4"), "{text}");
+}

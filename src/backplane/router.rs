@@ -193,6 +193,12 @@ enum Pending {
     Replay {
         conn: ConnRef,
     },
+    /// Cluster: a poll whose replay is read from the store (any node has the whole log).
+    Poll {
+        conn: ConnRef,
+        cursor: CursorVec,
+        hold_ms: u64,
+    },
     /// Sent after a subscribe's replays (queued last, so it completes after them).
     SubscribeAck {
         conn: ConnRef,
@@ -337,7 +343,10 @@ impl Router {
                 // new to the local followers, and arrives by pub/sub once subscribed or by the fill that the
                 // subscription's confirmation triggers.
                 let ch = key.to_string();
-                self.request(|token| Request::LastOffset { token, channel: ch }, Pending::Sync { channel: key });
+                self.request(
+                    |token| Request::LastOffset { token, channel: ch },
+                    Pending::Sync { channel: key },
+                );
             }
             (1.., 0) => {
                 cl.interest.remove(&key);
@@ -1326,6 +1335,33 @@ impl Router {
                     ),
                 }
             }
+            (
+                Pending::Poll {
+                    conn,
+                    mut cursor,
+                    hold_ms,
+                },
+                Err(res),
+            ) => match res {
+                Ok(msgs) => {
+                    let mut items = Vec::with_capacity(msgs.len());
+                    for m in msgs {
+                        let ch: Arc<str> = Arc::from(m.channel.as_str());
+                        crate::conn::advance(&mut cursor, &ch, m.offset);
+                        items.push(Delivery::new(ch, m.offset, render(&m)));
+                    }
+                    self.answer_poll(conn, items, cursor, hold_ms, out);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "poll read failed");
+                    http(
+                        out,
+                        conn,
+                        503,
+                        msg::error("store_unavailable", "retry the poll", None),
+                    );
+                }
+            },
             (Pending::Flush { conn }, Err(res)) | (Pending::Replay { conn, .. }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "catch-up read failed");
@@ -1552,10 +1588,16 @@ impl Router {
             }
         }
         let mut items = Vec::new();
+        let mut reads = Vec::new();
         let mut budget = MAX_REPLAY;
         let mut cur: CursorVec = Vec::with_capacity(all.len());
         for ch in all {
             let at = match given.get(&ch) {
+                // In a cluster this node's memory may not hold the channel: read it from the store.
+                Some(&after) if self.cluster.is_some() => {
+                    reads.push((ch.clone(), after));
+                    after
+                }
                 Some(&after) => self.replay(&ch, after, &mut budget, &mut items),
                 None => self.last_offset(&ch),
             };
@@ -1587,6 +1629,17 @@ impl Router {
                 to: vec![conn],
                 delivery: d,
             });
+        }
+        if !reads.is_empty() {
+            self.flushing.entry(conn).or_default().reads += 1;
+            self.request(
+                |token| Request::ReadMany {
+                    token,
+                    reads,
+                    limit: MAX_REPLAY,
+                },
+                Pending::Replay { conn },
+            );
         }
         self.start_flush(conn, &user);
     }
@@ -1626,6 +1679,32 @@ impl Router {
             http(out, conn, 200, body);
             return;
         };
+        if self.cluster.is_some() {
+            // Any node answers any cursor: read the channels from the store, then answer or hold.
+            let mut reads = Vec::with_capacity(channels.len());
+            let mut cur: CursorVec = Vec::with_capacity(channels.len());
+            for ch in &channels {
+                let after = given
+                    .get(ch)
+                    .copied()
+                    .unwrap_or_else(|| self.last_offset(ch));
+                reads.push((ch.clone(), after));
+                cur.push((Arc::from(ch.as_str()), after));
+            }
+            self.request(
+                |token| Request::ReadMany {
+                    token,
+                    reads,
+                    limit: MAX_REPLAY,
+                },
+                Pending::Poll {
+                    conn,
+                    cursor: cur,
+                    hold_ms,
+                },
+            );
+            return;
+        }
         let mut items = Vec::new();
         let mut budget = MAX_REPLAY;
         let mut cur: CursorVec = Vec::with_capacity(channels.len());
@@ -1637,6 +1716,18 @@ impl Router {
             let at = self.replay(ch, after, &mut budget, &mut items);
             cur.push((Arc::from(ch.as_str()), at));
         }
+        self.answer_poll(conn, items, cur, hold_ms, out);
+    }
+
+    /// Answers a poll with what was found, or holds it (following its channels) until a delivery or `hold_ms`.
+    fn answer_poll(
+        &mut self,
+        conn: ConnRef,
+        items: Vec<Arc<Delivery>>,
+        cur: CursorVec,
+        hold_ms: u64,
+        out: &mut Vec<Out>,
+    ) {
         if !items.is_empty() {
             http(out, conn, 200, poll_body(&items, &cur));
         } else if hold_ms == 0 {
@@ -1729,7 +1820,8 @@ impl Router {
                     let (payload, offline) = match channel.strip_prefix("user:") {
                         Some(user) => {
                             let live = self.presence.contains_key(user);
-                            let json = serde_json::json!({"type": "notice", "body": &body}).to_string();
+                            let json =
+                                serde_json::json!({"type": "notice", "body": &body}).to_string();
                             (json, if live { vec![] } else { vec![user.to_string()] })
                         }
                         None => (body.get().to_string(), vec![]),
@@ -1960,42 +2052,7 @@ mod tests {
                             token,
                             result: self.store.commit(&batch).map_err(|e| e.to_string()),
                         },
-                        Request::History {
-                            token,
-                            channel,
-                            before,
-                            limit,
-                        } => Completion::Messages {
-                            token,
-                            result: self
-                                .store
-                                .history(&channel, before, limit)
-                                .map_err(|e| e.to_string()),
-                        },
-                        Request::ReadAfter {
-                            token,
-                            channel,
-                            after,
-                            limit,
-                        } => Completion::Messages {
-                            token,
-                            result: self
-                                .store
-                                .read_after(&channel, after, limit)
-                                .map_err(|e| e.to_string()),
-                        },
-                        Request::Offline { token, user, limit } => Completion::Messages {
-                            token,
-                            result: self.store.offline(&user, limit).map_err(|e| e.to_string()),
-                        },
-                        Request::LastOffset { token, channel } => Completion::Offset {
-                            token,
-                            result: self.store.last_offset(&channel).map_err(|e| e.to_string()),
-                        },
-                        Request::Conversations { token } => Completion::Conversations {
-                            token,
-                            result: self.store.conversations().map_err(|e| e.to_string()),
-                        },
+                        read => crate::store::thread::answer(&mut self.store, read),
                     };
                     self.r.on_completion(c, now_ms, out);
                 }

@@ -42,6 +42,13 @@ pub enum Request {
     Conversations {
         token: Token,
     },
+    /// Several `ReadAfter`s answered as one `Messages` completion (channel by channel, each oldest first),
+    /// at most `limit` messages in all.
+    ReadMany {
+        token: Token,
+        reads: Vec<(String, u64)>,
+        limit: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -98,46 +105,73 @@ pub fn spawn(
                     group_commit(&mut *store, &mut commits, &done);
                 }
                 for r in reads.drain(..) {
-                    if let Request::LastOffset { token, channel } = r {
-                        let result = store.last_offset(&channel).map_err(|e| e.to_string());
-                        let _ = done.send(Completion::Offset { token, result });
-                        continue;
-                    }
-                    if let Request::Conversations { token } = r {
-                        let result = store.conversations().map_err(|e| e.to_string());
-                        let _ = done.send(Completion::Conversations { token, result });
-                        continue;
-                    }
-                    let (token, result) = match r {
-                        Request::History {
-                            token,
-                            channel,
-                            before,
-                            limit,
-                        } => (token, store.history(&channel, before, limit)),
-                        Request::ReadAfter {
-                            token,
-                            channel,
-                            after,
-                            limit,
-                        } => (token, store.read_after(&channel, after, limit)),
-                        Request::Offline { token, user, limit } => {
-                            (token, store.offline(&user, limit))
-                        }
-                        Request::Commit { .. }
-                        | Request::LastOffset { .. }
-                        | Request::Conversations { .. } => {
-                            unreachable!("handled above")
-                        }
-                    };
-                    let _ = done.send(Completion::Messages {
-                        token,
-                        result: result.map_err(|e| e.to_string()),
-                    });
+                    let _ = done.send(answer(&mut *store, r));
                 }
             }
         })?;
     Ok((tx, handle))
+}
+
+/// Answers one read request (the store thread's, and the router tests' synchronous driver).
+pub fn answer(store: &mut dyn Store, r: Request) -> Completion {
+    let err = |e: super::StoreError| e.to_string();
+    match r {
+        Request::History {
+            token,
+            channel,
+            before,
+            limit,
+        } => Completion::Messages {
+            token,
+            result: store.history(&channel, before, limit).map_err(err),
+        },
+        Request::ReadAfter {
+            token,
+            channel,
+            after,
+            limit,
+        } => Completion::Messages {
+            token,
+            result: store.read_after(&channel, after, limit).map_err(err),
+        },
+        Request::ReadMany {
+            token,
+            reads,
+            limit,
+        } => {
+            let mut all = Vec::new();
+            let mut result = Ok(());
+            for (channel, after) in reads {
+                match store.read_after(&channel, after, limit.saturating_sub(all.len())) {
+                    Ok(m) => all.extend(m),
+                    Err(e) => {
+                        result = Err(err(e));
+                        break;
+                    }
+                }
+            }
+            Completion::Messages {
+                token,
+                result: result.map(|()| all),
+            }
+        }
+        Request::Offline { token, user, limit } => Completion::Messages {
+            token,
+            result: store.offline(&user, limit).map_err(err),
+        },
+        Request::LastOffset { token, channel } => Completion::Offset {
+            token,
+            result: store.last_offset(&channel).map_err(err),
+        },
+        Request::Conversations { token } => Completion::Conversations {
+            token,
+            result: store.conversations().map_err(err),
+        },
+        Request::Commit { token, .. } => Completion::Committed {
+            token,
+            result: Err("a commit is not a read".into()),
+        },
+    }
 }
 
 fn group_commit(
