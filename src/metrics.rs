@@ -84,6 +84,8 @@ pub struct Metrics {
     pub bus_up: std::sync::atomic::AtomicBool,
     /// Cluster mode: channels received from the bus and synced.
     pub bus_channels: AtomicU64,
+    /// Store commits and reads that failed (backend errors: disk, Redis, Scylla).
+    pub store_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -95,6 +97,7 @@ impl Metrics {
             messages_routed: AtomicU64::new(0),
             bus_up: std::sync::atomic::AtomicBool::new(true),
             bus_channels: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
         }
     }
 
@@ -183,6 +186,11 @@ impl Metrics {
             s,
             "# HELP corelay_bus_up Whether the Redis bus is connected (1 on a single node).\n# TYPE corelay_bus_up gauge\ncorelay_bus_up {}",
             u8::from(self.bus_up.load(Relaxed))
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_store_errors_total Store commits and reads that failed.\n# TYPE corelay_store_errors_total counter\ncorelay_store_errors_total {}",
+            self.store_errors.load(Relaxed)
         );
         let _ = writeln!(
             s,

@@ -135,7 +135,8 @@ impl Server {
             None => None,
         };
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (store_tx, store_thread) = crate::store::thread::spawn(store, done_tx)?;
+        let (store_tx, store_thread) =
+            crate::store::thread::spawn(store, done_tx, metrics.clone())?;
         let bp_loops = loops.clone();
         let backplane = std::thread::Builder::new()
             .name("corelay-backplane".into())

@@ -78,6 +78,7 @@ pub const MAX_GROUP: usize = 4096;
 pub fn spawn(
     mut store: Box<dyn Store>,
     done: UnboundedSender<Completion>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<(mpsc::Sender<Request>, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<Request>();
     let handle = std::thread::Builder::new()
@@ -101,11 +102,25 @@ pub fn spawn(
                         next = rx.try_recv().ok();
                     }
                 }
+                let failed = |ok: bool| {
+                    if !ok {
+                        metrics
+                            .store_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                };
                 if !commits.is_empty() {
-                    group_commit(&mut *store, &mut commits, &done);
+                    failed(group_commit(&mut *store, &mut commits, &done));
                 }
                 for r in reads.drain(..) {
-                    let _ = done.send(answer(&mut *store, r));
+                    let c = answer(&mut *store, r);
+                    failed(!matches!(
+                        &c,
+                        Completion::Messages { result: Err(_), .. }
+                            | Completion::Offset { result: Err(_), .. }
+                            | Completion::Conversations { result: Err(_), .. }
+                    ));
+                    let _ = done.send(c);
                 }
             }
         })?;
@@ -174,11 +189,12 @@ pub fn answer(store: &mut dyn Store, r: Request) -> Completion {
     }
 }
 
+/// Commits every queued batch as one transaction; false when it failed.
 fn group_commit(
     store: &mut dyn Store,
     commits: &mut Vec<(Token, Vec<Write>)>,
     done: &UnboundedSender<Completion>,
-) {
+) -> bool {
     let mut sizes = Vec::with_capacity(commits.len());
     let mut all = Vec::new();
     for (token, batch) in commits.drain(..) {
@@ -195,6 +211,7 @@ fn group_commit(
                     result: Ok(mine),
                 });
             }
+            true
         }
         Err(e) => {
             tracing::warn!(store = store.name(), error = %e, writes = all.len(), "group commit failed");
@@ -205,6 +222,7 @@ fn group_commit(
                     result: Err(msg.clone()),
                 });
             }
+            false
         }
     }
 }
