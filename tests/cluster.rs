@@ -222,11 +222,12 @@ fn a_redis_restart_while_traffic_flows_loses_nothing_acknowledged() {
     assert!(acked.len() >= 40, "acked {}", acked.len());
     // Offsets kept growing across the restart (AOF).
     assert!(acked.windows(2).all(|w| w[1] > w[0]), "{acked:?}");
-    // The health turned degraded and came back.
+    // The health turned degraded and came back; the failed commits were counted.
     assert!(wait_until(Duration::from_secs(10), || nodes[1]
         .get("/readyz")
         .0
         == 200));
+    assert!(metric(&nodes[0], "corelay_store_errors_total") > 0);
     // rick receives every acknowledged message (pub/sub or the catch-up read after the reconnect), once each.
     set_timeout(&mut rick, Duration::from_secs(10));
     let mut got = Vec::new();
