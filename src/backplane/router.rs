@@ -1567,7 +1567,7 @@ impl Router {
         user: Arc<str>,
         channels: Vec<String>,
         given: BTreeMap<String, u64>,
-        _now_ms: u64,
+        now_ms: u64,
         out: &mut Vec<Out>,
     ) {
         if let Err(r) = self.check_all(&user, &channels) {
@@ -1615,7 +1615,7 @@ impl Router {
                 self.follow(conn, Arc::from(ch.as_str()));
             }
         }
-        self.add_presence(conn, &user, _now_ms);
+        self.add_presence(conn, &user, now_ms);
         out.push(Out::Loop {
             conn,
             cmd: LoopCmd::StreamStart {

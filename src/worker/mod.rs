@@ -251,7 +251,7 @@ impl Worker {
                 return;
             }
             match self.listener.accept() {
-                Ok((mut socket, _peer)) => {
+                Ok((mut socket, peer)) => {
                     let _ = socket.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let index = entry.key();
@@ -267,7 +267,7 @@ impl Worker {
                     self.next_generation = self.next_generation.wrapping_add(1).max(1);
                     let proxied = self.cx.shared.cfg.proxy_protocol;
                     if !proxied {
-                        tracing::debug!(worker = self.cx.id, conn = index, client = %_peer, "accepted");
+                        tracing::debug!(worker = self.cx.id, conn = index, client = %peer, "accepted");
                     }
                     let conn = entry.insert(Conn::new(socket, generation, self.cx.now_ms, proxied));
                     let me = ConnRef {
