@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_WRITE_QUEUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS_PER_LOOP: usize = 250_000;
 pub const DEFAULT_BACKPLANE_QUEUE: usize = 65_536;
+pub const DEFAULT_CLIENT_RATE: u32 = 100;
+pub const DEFAULT_CLIENT_BURST: u32 = 200;
 pub const DEFAULT_TOPIC_HISTORY: usize = 1000;
 pub const DEFAULT_TOPIC_HISTORY_AGE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(2);
@@ -74,6 +76,10 @@ pub struct Limits {
     pub max_connections_per_loop: usize,
     /// Events queued from the loops to the backplane; when full a client request is answered `overloaded`.
     pub backplane_queue: usize,
+    /// Requests per second one WebSocket client may send on average (`rate_limited` past it)…
+    pub client_rate: u32,
+    /// …and at once; a client refused this many times in a row is closed with 1008.
+    pub client_burst: u32,
 }
 
 impl Default for Limits {
@@ -87,6 +93,8 @@ impl Default for Limits {
             max_write_queue_bytes: DEFAULT_MAX_WRITE_QUEUE_BYTES,
             max_connections_per_loop: DEFAULT_MAX_CONNECTIONS_PER_LOOP,
             backplane_queue: DEFAULT_BACKPLANE_QUEUE,
+            client_rate: DEFAULT_CLIENT_RATE,
+            client_burst: DEFAULT_CLIENT_BURST,
         }
     }
 }
@@ -231,6 +239,8 @@ pub struct FileConfig {
     pub max_write_queue_bytes: Option<String>,
     pub max_connections_per_loop: Option<usize>,
     pub backplane_queue: Option<usize>,
+    pub client_rate: Option<u32>,
+    pub client_burst: Option<u32>,
 }
 
 impl FileConfig {
@@ -354,6 +364,8 @@ impl FileConfig {
             self.max_connections_per_loop,
         );
         set(&mut l.backplane_queue, self.backplane_queue);
+        set(&mut l.client_rate, self.client_rate);
+        set(&mut l.client_burst, self.client_burst);
         Ok(())
     }
 }
@@ -394,6 +406,12 @@ impl Config {
         }
         if l.max_write_queue_bytes < 4096 {
             return Err(invalid("max_write_queue_bytes", "must be at least 4KiB"));
+        }
+        if l.client_rate == 0 || l.client_burst == 0 {
+            return Err(invalid(
+                "client_rate",
+                "client_rate and client_burst must be > 0",
+            ));
         }
         if l.max_connections_per_loop == 0 || l.backplane_queue == 0 {
             return Err(invalid("max_connections_per_loop", "limits must be > 0"));

@@ -154,6 +154,12 @@ struct RunArgs {
     /// Events queued to the backplane [default: 65536].
     #[arg(long)]
     backplane_queue: Option<usize>,
+    /// Requests per second one WebSocket client may send on average [default: 100].
+    #[arg(long)]
+    client_rate: Option<u32>,
+    /// Requests one WebSocket client may send at once; refused this often in a row → close 1008 [default: 200].
+    #[arg(long)]
+    client_burst: Option<u32>,
 }
 
 #[derive(Args)]
@@ -334,6 +340,12 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = r.backplane_queue {
         l.backplane_queue = v;
+    }
+    if let Some(v) = r.client_rate {
+        l.client_rate = v;
+    }
+    if let Some(v) = r.client_burst {
+        l.client_burst = v;
     }
     cfg.validate()?;
     Ok(cfg)

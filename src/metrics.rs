@@ -43,6 +43,7 @@ pub struct LoopMetrics {
     pub backplane_full: AtomicU64,
     pub slow_consumers: AtomicU64,
     pub heartbeat_timeouts: AtomicU64,
+    pub rate_limited: AtomicU64,
 }
 
 impl LoopMetrics {
@@ -114,7 +115,12 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 8] = [
+        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 9] = [
+            (
+                "corelay_rate_limited_total",
+                "Client requests refused by the per-connection rate limit.",
+                |l| &l.rate_limited,
+            ),
             ("corelay_accepted_total", "TCP connections accepted.", |l| {
                 &l.accepted
             }),

@@ -125,7 +125,8 @@ fn kill_9_loses_no_acknowledged_message_and_retries_never_duplicate() {
     const TOTAL: usize = 5000;
     const WINDOW: usize = 200;
     let dir = fresh_dir();
-    let mut node = Node::start_in(&dir, &[]);
+    let fast = ["--client-rate", "100000", "--client-burst", "100000"];
+    let mut node = Node::start_in(&dir, &fast);
     node.create_conversation("crash", &["alice", "bob"]);
     let mut alice = connect(&node, "alice");
     // Kill at a pseudo-random moment 100–700 ms into the run.
@@ -187,7 +188,7 @@ fn kill_9_loses_no_acknowledged_message_and_retries_never_duplicate() {
     );
 
     // Restart on the same data dir.
-    let node = Node::start_in(&dir, &[]);
+    let node = Node::start_in(&dir, &fast);
     let history = all_history(&node, "crash");
     let mut count: HashMap<String, usize> = HashMap::new();
     for m in &history {

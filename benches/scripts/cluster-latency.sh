@@ -28,7 +28,7 @@ start_node() { # name extra-args... ; sets $addr
   local name=$1; shift
   local log="$work/$name.log"
   "$BIN/corelay" run --listen 127.0.0.1:0 --threads 1 --no-pin --data-dir "$work/$name" --auth-secret bench \
-    --api-key bench --node-id "$name" --max-body-bytes 1MiB "$@" >"$log" 2>"$work/$name.err" &
+    --api-key bench --node-id "$name" --max-body-bytes 1MiB --client-rate 100000 --client-burst 100000 "$@" >"$log" 2>"$work/$name.err" &
   pids+=($!)
   for _ in $(seq 100); do grep -q listening "$log" && break; sleep 0.1; done
   addr=$(grep -oE 'listening on [0-9.:]+' "$log" | awk '{print $3}')

@@ -717,6 +717,7 @@ fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: Co
         user,
         ping_sent_ms: 0,
         close_sent: false,
+        bucket: super::Bucket::full(cx.shared.cfg.limits.client_burst, cx.now_ms),
     }));
     // Heartbeats start now; the handshake deadline is replaced.
     let at = cx.now_ms + cx.shared.cfg.heartbeat_interval.as_millis() as u64;

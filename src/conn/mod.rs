@@ -85,6 +85,42 @@ pub struct WsState {
     pub ping_sent_ms: u64,
     /// We sent a close frame: input is drained until the peer closes or the linger timer fires.
     pub close_sent: bool,
+    /// Client requests allowed on this connection (chat endpoint only).
+    pub bucket: Bucket,
+}
+
+/// A token bucket: `rate` requests per second on average, `burst` at once. 16 bytes, no allocation.
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket {
+    tokens: f64,
+    last_ms: u64,
+    /// Requests refused in a row; past `burst` the client is closed (1008).
+    pub refused: u32,
+}
+
+impl Bucket {
+    pub fn full(burst: u32, now_ms: u64) -> Self {
+        Bucket {
+            tokens: f64::from(burst),
+            last_ms: now_ms,
+            refused: 0,
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
+        self.last_ms = now_ms;
+        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(f64::from(burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            true
+        } else {
+            self.refused += 1;
+            false
+        }
+    }
 }
 
 pub struct Conn {
@@ -139,5 +175,25 @@ impl Conn {
             _ => 0,
         };
         mode + self.inbuf.capacity() + self.out.heap_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let mut b = Bucket::full(3, 0);
+        assert!((0..3).all(|_| b.take(0, 10, 3)));
+        assert!(!b.take(0, 10, 3), "burst spent");
+        assert_eq!(b.refused, 1);
+        assert!(b.take(100, 10, 3), "one token per 100 ms at 10/s");
+        assert!(!b.take(100, 10, 3));
+        assert!(
+            (0..3).all(|_| b.take(10_000, 10, 3)),
+            "refills up to the burst, not beyond"
+        );
+        assert!(!b.take(10_000, 10, 3));
     }
 }

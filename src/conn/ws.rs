@@ -70,6 +70,25 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
         match ev {
             WsEvent::Text(payload) => match &ws.user {
                 None => echo(out, Opcode::Text, payload, cx),
+                Some(_)
+                    if !ws.bucket.take(
+                        cx.now_ms,
+                        cx.shared.cfg.limits.client_rate,
+                        cx.shared.cfg.limits.client_burst,
+                    ) =>
+                {
+                    cx.metrics().rate_limited.fetch_add(1, Relaxed);
+                    if ws.bucket.refused > cx.shared.cfg.limits.client_burst {
+                        let mut v = Vec::new();
+                        encode_close(CloseCode::POLICY, "request rate limit exceeded", &mut v);
+                        out.push_vec(v);
+                        ws.close_sent = true;
+                        cx.metrics().close(CloseCode::POLICY.0);
+                        return Flow::Continue;
+                    }
+                    let e = msg::error("rate_limited", "too many requests; slow down", None);
+                    push_json(out, &e, cx);
+                }
                 Some(user) => match msg::parse_client(payload) {
                     Ok(m) => {
                         let ev = Event::Received {
