@@ -92,7 +92,7 @@ pub struct WsState {
 /// A token bucket: `rate` requests per second on average, `burst` at once. 16 bytes, no allocation.
 #[derive(Clone, Copy, Debug)]
 pub struct Bucket {
-    tokens: f64,
+    tokens: f32,
     last_ms: u64,
     /// Requests refused in a row; past `burst` the client is closed (1008).
     pub refused: u32,
@@ -101,7 +101,7 @@ pub struct Bucket {
 impl Bucket {
     pub fn full(burst: u32, now_ms: u64) -> Self {
         Bucket {
-            tokens: f64::from(burst),
+            tokens: burst as f32,
             last_ms: now_ms,
             refused: 0,
         }
@@ -109,9 +109,9 @@ impl Bucket {
 
     /// Takes a token if there is one.
     pub fn take(&mut self, now_ms: u64, rate: u32, burst: u32) -> bool {
-        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f32 / 1000.0;
         self.last_ms = now_ms;
-        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(f64::from(burst));
+        self.tokens = (self.tokens + elapsed * rate as f32).min(burst as f32);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             self.refused = 0;
