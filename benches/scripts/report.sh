@@ -328,4 +328,15 @@ fi
 # --- tables and plots -------------------------------------------------------------------------------------------
 cp "$LOG" "$OUT_DIR/report-log.txt"   # (*.log is git-ignored)
 python3 benches/scripts/plot.py --results "$RESULTS" --out-dir "$OUT_DIR" --tables "$OUT_DIR/tables.md"
+# The generated tables replace the block between the markers at the end of docs/BENCHMARKS.md, so the report's
+# figures always come from the latest run (the prose above them quotes the run it was written from).
+python3 - "$OUT_DIR/tables.md" docs/BENCHMARKS.md <<'PY'
+import sys
+tables, doc = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+begin, end = "<!-- generated:begin -->", "<!-- generated:end -->"
+if begin in doc and end in doc:
+    head, rest = doc.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    open(sys.argv[2], "w").write(head + begin + "\n" + tables.strip() + "\n" + end + tail)
+PY
 log "done in $(( $(date +%s) - START )) s: $RESULTS, $OUT_DIR/tables.md, $OUT_DIR/memory.svg, $OUT_DIR/latency.svg"
