@@ -26,10 +26,18 @@ fn batch(n: usize, seq: &mut u64) -> Vec<Write> {
 
 fn appends(c: &mut Criterion) {
     let mut g = c.benchmark_group("store/append");
-    g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    for (policy, fsync) in [("fsync_always", Fsync::Always), ("fsync_10ms", Fsync::Interval(Duration::from_millis(10)))] {
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    for (policy, fsync) in [
+        ("fsync_always", Fsync::Always),
+        ("fsync_10ms", Fsync::Interval(Duration::from_millis(10))),
+    ] {
         for n in [1usize, 16, 256] {
-            let dir = std::env::temp_dir().join(format!("corelay-bench-store-{policy}-{n}-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!(
+                "corelay-bench-store-{policy}-{n}-{}",
+                std::process::id()
+            ));
             let _ = std::fs::remove_dir_all(&dir);
             let mut store = Embedded::open(&dir, fsync).unwrap();
             let mut seq = 0;

@@ -146,7 +146,9 @@ impl Decoder {
         buf: &'a mut [u8],
     ) -> Result<(usize, Option<Event<'a>>), WsError> {
         // A control payload delivered by the previous call is released (one still arriving is kept).
-        if self.ctrl.capacity() != 0 && !matches!(&self.state, State::Payload(f) if f.opcode.is_control()) {
+        if self.ctrl.capacity() != 0
+            && !matches!(&self.state, State::Payload(f) if f.opcode.is_control())
+        {
             self.ctrl = Vec::new();
         }
         if self.delivered.capacity() != 0 {
