@@ -134,6 +134,7 @@ pub fn fail(conn: &mut Conn, cx: &Ctx, e: HttpError, extra: &[&str]) {
         keep_alive: false,
         served: u32::MAX,
         user: None,
+        cors: None,
     };
 }
 
@@ -154,13 +155,71 @@ fn respond(
         Mode::PollHeld(p) => p.served,
         Mode::WebSocket(_) | Mode::Sse(_) | Mode::Proxy => 0,
     };
+    let cors = match &conn.mode {
+        Mode::HttpAwait { cors, .. } => *cors,
+        Mode::PollHeld(p) => p.cors,
+        _ => None,
+    };
+    let lines = cors_lines(cors, cx);
+    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
     let mut out = Vec::with_capacity(128 + body.len());
-    http1::encode_response(status, content_type, &[], body, keep_alive, &mut out);
+    http1::encode_response(status, content_type, &extra, body, keep_alive, &mut out);
     cx.metrics().response(status);
     conn.out.push_vec(out);
     conn.mode = Mode::Http {
         served: served.saturating_add(1),
     };
+    if keep_alive {
+        let at = cx.now_ms + cx.shared.cfg.keepalive_timeout.as_millis() as u64;
+        cx.schedule(conn, me, at);
+    } else {
+        conn.close_after_flush = true;
+    }
+}
+
+/// CORS for a browser request to a one-way client endpoint: which allowed origin to answer with (the index in
+/// `allowed_origins`, or `ANY_ORIGIN` when none are configured); None without an `Origin` or when it is not
+/// allowed. Tokens travel in the query string, so no credentials mode is needed and `*` is safe.
+fn cors_of(head: &RequestHead, cx: &Ctx) -> Option<u16> {
+    let origin = head.origin.as_deref()?;
+    let allowed = &cx.shared.cfg.allowed_origins;
+    if allowed.is_empty() {
+        return Some(super::ANY_ORIGIN);
+    }
+    allowed
+        .iter()
+        .position(|o| o.eq_ignore_ascii_case(origin))
+        .map(|i| i as u16)
+}
+
+fn cors_lines(cors: Option<u16>, cx: &Ctx) -> Vec<String> {
+    match cors {
+        None => Vec::new(),
+        Some(super::ANY_ORIGIN) => vec!["Access-Control-Allow-Origin: *".into()],
+        Some(i) => match cx.shared.cfg.allowed_origins.get(usize::from(i)) {
+            Some(o) => vec![format!("Access-Control-Allow-Origin: {o}"), "Vary: Origin".into()],
+            None => Vec::new(),
+        },
+    }
+}
+
+/// The CORS preflight of a browser `POST /send` (JSON body, `Authorization` header) and friends.
+fn preflight(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
+    let Some(cors) = cors_of(head, cx) else {
+        return fail(conn, cx, HttpError::new(403, "origin not allowed"), &[]);
+    };
+    let mut lines = cors_lines(Some(cors), cx);
+    lines.extend([
+        "Access-Control-Allow-Methods: GET, POST, OPTIONS".to_string(),
+        "Access-Control-Allow-Headers: Authorization, Content-Type, Last-Event-ID".to_string(),
+        "Access-Control-Max-Age: 600".to_string(),
+    ]);
+    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let mut out = Vec::with_capacity(256);
+    let keep_alive = head.keep_alive();
+    http1::encode_response(204, "text/plain", &extra, b"", keep_alive, &mut out);
+    cx.metrics().response(204);
+    conn.out.push_vec(out);
     if keep_alive {
         let at = cx.now_ms + cx.shared.cfg.keepalive_timeout.as_millis() as u64;
         cx.schedule(conn, me, at);
@@ -178,6 +237,10 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
     let is_echo = cx.shared.cfg.echo_path.as_deref() == Some(path);
     let wrong_method = |allow: &'static str| HttpError::new(405, allow);
     match path {
+        "/send" | "/sse" | "/poll" if method == Method::Options => {
+            conn.mode = Mode::Http { served: served + 1 };
+            preflight(conn, &head, cx, me);
+        }
         "/healthz" | "/readyz" | "/metrics" | "/sse" | "/poll" | "/api/history" | "/api/route"
             if !get =>
         {
@@ -348,8 +411,7 @@ fn start_body(conn: &mut Conn, head: RequestHead, served: u32, cx: &Ctx) {
 fn hand_over(
     conn: &mut Conn,
     ev: Event,
-    keep_alive: bool,
-    served: u32,
+    (keep_alive, served, cors): (bool, u32, Option<u16>),
     user: Option<Arc<str>>,
     cx: &mut Ctx,
 ) {
@@ -367,6 +429,7 @@ fn hand_over(
         keep_alive,
         served,
         user,
+        cors,
     };
 }
 
@@ -445,7 +508,7 @@ fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut 
         }
         _ => return fail(conn, cx, HttpError::new(404, "no such endpoint"), &[]),
     };
-    hand_over(conn, ev, head.keep_alive(), served, None, cx);
+    hand_over(conn, ev, (head.keep_alive(), served, cors_of(head, cx)), None, cx);
 }
 
 fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
@@ -480,7 +543,7 @@ fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, m
             limit,
         },
     };
-    hand_over(conn, ev, head.keep_alive(), served, None, cx);
+    hand_over(conn, ev, (head.keep_alive(), served, cors_of(head, cx)), None, cx);
 }
 
 /// Channels and cursor of an SSE or poll request; errors are 400s with the reason.
@@ -515,6 +578,7 @@ fn bad_request_body(conn: &mut Conn, cx: &Ctx, reason: String) {
         keep_alive: false,
         served: u32::MAX,
         user: None,
+        cors: None,
     };
 }
 
@@ -548,7 +612,7 @@ fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
         channels,
         cursor: cur.unwrap_or_default(),
     };
-    hand_over(conn, ev, false, 0, Some(user), cx);
+    hand_over(conn, ev, (false, 0, cors_of(head, cx)), Some(user), cx);
 }
 
 fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
@@ -574,7 +638,7 @@ fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: Conn
         cursor: cur,
         hold_ms,
     };
-    hand_over(conn, ev, head.keep_alive(), served, Some(user), cx);
+    hand_over(conn, ev, (head.keep_alive(), served, cors_of(head, cx)), Some(user), cx);
 }
 
 /// The backplane's answer to a request handed over.
@@ -595,14 +659,18 @@ pub fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &mut Ctx, me: C
 /// The backplane accepted an SSE stream.
 pub fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Ctx, me: ConnRef) {
     let Mode::HttpAwait {
-        user: Some(user), ..
+        user: Some(user),
+        cors,
+        ..
     } = &conn.mode
     else {
         return;
     };
-    let user = user.clone();
+    let (user, cors) = (user.clone(), *cors);
+    let lines = cors_lines(cors, cx);
+    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
     let mut out = Vec::with_capacity(256);
-    sse::encode_head(cx.shared.cfg.sse_retry.as_millis() as u64, &mut out);
+    sse::encode_head(cx.shared.cfg.sse_retry.as_millis() as u64, &extra, &mut out);
     cx.metrics().response(200);
     conn.out.push_vec(out);
     conn.mode = Mode::Sse(Box::new(StreamState { user, cursor }));
@@ -615,7 +683,10 @@ pub fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Ctx, me: Con
 /// The backplane holds a long poll.
 pub fn on_poll_hold(conn: &mut Conn, cursor: CursorVec, hold_ms: u64, cx: &mut Ctx, me: ConnRef) {
     let Mode::HttpAwait {
-        keep_alive, served, ..
+        keep_alive,
+        served,
+        cors,
+        ..
     } = conn.mode
     else {
         return;
@@ -624,6 +695,7 @@ pub fn on_poll_hold(conn: &mut Conn, cursor: CursorVec, hold_ms: u64, cx: &mut C
         cursor,
         keep_alive,
         served,
+        cors,
     }));
     cx.metrics().conn_closed(Transport::Http);
     cx.metrics().conn_opened(Transport::LongPoll);

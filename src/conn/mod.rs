@@ -38,6 +38,8 @@ pub enum Mode {
         keep_alive: bool,
         served: u32,
         user: Option<Arc<str>>,
+        /// CORS for the answer: which allowed origin to name (`ANY_ORIGIN` = `*`), if the request had one.
+        cors: Option<u16>,
     },
     WebSocket(Box<WsState>),
     /// An SSE stream: the cursor is written as each event's `id:`.
@@ -55,7 +57,11 @@ pub struct PollState {
     pub cursor: CursorVec,
     pub keep_alive: bool,
     pub served: u32,
+    pub cors: Option<u16>,
 }
+
+/// `cors` value meaning "any origin" (no `--allowed-origin` configured).
+pub const ANY_ORIGIN: u16 = u16::MAX;
 
 /// Moves the cursor entry of `channel` to `offset`; false (and no change) if the client already has it.
 pub fn advance(cursor: &mut CursorVec, channel: &Arc<str>, offset: u64) -> bool {

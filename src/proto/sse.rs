@@ -8,10 +8,16 @@
 pub const KEEPALIVE: &[u8] = b":\n\n";
 
 /// The response head of a stream. `retry_ms` tells `EventSource` how soon to reconnect.
-pub fn encode_head(retry_ms: u64, out: &mut Vec<u8>) {
+/// `extra` header lines (without CRLF), e.g. CORS, go after the fixed ones.
+pub fn encode_head(retry_ms: u64, extra: &[&str], out: &mut Vec<u8>) {
     out.extend_from_slice(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\nConnection: keep-alive\r\n",
     );
+    for line in extra {
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(format!("retry: {retry_ms}\n\n").as_bytes());
 }
 
