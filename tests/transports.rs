@@ -432,23 +432,38 @@ fn browsers_get_cors_on_one_way_endpoints() {
     let t = token("web");
     let (st, text) = http(
         node.addr,
-        &format!("GET /poll?channels=scores:c&timeout=0&token={t} HTTP/1.1\r\nOrigin: https://app.example\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "GET /poll?channels=scores:c&timeout=0&token={t} HTTP/1.1\r\nOrigin: https://app.example\r\nConnection: close\r\n\r\n"
+        ),
     );
     assert_eq!(st, 200);
-    assert!(text.contains("Access-Control-Allow-Origin: *\r\n"), "{text}");
+    assert!(
+        text.contains("Access-Control-Allow-Origin: *\r\n"),
+        "{text}"
+    );
     let (st, text) = http(
         node.addr,
         "OPTIONS /send HTTP/1.1\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(st, 204, "{text}");
-    assert!(text.contains("Access-Control-Allow-Methods: GET, POST, OPTIONS"), "{text}");
-    assert!(text.contains("Access-Control-Allow-Headers: Authorization, Content-Type"), "{text}");
+    assert!(
+        text.contains("Access-Control-Allow-Methods: GET, POST, OPTIONS"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Access-Control-Allow-Headers: Authorization, Content-Type"),
+        "{text}"
+    );
 
     // An allow-list: the allowed origin is named (and Vary: Origin); another one is refused.
     let node = Node::start(&["--allowed-origin", "https://app.example"]);
     let mut s = std::net::TcpStream::connect(node.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET /sse?channels=scores:c&token={t} HTTP/1.1\r\nOrigin: https://app.example\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /sse?channels=scores:c&token={t} HTTP/1.1\r\nOrigin: https://app.example\r\n\r\n"
+    )
+    .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -458,10 +473,15 @@ fn browsers_get_cors_on_one_way_endpoints() {
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("Content-Type: text/event-stream"));
-    assert!(head.contains("Access-Control-Allow-Origin: https://app.example\r\nVary: Origin"), "{head}");
+    assert!(
+        head.contains("Access-Control-Allow-Origin: https://app.example\r\nVary: Origin"),
+        "{head}"
+    );
     let (st, _) = http(
         node.addr,
-        &format!("GET /sse?channels=scores:c&token={t} HTTP/1.1\r\nOrigin: https://evil.example\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "GET /sse?channels=scores:c&token={t} HTTP/1.1\r\nOrigin: https://evil.example\r\nConnection: close\r\n\r\n"
+        ),
     );
     assert_eq!(st, 403);
     let (st, _) = http(

@@ -197,7 +197,10 @@ fn cors_lines(cors: Option<u16>, cx: &Ctx) -> Vec<String> {
         None => Vec::new(),
         Some(super::ANY_ORIGIN) => vec!["Access-Control-Allow-Origin: *".into()],
         Some(i) => match cx.shared.cfg.allowed_origins.get(usize::from(i)) {
-            Some(o) => vec![format!("Access-Control-Allow-Origin: {o}"), "Vary: Origin".into()],
+            Some(o) => vec![
+                format!("Access-Control-Allow-Origin: {o}"),
+                "Vary: Origin".into(),
+            ],
             None => Vec::new(),
         },
     }
@@ -508,7 +511,13 @@ fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut 
         }
         _ => return fail(conn, cx, HttpError::new(404, "no such endpoint"), &[]),
     };
-    hand_over(conn, ev, (head.keep_alive(), served, cors_of(head, cx)), None, cx);
+    hand_over(
+        conn,
+        ev,
+        (head.keep_alive(), served, cors_of(head, cx)),
+        None,
+        cx,
+    );
 }
 
 fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
@@ -543,7 +552,13 @@ fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, m
             limit,
         },
     };
-    hand_over(conn, ev, (head.keep_alive(), served, cors_of(head, cx)), None, cx);
+    hand_over(
+        conn,
+        ev,
+        (head.keep_alive(), served, cors_of(head, cx)),
+        None,
+        cx,
+    );
 }
 
 /// Channels and cursor of an SSE or poll request; errors are 400s with the reason.
@@ -638,7 +653,13 @@ fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: Conn
         cursor: cur,
         hold_ms,
     };
-    hand_over(conn, ev, (head.keep_alive(), served, cors_of(head, cx)), Some(user), cx);
+    hand_over(
+        conn,
+        ev,
+        (head.keep_alive(), served, cors_of(head, cx)),
+        Some(user),
+        cx,
+    );
 }
 
 /// The backplane's answer to a request handed over.
