@@ -628,17 +628,11 @@ impl Router {
                     client_id,
                     body,
                 } => {
-                    if let Err(r) = self.send(
-                        ReplyTo::Http(conn),
-                        &user,
-                        &conversation,
-                        &client_id,
-                        body,
-                        now_ms,
-                    ) {
-                        http(
+                    let to = ReplyTo::Http(conn);
+                    if let Err(r) = self.send(to, &user, &conversation, &client_id, body, now_ms) {
+                        answer(
                             out,
-                            conn,
+                            to,
                             r.status,
                             msg::error(r.code, &r.message, Some(&client_id)),
                         );
@@ -824,15 +818,14 @@ impl Router {
                 client_id,
                 body,
             } => {
-                if let Err(r) = self.send(
-                    ReplyTo::Ws(conn),
-                    &user,
-                    &conversation,
-                    &client_id,
-                    body,
-                    now_ms,
-                ) {
-                    reply(out, conn, &msg::error(r.code, &r.message, Some(&client_id)));
+                let to = ReplyTo::Ws(conn);
+                if let Err(r) = self.send(to, &user, &conversation, &client_id, body, now_ms) {
+                    answer(
+                        out,
+                        to,
+                        r.status,
+                        msg::error(r.code, &r.message, Some(&client_id)),
+                    );
                 }
             }
             ClientMsg::Ack {
@@ -1215,18 +1208,12 @@ impl Router {
                         ))
                     }
                 };
-                match (reply, answer) {
-                    (ReplyTo::Ws(c), Ok(j)) => self::reply(out, c, &j),
-                    (ReplyTo::Http(c), Ok(j)) => http(out, c, 200, j),
-                    (ReplyTo::Ws(c), Err(r)) => {
-                        self::reply(out, c, &msg::error(r.code, &r.message, Some(&client_id)))
+                match answer {
+                    Ok(j) => self::answer(out, reply, 200, j),
+                    Err(r) => {
+                        let e = msg::error(r.code, &r.message, Some(&client_id));
+                        self::answer(out, reply, r.status, e)
                     }
-                    (ReplyTo::Http(c), Err(r)) => http(
-                        out,
-                        c,
-                        r.status,
-                        msg::error(r.code, &r.message, Some(&client_id)),
-                    ),
                 }
             }
             (
@@ -1314,26 +1301,17 @@ impl Router {
                 },
                 Err(res),
             ) => {
-                let page = match res {
-                    Ok(msgs) => history_json(&conversation, &msgs),
+                let (status, page) = match res {
+                    Ok(msgs) => (200, history_json(&conversation, &msgs)),
                     Err(e) => {
                         tracing::warn!(error = %e, "history read failed");
-                        msg::error("store_unavailable", "history unavailable; retry", None)
+                        (
+                            503,
+                            msg::error("store_unavailable", "history unavailable; retry", None),
+                        )
                     }
                 };
-                match reply {
-                    ReplyTo::Ws(c) => self::reply(out, c, &page),
-                    ReplyTo::Http(c) => http(
-                        out,
-                        c,
-                        if page.starts_with("{\"type\":\"history\"") {
-                            200
-                        } else {
-                            503
-                        },
-                        page,
-                    ),
-                }
+                self::answer(out, reply, status, page);
             }
             (
                 Pending::Poll {
@@ -1873,6 +1851,14 @@ impl Router {
                 }
             }
         }
+    }
+}
+
+/// An answer to a WebSocket request (a frame) or to an HTTP one (`status` and the JSON body).
+fn answer(out: &mut Vec<Out>, to: ReplyTo, status: u16, json: String) {
+    match to {
+        ReplyTo::Ws(c) => reply(out, c, &json),
+        ReplyTo::Http(c) => http(out, c, status, json),
     }
 }
 
