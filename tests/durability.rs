@@ -282,3 +282,64 @@ fn kill_9_loses_no_acknowledged_message_and_retries_never_duplicate() {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn polls_and_sse_resume_durable_channels_from_the_store_after_a_restart() {
+    const N: u64 = 1050; // more than the 1,000 recent messages a node loads into memory at start
+    let dir = fresh_dir();
+    let fast = ["--client-rate", "100000", "--client-burst", "100000"];
+    let mut node = Node::start_in(&dir, &fast);
+    node.create_conversation("long", &["alice", "bob"]);
+    let mut alice = connect(&node, "alice");
+    let mut sent = 0;
+    let mut next = 0;
+    while sent < N {
+        while next < N && next - sent < 200 {
+            next += 1;
+            send_json(
+                &mut alice,
+                json!({"type":"send","conversation":"long","client_id":format!("l{next}"),"body":next}),
+            );
+        }
+        if next_json(&mut alice)["type"] == "sent" {
+            sent += 1;
+        }
+    }
+    drop(alice);
+    assert!(
+        node.terminate(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+    let node = Node::start_in(&dir, &fast);
+    let t = token("bob");
+    // From the very beginning: answered from the store (no `reset`), 1,000 at a time.
+    let (st, body) = node.get(&format!(
+        "/poll?channels=conversation:long&cursor=conversation:long%3D0&timeout=0&token={t}"
+    ));
+    assert_eq!(st, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let msgs = v["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1000);
+    assert_eq!(msgs[0]["type"], "message", "no reset: {}", msgs[0]);
+    assert_eq!(
+        (msgs[0]["offset"].as_u64(), msgs[999]["offset"].as_u64()),
+        (Some(1), Some(1000))
+    );
+    assert_eq!(v["cursor"], "conversation:long=1000");
+    // SSE from a Last-Event-ID near the end.
+    let sse = Sse::open(
+        &node,
+        &format!("/sse?channels=conversation:long&token={t}"),
+        Some("conversation:long=1047"),
+    );
+    assert_eq!(sse.status(), 200);
+    for want in 1048..=N {
+        let e = sse.next_event(Duration::from_secs(5));
+        assert_eq!(
+            serde_json::from_str::<Value>(&e.data).unwrap()["offset"],
+            want
+        );
+    }
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -198,6 +198,8 @@ enum Pending {
         conn: ConnRef,
         cursor: CursorVec,
         hold_ms: u64,
+        /// Found in memory already (topics of a single node).
+        items: Vec<Arc<Delivery>>,
     },
     /// Sent after a subscribe's replays (queued last, so it completes after them).
     SubscribeAck {
@@ -1318,11 +1320,11 @@ impl Router {
                     conn,
                     mut cursor,
                     hold_ms,
+                    mut items,
                 },
                 Err(res),
             ) => match res {
                 Ok(msgs) => {
-                    let mut items = Vec::with_capacity(msgs.len());
                     for m in msgs {
                         let ch: Arc<str> = Arc::from(m.channel.as_str());
                         crate::conn::advance(&mut cursor, &ch, m.offset);
@@ -1571,8 +1573,8 @@ impl Router {
         let mut cur: CursorVec = Vec::with_capacity(all.len());
         for ch in all {
             let at = match given.get(&ch) {
-                // In a cluster this node's memory may not hold the channel: read it from the store.
-                Some(&after) if self.cluster.is_some() => {
+                // Durable channels (and, in a cluster, topics) are read from the store: any cursor, any node.
+                Some(&after) if self.replays_from_store(&ch) => {
                     reads.push((ch.clone(), after));
                     after
                 }
@@ -1657,32 +1659,9 @@ impl Router {
             http(out, conn, 200, body);
             return;
         };
-        if self.cluster.is_some() {
-            // Any node answers any cursor: read the channels from the store, then answer or hold.
-            let mut reads = Vec::with_capacity(channels.len());
-            let mut cur: CursorVec = Vec::with_capacity(channels.len());
-            for ch in &channels {
-                let after = given
-                    .get(ch)
-                    .copied()
-                    .unwrap_or_else(|| self.last_offset(ch));
-                reads.push((ch.clone(), after));
-                cur.push((Arc::from(ch.as_str()), after));
-            }
-            self.request(
-                |token| Request::ReadMany {
-                    token,
-                    reads,
-                    limit: MAX_REPLAY,
-                },
-                Pending::Poll {
-                    conn,
-                    cursor: cur,
-                    hold_ms,
-                },
-            );
-            return;
-        }
+        // Durable channels (and, in a cluster, topics) are read from the store, so any cursor on any node is
+        // answered; topics of a single node replay from its memory.
+        let mut reads = Vec::new();
         let mut items = Vec::new();
         let mut budget = MAX_REPLAY;
         let mut cur: CursorVec = Vec::with_capacity(channels.len());
@@ -1691,10 +1670,36 @@ impl Router {
                 .get(ch)
                 .copied()
                 .unwrap_or_else(|| self.last_offset(ch));
-            let at = self.replay(ch, after, &mut budget, &mut items);
+            let at = if self.replays_from_store(ch) {
+                reads.push((ch.clone(), after));
+                after
+            } else {
+                self.replay(ch, after, &mut budget, &mut items)
+            };
             cur.push((Arc::from(ch.as_str()), at));
         }
-        self.answer_poll(conn, items, cur, hold_ms, out);
+        if reads.is_empty() {
+            self.answer_poll(conn, items, cur, hold_ms, out);
+            return;
+        }
+        self.request(
+            |token| Request::ReadMany {
+                token,
+                reads,
+                limit: MAX_REPLAY,
+            },
+            Pending::Poll {
+                conn,
+                cursor: cur,
+                hold_ms,
+                items,
+            },
+        );
+    }
+
+    /// Whether a channel's history is read from the store (durable channels always; topics in a cluster).
+    fn replays_from_store(&self, channel: &str) -> bool {
+        self.cluster.is_some() || !matches!(cursor::kind(channel), Ok(Kind::Topic))
     }
 
     /// Answers a poll with what was found, or holds it (following its channels) until a delivery or `hold_ms`.
