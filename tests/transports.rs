@@ -426,7 +426,7 @@ fn set_timeout_plain(ws: &mut tungstenite::WebSocket<std::net::TcpStream>, t: Du
 
 #[test]
 fn browsers_get_cors_on_one_way_endpoints() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     // Any origin (no --allowed-origin): `*`.
     let node = Node::start(&[]);
     let t = token("web");
@@ -464,13 +464,7 @@ fn browsers_get_cors_on_one_way_endpoints() {
         "GET /sse?channels=scores:c&token={t} HTTP/1.1\r\nOrigin: https://app.example\r\n\r\n"
     )
     .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
+    let head = read_head(&mut s);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("Content-Type: text/event-stream"));
     assert!(

@@ -630,15 +630,15 @@ impl Router {
                     client_id,
                     body,
                 } => {
-                    let to = ReplyTo::Http(conn);
-                    if let Err(r) = self.send(to, &user, &conversation, &client_id, body, now_ms) {
-                        answer(
-                            out,
-                            to,
-                            r.status,
-                            msg::error(r.code, &r.message, Some(&client_id)),
-                        );
-                    }
+                    self.send(
+                        ReplyTo::Http(conn),
+                        &user,
+                        &conversation,
+                        &client_id,
+                        body,
+                        now_ms,
+                        out,
+                    );
                 }
                 _ => http(
                     out,
@@ -820,15 +820,15 @@ impl Router {
                 client_id,
                 body,
             } => {
-                let to = ReplyTo::Ws(conn);
-                if let Err(r) = self.send(to, &user, &conversation, &client_id, body, now_ms) {
-                    answer(
-                        out,
-                        to,
-                        r.status,
-                        msg::error(r.code, &r.message, Some(&client_id)),
-                    );
-                }
+                self.send(
+                    ReplyTo::Ws(conn),
+                    &user,
+                    &conversation,
+                    &client_id,
+                    body,
+                    now_ms,
+                    out,
+                );
             }
             ClientMsg::Ack {
                 conversation,
@@ -967,8 +967,30 @@ impl Router {
         );
     }
 
-    /// Validates a send and queues its append; `sent` and the deliveries follow the commit.
+    /// A `send` from either transport: queued for the store, or refused at once with an error answer.
+    #[allow(clippy::too_many_arguments)]
     fn send(
+        &mut self,
+        to: ReplyTo,
+        user: &Arc<str>,
+        conversation: &str,
+        client_id: &str,
+        body: Box<RawValue>,
+        now_ms: u64,
+        out: &mut Vec<Out>,
+    ) {
+        if let Err(r) = self.try_send(to, user, conversation, client_id, body, now_ms) {
+            answer(
+                out,
+                to,
+                r.status,
+                msg::error(r.code, &r.message, Some(client_id)),
+            );
+        }
+    }
+
+    /// Validates a send and queues its append; `sent` and the deliveries follow the commit.
+    fn try_send(
         &mut self,
         reply: ReplyTo,
         user: &Arc<str>,

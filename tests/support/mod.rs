@@ -217,6 +217,17 @@ pub fn send_json(ws: &mut Ws, v: serde_json::Value) {
     ws.send(tungstenite::Message::text(v.to_string())).unwrap();
 }
 
+/// Reads an HTTP response head byte by byte (so nothing after it is consumed).
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
 /// A raw TCP connection that completed the upgrade on `path` (for sending frames tungstenite refuses to).
 pub fn raw_upgrade(node: &Node, path: &str) -> TcpStream {
     let mut s = TcpStream::connect(node.addr).unwrap();
@@ -226,13 +237,7 @@ pub fn raw_upgrade(node: &Node, path: &str) -> TcpStream {
         "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    let text = String::from_utf8_lossy(&head);
+    let text = read_head(&mut s);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     s
 }
