@@ -124,8 +124,24 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
 
 /// Answers an error and closes after the answer is written.
 pub fn fail(conn: &mut Conn, cx: &Ctx, e: HttpError, extra: &[&str]) {
+    refuse(conn, cx, e, extra, false);
+}
+
+/// `fail`, for a request whose method is known: a HEAD gets the error's head without its body.
+fn refuse(conn: &mut Conn, cx: &Ctx, e: HttpError, extra: &[&str], head_only: bool) {
+    let framing = Framing {
+        keep_alive: false,
+        head_only,
+    };
     let mut out = Vec::with_capacity(256);
-    http1::encode_error(e, extra, false, &mut out);
+    encode(
+        e.status,
+        "application/json",
+        extra,
+        http1::error_body(e).as_bytes(),
+        framing,
+        &mut out,
+    );
     cx.metrics().response(e.status);
     conn.out.push_vec(out);
     conn.close_after_flush = true;
@@ -138,6 +154,50 @@ pub fn fail(conn: &mut Conn, cx: &Ctx, e: HttpError, extra: &[&str]) {
     };
 }
 
+/// How an answer is framed on the wire.
+#[derive(Clone, Copy, Debug)]
+struct Framing {
+    /// The connection stays open for the next request.
+    keep_alive: bool,
+    /// A HEAD request: the head a GET would get, `Content-Length` included, and no body (RFC 9110 §9.3.2).
+    /// Sending the body anyway would make a keep-alive client read it as the start of the next answer.
+    head_only: bool,
+}
+
+impl Framing {
+    fn of(head: &RequestHead) -> Self {
+        Framing {
+            keep_alive: head.keep_alive(),
+            head_only: head.method() == Method::Head,
+        }
+    }
+
+    /// An answer the backplane made (HEAD never reaches it, see `route`).
+    fn with_body(keep_alive: bool) -> Self {
+        Framing {
+            keep_alive,
+            head_only: false,
+        }
+    }
+}
+
+/// Appends an answer: the whole response, or only its head for HEAD.
+fn encode(
+    status: u16,
+    content_type: &str,
+    extra: &[&str],
+    body: &[u8],
+    framing: Framing,
+    out: &mut Vec<u8>,
+) {
+    let keep_alive = framing.keep_alive;
+    if framing.head_only {
+        http1::encode_response_head(status, content_type, extra, body.len(), keep_alive, out);
+    } else {
+        http1::encode_response(status, content_type, extra, body, keep_alive, out);
+    }
+}
+
 /// Writes a response and returns the connection to reading requests (or closes it after the write).
 fn respond(
     conn: &mut Conn,
@@ -146,7 +206,7 @@ fn respond(
     status: u16,
     content_type: &str,
     body: &[u8],
-    keep_alive: bool,
+    framing: Framing,
 ) {
     let served = match &conn.mode {
         Mode::Http { served } | Mode::HttpBody { served, .. } | Mode::HttpAwait { served, .. } => {
@@ -163,13 +223,13 @@ fn respond(
     let lines = cors_lines(cors, cx);
     let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
     let mut out = Vec::with_capacity(128 + body.len());
-    http1::encode_response(status, content_type, &extra, body, keep_alive, &mut out);
+    encode(status, content_type, &extra, body, framing, &mut out);
     cx.metrics().response(status);
     conn.out.push_vec(out);
     conn.mode = Mode::Http {
         served: served.saturating_add(1),
     };
-    if keep_alive {
+    if framing.keep_alive {
         let at = cx.now_ms + cx.shared.cfg.keepalive_timeout.as_millis() as u64;
         cx.schedule(conn, me, at);
     } else {
@@ -178,18 +238,19 @@ fn respond(
 }
 
 /// CORS for a browser request to a one-way client endpoint: which allowed origin to answer with (the index in
-/// `allowed_origins`, or `ANY_ORIGIN` when none are configured); None without an `Origin` or when it is not
-/// allowed. Tokens travel in the query string, so no credentials mode is needed and `*` is safe.
-fn cors_of(head: &RequestHead, cx: &Ctx) -> Option<u16> {
-    let origin = head.origin.as_deref()?;
-    let allowed = &cx.shared.cfg.allowed_origins;
-    if allowed.is_empty() {
-        return Some(super::ANY_ORIGIN);
-    }
-    allowed
-        .iter()
-        .position(|o| o.eq_ignore_ascii_case(origin))
-        .map(|i| i as u16)
+/// `allowed_origins`, or `ANY_ORIGIN` when none are configured); None without an `Origin`. A foreign origin is
+/// the 403 of `http1::check_origin`, the check `/ws` makes too. Tokens travel in the query string, so no
+/// credentials mode is needed and `*` is safe.
+fn cors_of(head: &RequestHead, cx: &Ctx) -> Result<Option<u16>, HttpError> {
+    use http1::OriginMatch;
+    Ok(
+        match http1::check_origin(head.origin.as_deref(), &cx.shared.cfg.allowed_origins)? {
+            OriginMatch::Absent => None,
+            OriginMatch::AnyAllowed => Some(super::ANY_ORIGIN),
+            // An index past what `cors` can name (65,535 origins) answers without CORS headers.
+            OriginMatch::Listed(i) => u16::try_from(i).ok().filter(|&i| i != super::ANY_ORIGIN),
+        },
+    )
 }
 
 fn cors_lines(cors: Option<u16>, cx: &Ctx) -> Vec<String> {
@@ -208,7 +269,8 @@ fn cors_lines(cors: Option<u16>, cx: &Ctx) -> Vec<String> {
 
 /// The CORS preflight of a browser `POST /send` (JSON body, `Authorization` header) and friends.
 fn preflight(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
-    let Some(cors) = cors_of(head, cx) else {
+    // A preflight without an `Origin` is no preflight: refused like a foreign origin.
+    let Ok(Some(cors)) = cors_of(head, cx) else {
         return fail(conn, cx, HttpError::new(403, "origin not allowed"), &[]);
     };
     let mut lines = cors_lines(Some(cors), cx);
@@ -231,22 +293,43 @@ fn preflight(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
     }
 }
 
+/// Answers one request head: at once (health, metrics, errors), or by starting a body read, an upgrade, or a
+/// hand-over to the backplane. HEAD is answered only where the loop writes the answer itself; a stream, a
+/// poll or a history page is answered later by the backplane, with a body, so HEAD gets a 405 there.
 fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
-    let keep_alive = head.keep_alive();
+    let framing = Framing::of(&head);
+    // Every refusal below answers a HEAD without a body.
+    let fail = |conn: &mut Conn, cx: &Ctx, e: HttpError, extra: &[&str]| {
+        refuse(conn, cx, e, extra, framing.head_only)
+    };
     let method = head.method();
     let get = matches!(method, Method::Get | Method::Head);
     let post = method == Method::Post;
     let path = head.path.as_str();
     let is_echo = cx.shared.cfg.echo_path.as_deref() == Some(path);
     let wrong_method = |allow: &'static str| HttpError::new(405, allow);
+    if let Err(e) = http1::check_no_body(&head) {
+        return fail(conn, cx, e, &[]);
+    }
     match path {
         "/send" | "/sse" | "/poll" if method == Method::Options => {
-            conn.mode = Mode::Http { served: served + 1 };
+            conn.mode = Mode::Http {
+                served: served.saturating_add(1),
+            };
             preflight(conn, &head, cx, me);
         }
-        "/healthz" | "/readyz" | "/metrics" | "/sse" | "/poll" | "/api/history" | "/api/route"
-            if !get =>
-        {
+        "/sse" | "/poll" | "/api/history" if method != Method::Get => {
+            fail(conn, cx, wrong_method("use GET"), &["Allow: GET"]);
+        }
+        _ if method == Method::Head && (path == "/ws" || is_echo) => {
+            fail(
+                conn,
+                cx,
+                wrong_method("WebSocket upgrade needs GET"),
+                &["Allow: GET"],
+            );
+        }
+        "/healthz" | "/readyz" | "/metrics" | "/api/route" if !get => {
             fail(conn, cx, wrong_method("use GET"), &["Allow: GET, HEAD"]);
         }
         "/send" | "/api/conversations" | "/api/publish" if !post => {
@@ -258,11 +341,11 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
             } else {
                 b"degraded: redis unreachable\n"
             };
-            respond(conn, cx, me, 200, "text/plain", body, keep_alive)
+            respond(conn, cx, me, 200, "text/plain", body, framing)
         }
         "/readyz" => {
             if cx.shared.draining.load(Relaxed) {
-                respond(conn, cx, me, 503, "text/plain", b"draining\n", keep_alive);
+                respond(conn, cx, me, 503, "text/plain", b"draining\n", framing);
             } else if !cx.shared.metrics.bus_up.load(Relaxed) {
                 respond(
                     conn,
@@ -271,10 +354,10 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
                     503,
                     "text/plain",
                     b"degraded: redis unreachable\n",
-                    keep_alive,
+                    framing,
                 );
             } else {
-                respond(conn, cx, me, 200, "text/plain", b"ready\n", keep_alive);
+                respond(conn, cx, me, 200, "text/plain", b"ready\n", framing);
             }
         }
         "/metrics" => {
@@ -286,17 +369,22 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
                 200,
                 "text/plain; version=0.0.4",
                 text.as_bytes(),
-                keep_alive,
+                framing,
             );
         }
         "/ws" => upgrade(conn, &head, false, cx, me),
         _ if is_echo => upgrade(conn, &head, true, cx, me),
         "/sse" => stream(conn, &head, cx, me),
         "/poll" => poll(conn, &head, served, cx, me),
-        "/send" => match authenticate(&head, cx, me) {
-            Ok(_) => start_body(conn, head, served, cx),
-            Err(e) => fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
-        },
+        "/send" => {
+            if let Err(e) = cors_of(&head, cx) {
+                return fail(conn, cx, e, &[]);
+            }
+            match authenticate(&head, cx, me) {
+                Ok(_) => start_body(conn, head, served, cx),
+                Err(e) => fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
+            }
+        }
         "/api/route" => match check_api_key(&head, cx) {
             Err(e) => fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
             Ok(()) => match (head.query_param("user"), cx.shared.ring.is_empty()) {
@@ -317,7 +405,7 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
                         200,
                         "application/json",
                         body.as_bytes(),
-                        keep_alive,
+                        framing,
                     );
                 }
             },
@@ -333,7 +421,7 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
         }
         _ => {
             let body = br#"{"error":"no such endpoint","status":404}"#;
-            respond(conn, cx, me, 404, "application/json", body, keep_alive);
+            respond(conn, cx, me, 404, "application/json", body, framing);
         }
     }
 }
@@ -511,13 +599,9 @@ fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut 
         }
         _ => return fail(conn, cx, HttpError::new(404, "no such endpoint"), &[]),
     };
-    hand_over(
-        conn,
-        ev,
-        (head.keep_alive(), served, cors_of(head, cx)),
-        None,
-        cx,
-    );
+    // `/send` refused a foreign origin in `route`; the internal API answers one without CORS headers.
+    let cors = cors_of(head, cx).unwrap_or(None);
+    hand_over(conn, ev, (head.keep_alive(), served, cors), None, cx);
 }
 
 fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
@@ -530,6 +614,7 @@ fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, m
         );
     };
     let num = |name: &str| head.query_param(name).map(|v| v.parse::<u64>());
+    // `limit` is clamped by the router; here it only has to fit a usize.
     let (before, limit) = match (num("before"), num("limit")) {
         (Some(Err(_)), _) | (_, Some(Err(_))) => {
             return fail(
@@ -541,7 +626,7 @@ fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, m
         }
         (b, l) => (
             b.map(|r| r.unwrap_or(0)),
-            l.map(|r| r.unwrap_or(0) as usize),
+            l.map(|r| usize::try_from(r.unwrap_or(0)).unwrap_or(usize::MAX)),
         ),
     };
     let ev = Event::Api {
@@ -552,13 +637,8 @@ fn api_history(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, m
             limit,
         },
     };
-    hand_over(
-        conn,
-        ev,
-        (head.keep_alive(), served, cors_of(head, cx)),
-        None,
-        cx,
-    );
+    let cors = cors_of(head, cx).unwrap_or(None);
+    hand_over(conn, ev, (head.keep_alive(), served, cors), None, cx);
 }
 
 /// Channels and cursor of an SSE or poll request; errors are 400s with the reason.
@@ -598,21 +678,14 @@ fn bad_request_body(conn: &mut Conn, cx: &Ctx, reason: String) {
 }
 
 fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
+    let cors = match cors_of(head, cx) {
+        Ok(c) => c,
+        Err(e) => return fail(conn, cx, e, &[]),
+    };
     let user = match authenticate(head, cx, me) {
         Ok(u) => u,
         Err(e) => return fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
     };
-    if let Some(origin) = &head.origin
-        && !cx.shared.cfg.allowed_origins.is_empty()
-        && !cx
-            .shared
-            .cfg
-            .allowed_origins
-            .iter()
-            .any(|o| o.eq_ignore_ascii_case(origin))
-    {
-        return fail(conn, cx, HttpError::new(403, "origin not allowed"), &[]);
-    }
     let resume = head
         .last_event_id
         .clone()
@@ -627,10 +700,14 @@ fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
         channels,
         cursor: cur.unwrap_or_default(),
     };
-    hand_over(conn, ev, (false, 0, cors_of(head, cx)), Some(user), cx);
+    hand_over(conn, ev, (false, 0, cors), Some(user), cx);
 }
 
 fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
+    let cors = match cors_of(head, cx) {
+        Ok(c) => c,
+        Err(e) => return fail(conn, cx, e, &[]),
+    };
     let user = match authenticate(head, cx, me) {
         Ok(u) => u,
         Err(e) => return fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
@@ -639,12 +716,9 @@ fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: Conn
         Ok(v) => v,
         Err(reason) => return bad_request_body(conn, cx, reason),
     };
-    let hold_ms = match head.query_param("timeout") {
-        None => crate::config::DEFAULT_POLL_TIMEOUT.as_millis() as u64,
-        Some(t) => match t.parse::<u64>() {
-            Ok(s) => (s * 1000).min(cx.shared.cfg.max_poll_timeout.as_millis() as u64),
-            Err(_) => return bad_request_body(conn, cx, "timeout= is whole seconds".into()),
-        },
+    let max = cx.shared.cfg.max_poll_timeout;
+    let Some(hold_ms) = poll_hold_ms(head.query_param("timeout").as_deref(), max) else {
+        return bad_request_body(conn, cx, "timeout= is whole seconds".into());
     };
     let ev = Event::Poll {
         conn: me,
@@ -653,13 +727,19 @@ fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: Conn
         cursor: cur,
         hold_ms,
     };
-    hand_over(
-        conn,
-        ev,
-        (head.keep_alive(), served, cors_of(head, cx)),
-        Some(user),
-        cx,
-    );
+    hand_over(conn, ev, (head.keep_alive(), served, cors), Some(user), cx);
+}
+
+/// How long a poll is held, in ms: `timeout=` whole seconds (default `DEFAULT_POLL_TIMEOUT`), capped by `max`.
+/// The client's number is multiplied saturating, so a huge one is just the cap, never an overflow; None when
+/// it is not a number.
+fn poll_hold_ms(timeout: Option<&str>, max: std::time::Duration) -> Option<u64> {
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let asked = match timeout {
+        None => ms(crate::config::DEFAULT_POLL_TIMEOUT),
+        Some(t) => t.parse::<u64>().ok()?.saturating_mul(1000),
+    };
+    Some(asked.min(ms(max)))
 }
 
 /// The backplane's answer to a request handed over.
@@ -672,7 +752,7 @@ pub fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &mut Ctx, me: C
             status,
             "application/json",
             body.as_bytes(),
-            keep_alive,
+            Framing::with_body(keep_alive),
         );
     }
 }
@@ -732,17 +812,10 @@ pub fn finish_poll(conn: &mut Conn, body: Option<String>, cx: &mut Ctx, me: Conn
     cx.metrics().conn_closed(Transport::LongPoll);
     cx.metrics().conn_opened(Transport::Http);
     cx.to_backplane(Event::Unfollow { conn: me });
+    let framing = Framing::with_body(keep_alive);
     match body {
-        Some(b) => respond(
-            conn,
-            cx,
-            me,
-            200,
-            "application/json",
-            b.as_bytes(),
-            keep_alive,
-        ),
-        None => respond(conn, cx, me, 204, "application/json", b"", keep_alive),
+        Some(b) => respond(conn, cx, me, 200, "application/json", b.as_bytes(), framing),
+        None => respond(conn, cx, me, 204, "application/json", b"", framing),
     }
 }
 
@@ -815,4 +888,27 @@ fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: Co
     // Heartbeats start now; the handshake deadline is replaced.
     let at = cx.now_ms + cx.shared.cfg.heartbeat_interval.as_millis() as u64;
     cx.schedule(conn, me, at);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn poll_timeout_saturates_at_the_cap() {
+        let max = Duration::from_secs(60);
+        assert_eq!(poll_hold_ms(Some("0"), max), Some(0));
+        assert_eq!(poll_hold_ms(Some("5"), max), Some(5_000));
+        assert_eq!(poll_hold_ms(Some("61"), max), Some(60_000));
+        // 18446744073709551615 s × 1000 overflowed (a panic in debug builds, a wrapped hold in release).
+        assert_eq!(poll_hold_ms(Some(&u64::MAX.to_string()), max), Some(60_000));
+        assert_eq!(poll_hold_ms(Some("18446744073709552"), max), Some(60_000));
+        assert_eq!(poll_hold_ms(None, max), Some(25_000));
+        assert_eq!(poll_hold_ms(None, Duration::from_secs(10)), Some(10_000));
+        assert_eq!(poll_hold_ms(Some("-1"), max), None);
+        assert_eq!(poll_hold_ms(Some("18446744073709551616"), max), None);
+        assert_eq!(poll_hold_ms(Some("1.5"), max), None);
+        assert_eq!(poll_hold_ms(Some(""), max), None);
+    }
 }

@@ -75,6 +75,11 @@ impl RequestHead {
         }
     }
 
+    /// Whether the request announces a body: a `Content-Length` above zero, or any `Transfer-Encoding`.
+    pub fn announces_body(&self) -> bool {
+        self.chunked || self.content_length.is_some_and(|n| n > 0)
+    }
+
     /// The value of a query parameter, percent-decoded.
     pub fn query_param(&self, name: &str) -> Option<String> {
         self.query.split('&').find_map(|pair| {
@@ -232,6 +237,50 @@ pub fn parse_request(
     Ok(Some((head, consumed)))
 }
 
+/// Refuses a GET or HEAD that announces a body. Such a body means nothing here (RFC 9110 §9.3.1), and a proxy in
+/// front that frames it differently (ignores it, or reads it as the next request) is the classic request
+/// smuggling setup: the caller answers 400 and closes, so those bytes are never read as a request.
+pub fn check_no_body(head: &RequestHead) -> Result<(), HttpError> {
+    let bodyless = matches!(head.method(), Method::Get | Method::Head);
+    if bodyless && head.announces_body() {
+        return Err(HttpError::new(
+            400,
+            "GET and HEAD requests must not carry a body",
+        ));
+    }
+    Ok(())
+}
+
+/// How a request's `Origin` stands against the allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OriginMatch {
+    /// No `Origin` header: not a browser cross-origin request, nothing to check.
+    Absent,
+    /// No allow-list is configured: any origin is accepted.
+    AnyAllowed,
+    /// The origin is `allowed_origins[i]` (compared case-insensitively).
+    Listed(usize),
+}
+
+/// The one Origin check for every browser-facing endpoint (`/ws`, `/sse`, `/poll`, `POST /send` and their
+/// preflights), so none of them can drift from the others. `allowed_origins` empty = any origin.
+pub fn check_origin(
+    origin: Option<&str>,
+    allowed_origins: &[String],
+) -> Result<OriginMatch, HttpError> {
+    let Some(origin) = origin else {
+        return Ok(OriginMatch::Absent);
+    };
+    if allowed_origins.is_empty() {
+        return Ok(OriginMatch::AnyAllowed);
+    }
+    allowed_origins
+        .iter()
+        .position(|o| o.eq_ignore_ascii_case(origin))
+        .map(OriginMatch::Listed)
+        .ok_or(HttpError::new(403, "origin not allowed"))
+}
+
 /// Comma-separated header tokens, trimmed, non-empty.
 fn tokens(v: &[u8]) -> impl Iterator<Item = &str> {
     std::str::from_utf8(v)
@@ -286,14 +335,7 @@ pub fn validate_upgrade(
             "Sec-WebSocket-Key must be 16 bytes in base64",
         ));
     }
-    if let Some(origin) = &head.origin
-        && !allowed_origins.is_empty()
-        && !allowed_origins
-            .iter()
-            .any(|o| o.eq_ignore_ascii_case(origin))
-    {
-        return Err(HttpError::new(403, "origin not allowed"));
-    }
+    check_origin(head.origin.as_deref(), allowed_origins)?;
     let protocol = head
         .ws_protocols
         .iter()
@@ -347,14 +389,27 @@ pub fn encode_response(
     keep_alive: bool,
     out: &mut Vec<u8>,
 ) {
+    encode_response_head(status, content_type, extra, body.len(), keep_alive, out);
+    out.extend_from_slice(body);
+}
+
+/// Appends the head of a response whose body is `content_length` bytes, without the body: on its own, the
+/// answer to a HEAD request (RFC 9110 §9.3.2: the head a GET would get, `Content-Length` included).
+pub fn encode_response_head(
+    status: u16,
+    content_type: &str,
+    extra: &[&str],
+    content_length: usize,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+) {
     use std::io::Write;
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Length: {content_length}\r\n",
         status_text(status),
-        body.len()
     );
-    if !body.is_empty() || status == 200 {
+    if content_length != 0 || status == 200 {
         let _ = write!(out, "Content-Type: {content_type}\r\n");
     }
     for line in extra {
@@ -366,20 +421,11 @@ pub fn encode_response(
     } else {
         b"Connection: close\r\n\r\n".as_slice()
     });
-    out.extend_from_slice(body);
 }
 
-/// A JSON error body `{"error": reason}` with the status of `err`.
-pub fn encode_error(err: HttpError, extra: &[&str], keep_alive: bool, out: &mut Vec<u8>) {
-    let body = serde_json::json!({ "error": err.reason, "status": err.status }).to_string();
-    encode_response(
-        err.status,
-        "application/json",
-        extra,
-        body.as_bytes(),
-        keep_alive,
-        out,
-    );
+/// The JSON body of an error answer: `{"error": reason, "status": code}`.
+pub fn error_body(err: HttpError) -> String {
+    serde_json::json!({ "error": err.reason, "status": err.status }).to_string()
 }
 
 /// The `101 Switching Protocols` answer.
@@ -496,6 +542,73 @@ mod tests {
                 "GET /ws HTTP/1.1\r\n{base}{key}Origin: https://evil.example\r\n\r\n"
             )),
             403
+        );
+    }
+
+    #[test]
+    fn get_and_head_with_a_body_are_refused() {
+        let check = |r: &[u8]| {
+            let (head, _) = parse_request(r, &LIMITS).unwrap().unwrap();
+            check_no_body(&head).map_err(|e| e.status)
+        };
+        assert_eq!(
+            check(b"GET /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            check(b"HEAD /metrics HTTP/1.1\r\nContent-Length: 1\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            check(b"GET /sse HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(400)
+        );
+        // Any Transfer-Encoding, not only chunked: we do not decode any of them.
+        assert_eq!(
+            check(b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Err(400)
+        );
+        assert_eq!(
+            check(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+            Ok(())
+        );
+        assert_eq!(check(b"HEAD / HTTP/1.1\r\n\r\n"), Ok(()));
+        assert_eq!(
+            check(b"POST /send HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn one_origin_check() {
+        let list = ["https://app.example".to_string()];
+        assert_eq!(check_origin(None, &list), Ok(OriginMatch::Absent));
+        assert_eq!(
+            check_origin(Some("https://evil.example"), &[]),
+            Ok(OriginMatch::AnyAllowed)
+        );
+        assert_eq!(
+            check_origin(Some("HTTPS://App.Example"), &list),
+            Ok(OriginMatch::Listed(0))
+        );
+        assert_eq!(
+            check_origin(Some("https://evil.example"), &list).map_err(|e| e.status),
+            Err(403)
+        );
+    }
+
+    #[test]
+    fn a_head_answer_is_the_get_head_without_the_body() {
+        let mut get = Vec::new();
+        encode_response(200, "text/plain", &["X: y"], b"ok\n", true, &mut get);
+        let mut head = Vec::new();
+        encode_response_head(200, "text/plain", &["X: y"], 3, true, &mut head);
+        assert_eq!(&get[..get.len() - 3], &head[..]);
+        assert!(head.ends_with(b"\r\n\r\n"));
+        assert!(
+            String::from_utf8(head)
+                .unwrap()
+                .contains("Content-Length: 3\r\n")
         );
     }
 
