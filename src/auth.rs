@@ -9,6 +9,9 @@ use thiserror::Error;
 
 pub const SECRET_FILE: &str = "auth-secret";
 pub const API_KEY_FILE: &str = "api-key";
+/// Shortest operator secret (`--auth-secret`, `--api-key`, or the files in the data dir) we accept: HS256
+/// keys shorter than the hash output (RFC 7518 §3.2) and short API keys are guessable.
+pub const MIN_SECRET_BYTES: usize = 32;
 /// Longest user id we accept in a token (ids travel in every message and key).
 pub const MAX_USER_LEN: usize = 128;
 
@@ -50,6 +53,11 @@ impl Verifier {
 
     /// Returns the user id (`sub`) of a valid, unexpired token.
     pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        self.verify_until(token).map(|(sub, _)| sub)
+    }
+
+    /// Returns the user id (`sub`) and the expiry (`exp`, Unix seconds) of a valid, unexpired token.
+    pub fn verify_until(&self, token: &str) -> Result<(String, u64), AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -60,7 +68,7 @@ impl Verifier {
         if !valid_id(&sub) {
             return Err(AuthError::BadSubject);
         }
-        Ok(sub)
+        Ok((sub, data.claims.exp))
     }
 }
 
@@ -92,6 +100,13 @@ pub fn mint(
     )
 }
 
+/// Loop milliseconds (`now_ms` on the clock of `now_loop_ms`) at which a token with `exp` (Unix seconds)
+/// expires.
+pub fn expiry_ms(exp: u64, now_loop_ms: u64) -> u64 {
+    let left_s = exp.saturating_sub(unix_now());
+    now_loop_ms.saturating_add(left_s.saturating_mul(1000))
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -108,18 +123,34 @@ pub enum SecretSource {
 }
 
 /// Uses `given` if set; otherwise reads `data_dir/name`, or generates 32 random bytes (hex) into it (mode 0600).
+/// A given or stored secret shorter than [`MIN_SECRET_BYTES`] is refused with an error that says which.
 pub fn resolve_secret(
     given: Option<&str>,
     data_dir: &Path,
     name: &str,
 ) -> std::io::Result<(String, SecretSource)> {
+    let too_short = |what: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{what} is shorter than {MIN_SECRET_BYTES} bytes; use a longer random value \
+                 (e.g. `openssl rand -hex 32`), or leave it unset to have one generated in the data dir"
+            ),
+        )
+    };
     if let Some(s) = given.filter(|s| !s.is_empty()) {
+        if s.len() < MIN_SECRET_BYTES {
+            return Err(too_short(format!("the given {name}")));
+        }
         return Ok((s.to_string(), SecretSource::Given));
     }
     let path = data_dir.join(name);
     if let Ok(s) = std::fs::read_to_string(&path) {
         let s = s.trim().to_string();
         if !s.is_empty() {
+            if s.len() < MIN_SECRET_BYTES {
+                return Err(too_short(format!("{}", path.display())));
+            }
             return Ok((s, SecretSource::Loaded(path)));
         }
     }
@@ -200,6 +231,20 @@ mod tests {
         assert!(matches!(src, SecretSource::Loaded(_)));
         assert_eq!(a, b);
         assert_eq!(a.len(), 64);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn short_secrets_are_refused_given_or_stored() {
+        let dir = std::env::temp_dir().join(format!("corelay-auth-short-{}", std::process::id()));
+        let e = resolve_secret(Some("s3cret"), &dir, SECRET_FILE).unwrap_err();
+        assert!(e.to_string().contains("shorter than 32 bytes"), "{e}");
+        let long = "x".repeat(MIN_SECRET_BYTES);
+        assert!(resolve_secret(Some(&long), &dir, API_KEY_FILE).is_ok());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(API_KEY_FILE), "short\n").unwrap();
+        let e = resolve_secret(None, &dir, API_KEY_FILE).unwrap_err();
+        assert!(e.to_string().contains(API_KEY_FILE), "names the file: {e}");
         std::fs::remove_dir_all(&dir).ok();
     }
 

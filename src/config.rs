@@ -105,6 +105,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub threads: usize,
     pub data_dir: PathBuf,
+    /// Empty = host name + port, decided when the listener is bound.
     pub node_id: String,
     /// HS256 secret for client tokens. Resolved (possibly generated) by [`crate::auth::resolve_secret`].
     pub auth_secret: Option<String>,
@@ -191,7 +192,14 @@ pub fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
+/// The node id when none is configured: empty here, and host name + listening port once the listener is
+/// bound (`Server::start`), so that several nodes on one host never share an id by default.
 fn default_node_id() -> String {
+    String::new()
+}
+
+/// This machine's host name (`node1` when it cannot be read).
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()

@@ -61,7 +61,7 @@ struct RunArgs {
     /// Where the embedded store and generated secrets live [default: ./data].
     #[arg(long, env = "CORELAY_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Node id (defaults to the host name).
+    /// Node id, unique in the cluster [default: host name + '-' + listening port].
     #[arg(long, env = "CORELAY_NODE_ID")]
     node_id: Option<String>,
     /// HS256 secret for client tokens (generated into the data dir when absent).
@@ -190,6 +190,19 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Run(r)) => run(*r),
         None => run(cli.run),
     }
+}
+
+/// A panic anywhere (an event loop, the backplane, the store thread) ends the process at once with status
+/// 70, after the panic is logged: a gateway with one dead loop would keep accepting on the others while the
+/// dead loop's users still look present, so their messages would never reach the offline queue. A supervisor
+/// restarts the process; clients reconnect and resume from their cursors.
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        tracing::error!(panic = %info, "a thread panicked; exiting so that a supervisor restarts the node");
+        std::process::exit(70);
+    }));
 }
 
 fn token(t: TokenArgs) -> anyhow::Result<()> {
@@ -381,6 +394,7 @@ fn run(r: RunArgs) -> anyhow::Result<()> {
     }
     cfg.api_key = Some(key);
 
+    exit_on_panic();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,

@@ -25,8 +25,8 @@ const TRANSPORTS: [(&str, Transport); 5] = [
 ];
 
 /// Close codes we count individually; everything else lands in "other".
-const CLOSE_CODES: [u16; 11] = [
-    1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1013, 0,
+const CLOSE_CODES: [u16; 12] = [
+    1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1013, 4001, 0,
 ];
 
 #[derive(Default)]

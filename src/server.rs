@@ -60,12 +60,30 @@ pub struct Server {
     workers: Vec<JoinHandle<()>>,
     backplane: Option<JoinHandle<()>>,
     draining: Arc<AtomicBool>,
+    /// The node-id lease in cluster mode, released after the drain.
+    lease: Option<crate::backplane::lease::Lease>,
 }
 
 impl Server {
     /// Binds and starts every loop and the backplane. `cfg.auth_secret` and `api_key` must be resolved.
-    pub fn start(cfg: Config) -> anyhow::Result<Server> {
+    pub fn start(mut cfg: Config) -> anyhow::Result<Server> {
         cfg.validate()?;
+        let listeners = listener::bind_all(cfg.listen, cfg.threads)
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let local_addr = listeners[0].local_addr()?;
+        if cfg.node_id.is_empty() {
+            // Unique per process on one host: several nodes on one machine differ by port.
+            cfg.node_id = format!("{}-{}", crate::config::host_name(), local_addr.port());
+        }
+        // Cluster mode: refuse to run beside a live node with the same id.
+        let lease = match &cfg.redis {
+            Some(url) => Some(crate::backplane::lease::acquire(
+                url,
+                &cfg.node_id,
+                crate::backplane::lease::LEASE_TTL,
+            )?),
+            None => None,
+        };
         let mut store = open_store(&cfg)?;
         let secret = cfg
             .auth_secret
@@ -73,9 +91,6 @@ impl Server {
             .context("auth secret not resolved")?;
         let api_key: Arc<str> = cfg.api_key.clone().context("API key not resolved")?.into();
         let cfg = Arc::new(cfg);
-        let listeners = listener::bind_all(cfg.listen, cfg.threads)
-            .with_context(|| format!("binding {}", cfg.listen))?;
-        let local_addr = listeners[0].local_addr()?;
         let metrics = Arc::new(Metrics::new(cfg.threads));
         let (bp, bp_rx, notify) = backplane::channel(cfg.limits.backplane_queue);
         let draining = Arc::new(AtomicBool::new(false));
@@ -156,6 +171,7 @@ impl Server {
             workers,
             backplane: Some(backplane),
             draining,
+            lease,
         })
     }
 
@@ -178,5 +194,6 @@ impl Server {
         if let Some(b) = self.backplane.take() {
             let _ = b.join();
         }
+        drop(self.lease.take());
     }
 }

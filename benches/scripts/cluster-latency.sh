@@ -27,8 +27,8 @@ start_redis() {
 start_node() { # name extra-args... ; sets $addr
   local name=$1; shift
   local log="$work/$name.log"
-  "$BIN/corelay" run --listen 127.0.0.1:0 --threads 1 --no-pin --data-dir "$work/$name" --auth-secret bench \
-    --api-key bench --node-id "$name" --max-body-bytes 1MiB --client-rate 100000 --client-burst 100000 "$@" >"$log" 2>"$work/$name.err" &
+  "$BIN/corelay" run --listen 127.0.0.1:0 --threads 1 --no-pin --data-dir "$work/$name" --auth-secret bench-secret-0123456789abcdef0123456789 \
+    --api-key bench-api-key-0123456789abcdef0123456789 --node-id "$name" --max-body-bytes 1MiB --client-rate 100000 --client-burst 100000 "$@" >"$log" 2>"$work/$name.err" &
   pids+=($!)
   for _ in $(seq 100); do grep -q listening "$log" && break; sleep 0.1; done
   addr=$(grep -oE 'listening on [0-9.:]+' "$log" | awk '{print $3}')
@@ -38,7 +38,7 @@ fanout() { # label pub-addr [sub-addrs...]
   local subs=() procs=1
   for a in "$@"; do subs+=(--sub-url "ws://$a/ws"); done
   [ $# -gt 0 ] && procs=$#
-  "$BIN/corelay-load" fanout --quiet --url "ws://$pub/ws" --api "http://$pub" --api-key bench --token-secret bench \
+  "$BIN/corelay-load" fanout --quiet --url "ws://$pub/ws" --api "http://$pub" --api-key bench-api-key-0123456789abcdef0123456789 --token-secret bench-secret-0123456789abcdef0123456789 \
     --subscribers "$S" --messages "$M" --gap "$GAP" --procs "$procs" "${subs[@]}" \
     | grep '^RESULT' | sed "s/^RESULT /RESULT {\"label\":\"$label\",\"r\":/; s/\$/}/"
 }

@@ -17,16 +17,16 @@ cleanup() { [[ -n $pid ]] && kill -9 "$pid" 2>/dev/null; rm -rf "$bin" "$data" "
 trap cleanup EXIT
 for transport in $TRANSPORTS; do
   data=$(mktemp -d); log=$(mktemp)
-  "$bin/corelay" run --listen 127.0.0.1:0 --threads "$THREADS" --data-dir "$data" --auth-secret bench \
-    --api-key bench --echo-path /echo --heartbeat-interval "$HEARTBEAT" >"$log" 2>/dev/null &
+  "$bin/corelay" run --listen 127.0.0.1:0 --threads "$THREADS" --data-dir "$data" --auth-secret bench-secret-0123456789abcdef0123456789 \
+    --api-key bench-api-key-0123456789abcdef0123456789 --echo-path /echo --heartbeat-interval "$HEARTBEAT" >"$log" 2>/dev/null &
   pid=$!
   for _ in $(seq 100); do grep -q listening "$log" && break; sleep 0.1; done
   addr=$(grep -oE 'listening on [0-9.:]+' "$log" | awk '{print $3}' || true)
   [[ -n $addr ]] || { echo "corelay did not start" >&2; exit 1; }
   case $transport in
     ws) url="ws://$addr/echo"; extra=() ;;
-    sse) url="http://$addr/sse?channels=bench:idle"; extra=(--token-secret bench) ;;
-    longpoll) url="http://$addr/poll?channels=bench:idle&cursor=bench:idle%3D0&timeout=60"; extra=(--token-secret bench) ;;
+    sse) url="http://$addr/sse?channels=bench:idle"; extra=(--token-secret bench-secret-0123456789abcdef0123456789) ;;
+    longpoll) url="http://$addr/poll?channels=bench:idle&cursor=bench:idle%3D0&timeout=60"; extra=(--token-secret bench-secret-0123456789abcdef0123456789) ;;
   esac
   timeout -k 5 300 "$bin/corelay-load" idle --quiet --transport "$transport" --url "$url" --connections "$N" \
     --procs "$PROCS" --server-pid "$pid" --hold "$HOLD" --timeout 280s "${extra[@]}" | grep '^RESULT' || true

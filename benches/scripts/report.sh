@@ -128,8 +128,8 @@ start_server() {
   rm -rf "$WORK/data"; mkdir -p "$WORK/data"; : >"$slog"
   case $kind in
     corelay)
-      SCMD="corelay run --listen 127.0.0.1:0 --threads 2 --data-dir DATA --auth-secret bench --api-key bench --echo-path /echo $*"
-      "$BIN/corelay" run --listen 127.0.0.1:0 --threads 2 --data-dir "$WORK/data" --auth-secret bench --api-key bench \
+      SCMD="corelay run --listen 127.0.0.1:0 --threads 2 --data-dir DATA --auth-secret bench-secret-0123456789abcdef0123456789 --api-key bench-api-key-0123456789abcdef0123456789 --echo-path /echo $*"
+      "$BIN/corelay" run --listen 127.0.0.1:0 --threads 2 --data-dir "$WORK/data" --auth-secret bench-secret-0123456789abcdef0123456789 --api-key bench-api-key-0123456789abcdef0123456789 \
         --echo-path /echo "$@" >"$slog" 2>&1 &
       ;;
     baseline-default)
@@ -211,8 +211,8 @@ idle_args() { # N TRANSPORT
   local n=$1 p; p=$(procs_for "$1")
   case $2 in
     ws) echo "idle --url ws://{ADDR}/echo --connections $n --procs $p --server-pid {PID} --hold $IDLE_HOLD --timeout 90s" ;;
-    sse) echo "idle --transport sse --url http://{ADDR}/sse?channels=bench:idle --token-secret bench --connections $n --procs $p --server-pid {PID} --hold $IDLE_HOLD --timeout 90s" ;;
-    longpoll) echo "idle --transport longpoll --url http://{ADDR}/poll?channels=bench:idle&cursor=bench:idle%3D0&timeout=60 --token-secret bench --connections $n --procs $p --server-pid {PID} --hold $IDLE_HOLD --timeout 90s" ;;
+    sse) echo "idle --transport sse --url http://{ADDR}/sse?channels=bench:idle --token-secret bench-secret-0123456789abcdef0123456789 --connections $n --procs $p --server-pid {PID} --hold $IDLE_HOLD --timeout 90s" ;;
+    longpoll) echo "idle --transport longpoll --url http://{ADDR}/poll?channels=bench:idle&cursor=bench:idle%3D0&timeout=60 --token-secret bench-secret-0123456789abcdef0123456789 --connections $n --procs $p --server-pid {PID} --hold $IDLE_HOLD --timeout 90s" ;;
   esac
 }
 for run in $(seq "$RUNS"); do
@@ -262,13 +262,13 @@ done
 # --- 4. fan-out to FANOUT_N subscribers (corelay); the baseline's broadcast mode has no /api to create the
 #        conversation the load generator needs: one attempt is recorded to show it, then it is skipped --------------
 FP=$(procs_for "$FANOUT_N")
-FAN="fanout --url ws://{ADDR}/ws --api http://{ADDR} --api-key bench --token-secret bench --subscribers $FANOUT_N --messages $FANOUT_MSGS --procs $FP --timeout 90s"
+FAN="fanout --url ws://{ADDR}/ws --api http://{ADDR} --api-key bench-api-key-0123456789abcdef0123456789 --token-secret bench-secret-0123456789abcdef0123456789 --subscribers $FANOUT_N --messages $FANOUT_MSGS --procs $FP --timeout 90s"
 for run in $(seq "$RUNS"); do
   # shellcheck disable=SC2086
   one corelay fanout "$run" 120 "--max-body-bytes 1MiB" $FAN
 done
 # shellcheck disable=SC2086
-one baseline-tuned fanout 1 60 broadcast fanout --url ws://{ADDR}/ws --api http://{ADDR} --api-key bench --token-secret bench \
+one baseline-tuned fanout 1 60 broadcast fanout --url ws://{ADDR}/ws --api http://{ADDR} --api-key bench-api-key-0123456789abcdef0123456789 --token-secret bench-secret-0123456789abcdef0123456789 \
   --subscribers 100 --messages 2 --timeout 30s
 
 # --- 5. connect storm -------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 //! subscriber.
 
 pub mod bus;
+pub mod lease;
 pub mod router;
 pub mod sequencer;
 

@@ -937,6 +937,8 @@ impl Router {
                     reply(out, conn, &e);
                 }
             }
+            // Answered on the loop, which owns the connection's token state.
+            ClientMsg::Refresh { .. } => {}
         }
     }
 

@@ -151,6 +151,7 @@ fn refuse(conn: &mut Conn, cx: &Ctx, e: HttpError, extra: &[&str], head_only: bo
         served: u32::MAX,
         user: None,
         cors: None,
+        expires_s: 0,
     };
 }
 
@@ -427,24 +428,27 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
 }
 
 /// The user of a client request (token in `Authorization: Bearer` or `?token=`).
-fn authenticate(head: &RequestHead, cx: &Ctx, me: ConnRef) -> Result<Arc<str>, HttpError> {
+/// The user of the request's token, and the loop ms at which the token expires.
+fn authenticate(head: &RequestHead, cx: &Ctx, me: ConnRef) -> Result<(Arc<str>, u64), HttpError> {
     let verified = match head.bearer_token() {
         None => Err(crate::auth::AuthError::Missing),
-        Some(t) => cx.shared.verifier.verify(&t),
+        Some(t) => cx.shared.verifier.verify_until(&t),
     };
-    verified.map(Arc::from).map_err(|e| {
-        tracing::debug!(worker = cx.id, conn = me.index, error = %e, "unauthorized");
-        HttpError::new(
-            401,
-            match e {
-                crate::auth::AuthError::Missing => {
-                    "missing token (Authorization: Bearer or ?token=)"
-                }
-                crate::auth::AuthError::Expired => "expired token",
-                _ => "invalid token",
-            },
-        )
-    })
+    verified
+        .map(|(user, exp)| (Arc::from(user), crate::auth::expiry_ms(exp, cx.now_ms)))
+        .map_err(|e| {
+            tracing::debug!(worker = cx.id, conn = me.index, error = %e, "unauthorized");
+            HttpError::new(
+                401,
+                match e {
+                    crate::auth::AuthError::Missing => {
+                        "missing token (Authorization: Bearer or ?token=)"
+                    }
+                    crate::auth::AuthError::Expired => "expired token",
+                    _ => "invalid token",
+                },
+            )
+        })
 }
 
 fn check_api_key(head: &RequestHead, cx: &Ctx) -> Result<(), HttpError> {
@@ -521,6 +525,7 @@ fn hand_over(
         served,
         user,
         cors,
+        expires_s: 0,
     };
 }
 
@@ -575,7 +580,7 @@ fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut 
         },
         "/send" => {
             let user = match authenticate(head, cx, me) {
-                Ok(u) => u,
+                Ok((u, _)) => u,
                 Err(e) => return fail(conn, cx, e, &[]),
             };
             match msg::parse_client(body) {
@@ -674,6 +679,7 @@ fn bad_request_body(conn: &mut Conn, cx: &Ctx, reason: String) {
         served: u32::MAX,
         user: None,
         cors: None,
+        expires_s: 0,
     };
 }
 
@@ -682,7 +688,7 @@ fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
         Ok(c) => c,
         Err(e) => return fail(conn, cx, e, &[]),
     };
-    let user = match authenticate(head, cx, me) {
+    let (user, expires_ms) = match authenticate(head, cx, me) {
         Ok(u) => u,
         Err(e) => return fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
     };
@@ -701,6 +707,9 @@ fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
         cursor: cur.unwrap_or_default(),
     };
     hand_over(conn, ev, (false, 0, cors), Some(user), cx);
+    if let Mode::HttpAwait { expires_s, .. } = &mut conn.mode {
+        *expires_s = u32::try_from(expires_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+    }
 }
 
 fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
@@ -709,7 +718,7 @@ fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: Conn
         Err(e) => return fail(conn, cx, e, &[]),
     };
     let user = match authenticate(head, cx, me) {
-        Ok(u) => u,
+        Ok((u, _)) => u,
         Err(e) => return fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
     };
     let (channels, cur) = match channels_and_cursor(head, head.query_param("cursor")) {
@@ -762,23 +771,28 @@ pub fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Ctx, me: Con
     let Mode::HttpAwait {
         user: Some(user),
         cors,
+        expires_s,
         ..
     } = &conn.mode
     else {
         return;
     };
-    let (user, cors) = (user.clone(), *cors);
+    let (user, cors, expires_ms) = (user.clone(), *cors, u64::from(*expires_s) * 1000);
     let lines = cors_lines(cors, cx);
     let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
     let mut out = Vec::with_capacity(256);
     sse::encode_head(cx.shared.cfg.sse_retry.as_millis() as u64, &extra, &mut out);
     cx.metrics().response(200);
     conn.out.push_vec(out);
-    conn.mode = Mode::Sse(Box::new(StreamState { user, cursor }));
+    conn.mode = Mode::Sse(Box::new(StreamState {
+        user,
+        cursor,
+        expires_ms,
+    }));
     cx.metrics().conn_closed(Transport::Http);
     cx.metrics().conn_opened(Transport::Sse);
     let at = cx.now_ms + cx.shared.cfg.heartbeat_interval.as_millis() as u64;
-    cx.schedule(conn, me, at);
+    cx.schedule(conn, me, super::until_expiry(at, expires_ms));
 }
 
 /// The backplane holds a long poll.
@@ -840,11 +854,11 @@ fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: Co
             return fail(conn, cx, e, extra);
         }
     };
-    let user = if echo {
-        None
+    let (user, expires_ms) = if echo {
+        (None, 0)
     } else {
         match authenticate(head, cx, me) {
-            Ok(u) => Some(u),
+            Ok((u, exp)) => (Some(u), exp),
             Err(e) => return fail(conn, cx, e, &["WWW-Authenticate: Bearer"]),
         }
     };
@@ -884,10 +898,12 @@ fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: Co
         ping_sent_ms: 0,
         close_sent: false,
         bucket: super::Bucket::full(cx.shared.cfg.limits.client_burst, cx.now_ms),
+        paused: false,
+        expires_ms,
     }));
     // Heartbeats start now; the handshake deadline is replaced.
     let at = cx.now_ms + cx.shared.cfg.heartbeat_interval.as_millis() as u64;
-    cx.schedule(conn, me, at);
+    cx.schedule(conn, me, super::until_expiry(at, expires_ms));
 }
 
 #[cfg(test)]

@@ -40,6 +40,8 @@ pub enum Mode {
         user: Option<Arc<str>>,
         /// CORS for the answer: which allowed origin to name (`ANY_ORIGIN` = `*`), if the request had one.
         cors: Option<u16>,
+        /// A stream's token expiry in loop seconds (0 = none), until the stream starts.
+        expires_s: u32,
     },
     WebSocket(Box<WsState>),
     /// An SSE stream: the cursor is written as each event's `id:`.
@@ -51,6 +53,9 @@ pub enum Mode {
 pub struct StreamState {
     pub user: Arc<str>,
     pub cursor: CursorVec,
+    /// Loop ms at which the stream's token expires: the stream ends then (the client reconnects with a
+    /// fresh token and its cursor).
+    pub expires_ms: u64,
 }
 
 pub struct PollState {
@@ -93,15 +98,31 @@ pub struct WsState {
     pub close_sent: bool,
     /// Client requests allowed on this connection (chat endpoint only).
     pub bucket: Bucket,
+    /// Input is paused by the rate limit: the socket is not read (TCP pushes back on the client) and the
+    /// bytes already read but not yet decoded wait in `Conn::inbuf`, until the bucket has a token again.
+    pub paused: bool,
+    /// Loop ms at which the token expires (0: never, the echo endpoint). The connection is closed with 4001
+    /// then, unless a `refresh` with a fresh token of the same user came first.
+    pub expires_ms: u64,
+}
+
+/// The earlier of a timer deadline and a token expiry (0 = none).
+pub fn until_expiry(at_ms: u64, expires_ms: u64) -> u64 {
+    if expires_ms == 0 {
+        at_ms
+    } else {
+        at_ms.min(expires_ms)
+    }
 }
 
 /// A token bucket: `rate` requests per second on average, `burst` at once. 16 bytes, no allocation.
+///
+/// It never refuses a request: a client that runs out of tokens is slowed down (its input is not read until
+/// [`Bucket::wait_ms`] has passed), so requests pipelined beyond the rate are all served, in order, just later.
 #[derive(Clone, Copy, Debug)]
 pub struct Bucket {
     tokens: f32,
     last_ms: u64,
-    /// Requests refused in a row; past `burst` the client is closed (1008).
-    pub refused: u32,
 }
 
 impl Bucket {
@@ -109,23 +130,31 @@ impl Bucket {
         Bucket {
             tokens: burst as f32,
             last_ms: now_ms,
-            refused: 0,
         }
+    }
+
+    /// Refills for the time passed; true when a request may be served now.
+    pub fn ready(&mut self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f32 / 1000.0;
+        self.last_ms = self.last_ms.max(now_ms);
+        self.tokens = (self.tokens + elapsed * rate as f32).min(burst as f32);
+        self.tokens >= 1.0
     }
 
     /// Takes a token if there is one.
     pub fn take(&mut self, now_ms: u64, rate: u32, burst: u32) -> bool {
-        let elapsed = now_ms.saturating_sub(self.last_ms) as f32 / 1000.0;
-        self.last_ms = now_ms;
-        self.tokens = (self.tokens + elapsed * rate as f32).min(burst as f32);
-        if self.tokens >= 1.0 {
+        if self.ready(now_ms, rate, burst) {
             self.tokens -= 1.0;
-            self.refused = 0;
             true
         } else {
-            self.refused += 1;
             false
         }
+    }
+
+    /// Milliseconds until the next token (at least 1).
+    pub fn wait_ms(&self, rate: u32) -> u64 {
+        let missing = (1.0 - self.tokens).max(0.0);
+        ((missing * 1000.0 / rate.max(1) as f32).ceil() as u64).max(1)
     }
 }
 
@@ -193,7 +222,7 @@ mod tests {
         let mut b = Bucket::full(3, 0);
         assert!((0..3).all(|_| b.take(0, 10, 3)));
         assert!(!b.take(0, 10, 3), "burst spent");
-        assert_eq!(b.refused, 1);
+        assert_eq!(b.wait_ms(10), 100, "the next token comes in 1/rate s");
         assert!(b.take(100, 10, 3), "one token per 100 ms at 10/s");
         assert!(!b.take(100, 10, 3));
         assert!(

@@ -15,6 +15,7 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
         mode,
         out,
         close_after_flush,
+        inbuf,
         ..
     } = conn;
     let Mode::WebSocket(ws) = mode else {
@@ -39,8 +40,20 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
             }
         }
     }
+    let (rate, burst) = (
+        cx.shared.cfg.limits.client_rate,
+        cx.shared.cfg.limits.client_burst,
+    );
     let mut pos = 0;
     loop {
+        if ws.user.is_some() && pos < data.len() && !ws.bucket.ready(cx.now_ms, rate, burst) {
+            // Out of tokens: keep what is not decoded yet and stop reading until the bucket refills. The
+            // client is slowed down by TCP, never refused: pipelined sends are all served, in order.
+            *inbuf = data[pos..].to_vec();
+            ws.paused = true;
+            cx.metrics().rate_limited.fetch_add(1, Relaxed);
+            return Flow::Continue;
+        }
         let (n, ev) = match ws.decoder.decode(&mut data[pos..]) {
             Ok(r) => r,
             Err(e) => {
@@ -70,27 +83,22 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
         match ev {
             WsEvent::Text(payload) => match &ws.user {
                 None => echo(out, Opcode::Text, payload, cx),
-                Some(_)
-                    if !ws.bucket.take(
-                        cx.now_ms,
-                        cx.shared.cfg.limits.client_rate,
-                        cx.shared.cfg.limits.client_burst,
-                    ) =>
-                {
-                    cx.metrics().rate_limited.fetch_add(1, Relaxed);
-                    if ws.bucket.refused > cx.shared.cfg.limits.client_burst {
-                        let mut v = Vec::new();
-                        encode_close(CloseCode::POLICY, "request rate limit exceeded", &mut v);
-                        out.push_vec(v);
-                        ws.close_sent = true;
-                        cx.metrics().close(CloseCode::POLICY.0);
-                        return Flow::Continue;
-                    }
-                    let e = msg::error("rate_limited", "too many requests; slow down", None);
-                    push_json(out, &e, cx);
-                }
                 Some(user) => match msg::parse_client(payload) {
+                    Ok(msg::ClientMsg::Refresh { token }) => {
+                        ws.bucket.take(cx.now_ms, rate, burst);
+                        let answer = match cx.shared.verifier.verify_until(&token) {
+                            Ok((sub, exp)) if *sub == **user => {
+                                ws.expires_ms = crate::auth::expiry_ms(exp, cx.now_ms);
+                                serde_json::json!({"type": "refreshed", "expires": exp}).to_string()
+                            }
+                            Ok(_) => msg::error("forbidden", "the token is for another user", None),
+                            Err(e) => msg::error("bad_token", &e.to_string(), None),
+                        };
+                        push_json(out, &answer, cx);
+                    }
                     Ok(m) => {
+                        // `ready` was true before this frame; the token is taken when a request is whole.
+                        ws.bucket.take(cx.now_ms, rate, burst);
                         let ev = Event::Received {
                             conn: me,
                             user: user.clone(),

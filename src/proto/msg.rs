@@ -37,6 +37,10 @@ pub enum ClientMsg {
         before: Option<u64>,
         limit: Option<usize>,
     },
+    /// A fresh token for this connection before the current one expires (handled on the loop).
+    Refresh {
+        token: String,
+    },
 }
 
 /// Why a client frame could not be turned into a [`ClientMsg`]; each maps to an `error` code.
@@ -86,6 +90,7 @@ struct Wire {
     offset: Option<u64>,
     before: Option<u64>,
     limit: Option<usize>,
+    token: Option<String>,
 }
 
 fn need<T>(v: Option<T>, field: &str, ty: &str) -> Result<T, ParseError> {
@@ -144,6 +149,9 @@ pub fn parse_client(bytes: &[u8]) -> Result<ClientMsg, (ParseError, Option<Strin
                 conversation: need(w.conversation, "conversation", ty)?,
                 before: w.before,
                 limit: w.limit,
+            },
+            "refresh" => ClientMsg::Refresh {
+                token: need(w.token, "token", ty)?,
             },
             _ => return Err(ParseError::UnknownType),
         })

@@ -9,13 +9,17 @@
 //! without fsync and makes everything durable with an fsyncing commit at most every `d` (a crash can lose the
 //! last `d` of acknowledged messages; documented as such).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{Appended, Receipts, Result, Store, StoreError, StoredMessage, Write, WriteResult};
+use super::{
+    Appended, Receipts, Result, Store, StoreError, StoredMessage, Write, WriteResult,
+    conversation_of, still_member,
+};
 
 /// (channel, offset) → message record.
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
@@ -55,6 +59,8 @@ pub struct Embedded {
     db: Database,
     fsync: Fsync,
     last_sync: Instant,
+    /// The oldest commit that is acknowledged but not yet durable (interval fsync only).
+    unsynced_since: Option<Instant>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -80,6 +86,7 @@ impl Embedded {
             db,
             fsync,
             last_sync: Instant::now(),
+            unsynced_since: None,
         })
     }
 
@@ -200,6 +207,19 @@ impl Store for Embedded {
                         WriteResult::Done
                     }
                     Write::PutConversation { id, members } => {
+                        let old: Vec<String> =
+                            match conversations.get(id.as_str()).map_err(backend)? {
+                                Some(v) => serde_json::from_str(v.value())
+                                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                                None => Vec::new(),
+                            };
+                        // Removed members lose their offline entries of the conversation.
+                        let channel = format!("conversation:{id}");
+                        for m in old.iter().filter(|m| !members.contains(m)) {
+                            let lo = (m.as_str(), channel.as_str(), 0u64);
+                            let hi = (m.as_str(), channel.as_str(), u64::MAX);
+                            offline.retain_in(lo..=hi, |_, _| false).map_err(backend)?;
+                        }
                         let json = serde_json::to_string(members).map_err(backend)?;
                         conversations
                             .insert(id.as_str(), json.as_str())
@@ -223,8 +243,32 @@ impl Store for Embedded {
         txn.commit().map_err(backend)?;
         if sync_now {
             self.last_sync = Instant::now();
+            self.unsynced_since = None;
+        } else if self.unsynced_since.is_none() {
+            self.unsynced_since = Some(Instant::now());
         }
         Ok(results)
+    }
+
+    fn sync_deadline(&self) -> Option<Instant> {
+        match self.fsync {
+            Fsync::Always => None,
+            // The first unsynced ack must be durable within `d` of its commit; later ones are younger.
+            Fsync::Interval(d) => self.unsynced_since.map(|t| t + d),
+        }
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        if self.unsynced_since.is_none() {
+            return Ok(());
+        }
+        // An empty transaction committed with `Immediate` makes every earlier non-durable commit durable.
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        txn.set_durability(Durability::Immediate).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        self.last_sync = Instant::now();
+        self.unsynced_since = None;
+        Ok(())
     }
 
     fn history(
@@ -283,6 +327,9 @@ impl Store for Embedded {
         let txn = self.db.begin_read().map_err(backend)?;
         let q = txn.open_table(OFFLINE).map_err(backend)?;
         let m = txn.open_table(MESSAGES).map_err(backend)?;
+        let convs = txn.open_table(CONVERSATIONS).map_err(backend)?;
+        // Whether the user may still get each channel's entries (see `still_member`), looked up once.
+        let mut allowed: HashMap<String, bool> = HashMap::new();
         let mut out = Vec::new();
         for item in q
             .range((user, "", 0u64)..=(user, MAX_STR, u64::MAX))
@@ -293,6 +340,27 @@ impl Store for Embedded {
             }
             let (k, _) = item.map_err(backend)?;
             let (_, channel, offset) = k.value();
+            let ok = match allowed.get(channel) {
+                Some(&ok) => ok,
+                None => {
+                    let members: Option<Vec<String>> = match conversation_of(channel) {
+                        Some(id) => match convs.get(id).map_err(backend)? {
+                            Some(v) => Some(
+                                serde_json::from_str(v.value())
+                                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                            ),
+                            None => None,
+                        },
+                        None => None,
+                    };
+                    let ok = still_member(members.as_deref(), user);
+                    allowed.insert(channel.to_string(), ok);
+                    ok
+                }
+            };
+            if !ok {
+                continue;
+            }
             if let Some(v) = m.get((channel, offset)).map_err(backend)? {
                 out.push(Self::decode(channel, offset, v.value())?);
             }

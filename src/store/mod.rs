@@ -75,6 +75,8 @@ pub enum Write {
         channel: String,
         upto: u64,
     },
+    /// Sets a conversation's members. Members it removes lose their offline entries of the conversation in
+    /// the same write: they can no longer ack them.
     PutConversation {
         id: String,
         members: Vec<String>,
@@ -118,6 +120,19 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The conversation id of a `conversation:` channel.
+pub fn conversation_of(channel: &str) -> Option<&str> {
+    channel.strip_prefix("conversation:")
+}
+
+/// Whether an offline entry of a channel is still `user`'s to receive, given the members stored for the
+/// channel's conversation (`None`: not a conversation, or none stored). A member removed after the entry was
+/// queued (by a node that had not yet heard of the removal, or before removals dropped entries) cannot ack it,
+/// so it must not be handed out on every connect.
+pub fn still_member(members: Option<&[String]>, user: &str) -> bool {
+    members.is_none_or(|m| m.iter().any(|u| u == user))
+}
+
 /// The durable store. All writes go through [`Store::commit`] so that one call is one transaction.
 pub trait Store: Send {
     /// Applies `batch` atomically and durably (per the store's durability policy), in order; returns one
@@ -134,11 +149,21 @@ pub trait Store: Send {
     fn read_after(&mut self, channel: &str, after: u64, limit: usize)
     -> Result<Vec<StoredMessage>>;
     fn last_offset(&mut self, channel: &str) -> Result<u64>;
-    /// The user's offline queue: up to `limit` messages, ordered by channel then offset.
+    /// The user's offline queue: up to `limit` messages, ordered by channel then offset. Entries of a
+    /// conversation the user is no longer a member of are skipped (see [`still_member`]).
     fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>>;
     fn conversations(&mut self) -> Result<Vec<(String, Vec<String>)>>;
     fn receipts(&mut self, conversation: &str) -> Result<Vec<Receipts>>;
     fn devices(&mut self, user: &str) -> Result<Vec<(String, String)>>;
     /// A short name for logs ("embedded", "scylla").
     fn name(&self) -> &'static str;
+    /// When acknowledged writes are not durable yet (interval fsync): the moment by which [`Store::sync`]
+    /// must run so that every ack is durable within the configured interval. `None`: nothing is pending.
+    fn sync_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
+    /// Makes every committed write durable now.
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

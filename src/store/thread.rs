@@ -3,8 +3,10 @@
 //! Every request carries a token; every completion goes back to the backplane on an unbounded tokio channel
 //! whose length is bounded by the backplane's own cap on requests in flight (`max_pending_writes`).
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -86,7 +88,31 @@ pub fn spawn(
         .spawn(move || {
             let mut commits: Vec<(Token, Vec<Write>)> = Vec::new();
             let mut reads: Vec<Request> = Vec::new();
-            while let Ok(first) = rx.recv() {
+            loop {
+                // With interval fsync, wait for requests only until the oldest unsynced ack is due: a burst
+                // followed by silence is made durable by this timer, not by the next commit.
+                let first = match store.sync_deadline() {
+                    Some(at) => {
+                        match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                            Ok(r) => r,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                if let Err(e) = store.sync() {
+                                    tracing::warn!(store = store.name(), error = %e, "interval fsync failed");
+                                    metrics.store_errors.fetch_add(1, Relaxed);
+                                }
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                                let _ = store.sync();
+                                break;
+                            }
+                        }
+                    }
+                    None => match rx.recv() {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    },
+                };
                 // Take everything that queued up while the last commit ran: that is the group.
                 let mut next = Some(first);
                 let mut writes = 0;
@@ -104,9 +130,7 @@ pub fn spawn(
                 }
                 let failed = |ok: bool| {
                     if !ok {
-                        metrics
-                            .store_errors
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        metrics.store_errors.fetch_add(1, Relaxed);
                     }
                 };
                 if !commits.is_empty() {

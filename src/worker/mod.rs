@@ -252,6 +252,11 @@ impl Worker {
             }
             match self.listener.accept() {
                 Ok((mut socket, peer)) => {
+                    #[cfg(debug_assertions)]
+                    if std::env::var_os("CORELAY_FAILPOINT_LOOP_PANIC").is_some() {
+                        // Debug builds only: the fault suite's way to make a loop die.
+                        panic!("failpoint: loop {} panics on accept", self.cx.id);
+                    }
                     let _ = socket.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let index = entry.key();
@@ -309,6 +314,12 @@ impl Worker {
                 // Not reading while the backplane answers; `Respond` re-queues this connection.
                 break;
             }
+            if let Mode::WebSocket(ws) = &conn.mode
+                && ws.paused
+            {
+                // Rate limited: the socket stays unread until the resume timer (see `pause`).
+                break;
+            }
             if reads == READS_PER_WAKE {
                 self.pending.push(i);
                 break;
@@ -336,6 +347,7 @@ impl Worker {
                         self.close(i);
                         return;
                     }
+                    self.pause_if_limited(i);
                     if self.conns[i].out.len() > self.cx.shared.cfg.limits.max_write_queue_bytes {
                         self.slow_consumer(i);
                     }
@@ -699,10 +711,27 @@ impl Worker {
                 self.flush(i);
             }
             Mode::Http { .. } | Mode::HttpAwait { .. } => self.close(i),
-            Mode::Sse(_) => {
+            Mode::Sse(s) => {
+                if s.expires_ms != 0 && now_ms >= s.expires_ms {
+                    // The token expired: end the stream with a last event that says why; the client
+                    // reconnects with a fresh token and `Last-Event-ID`.
+                    let e = crate::proto::msg::error(
+                        "token_expired",
+                        "reconnect with a fresh token",
+                        None,
+                    );
+                    let mut v = Vec::with_capacity(e.len() + 24);
+                    crate::proto::sse::encode_body("error", e.as_bytes(), &mut v);
+                    v.push(b'\n'); // no `id:`: the client's Last-Event-ID stays where it was
+                    conn.out.push_vec(v);
+                    conn.close_after_flush = true;
+                    self.flush(i);
+                    return;
+                }
                 conn.out
                     .push(bytes::Bytes::from_static(crate::proto::sse::KEEPALIVE));
                 let at = now_ms + cfg.heartbeat_interval.as_millis() as u64;
+                let at = conn::until_expiry(at, s.expires_ms);
                 self.cx.schedule(conn, me, at);
                 self.flush(i);
             }
@@ -715,13 +744,27 @@ impl Worker {
                     self.close(i);
                     return;
                 }
+                if ws.expires_ms != 0 && now_ms >= ws.expires_ms {
+                    conn::ws::start_close(
+                        conn,
+                        CloseCode::TOKEN_EXPIRED,
+                        "token expired",
+                        &self.cx,
+                    );
+                    self.flush(i);
+                    return;
+                }
+                if ws.paused {
+                    self.unpause(i);
+                    return;
+                }
                 let interval = cfg.heartbeat_interval.as_millis() as u64;
                 let timeout = cfg.heartbeat_timeout.as_millis() as u64;
                 if ws.ping_sent_ms != 0 {
                     if conn.last_rx_ms > ws.ping_sent_ms {
                         // Something arrived since the ping: alive.
                         ws.ping_sent_ms = 0;
-                        let at = conn.last_rx_ms + interval;
+                        let at = conn::until_expiry(conn.last_rx_ms + interval, ws.expires_ms);
                         self.cx.schedule(conn, me, at.max(now_ms + 1));
                     } else {
                         tracing::debug!(worker = self.cx.id, conn = i, "heartbeat timeout");
@@ -743,14 +786,57 @@ impl Worker {
                     conn.out.push_vec(v);
                     self.cx.metrics().frames_out.fetch_add(1, Relaxed);
                     ws.ping_sent_ms = now_ms.max(1);
-                    self.cx.schedule(conn, me, now_ms + timeout);
+                    let at = conn::until_expiry(now_ms + timeout, ws.expires_ms);
+                    self.cx.schedule(conn, me, at.max(now_ms + 1));
                     self.flush(i);
                 } else {
-                    let at = conn.last_rx_ms + interval;
-                    self.cx.schedule(conn, me, at);
+                    let at = conn::until_expiry(conn.last_rx_ms + interval, ws.expires_ms);
+                    self.cx.schedule(conn, me, at.max(now_ms + 1));
                 }
             }
         }
+    }
+
+    /// A WebSocket whose rate limit just paused its input gets its (only) timer set to the moment the bucket
+    /// has a token again; [`Worker::unpause`] then restores the heartbeat timer.
+    fn pause_if_limited(&mut self, i: usize) {
+        let me = self.me(i);
+        let rate = self.cx.shared.cfg.limits.client_rate;
+        let conn = &mut self.conns[i];
+        if let Mode::WebSocket(ws) = &conn.mode
+            && ws.paused
+        {
+            let at = self.cx.now_ms + ws.bucket.wait_ms(rate);
+            self.cx.schedule(conn, me, at);
+        }
+    }
+
+    /// The resume timer of a rate-limited WebSocket: decode what was held back, then read the socket again.
+    fn unpause(&mut self, i: usize) {
+        let me = self.me(i);
+        let cfg = self.cx.shared.cfg.clone();
+        let conn = &mut self.conns[i];
+        let Mode::WebSocket(ws) = &mut conn.mode else {
+            return;
+        };
+        ws.paused = false;
+        // Back to the heartbeat schedule (a ping may be outstanding).
+        let at = if ws.ping_sent_ms != 0 {
+            ws.ping_sent_ms + cfg.heartbeat_timeout.as_millis() as u64
+        } else {
+            conn.last_rx_ms + cfg.heartbeat_interval.as_millis() as u64
+        };
+        let at = conn::until_expiry(at, ws.expires_ms);
+        self.cx.schedule(conn, me, at.max(self.cx.now_ms + 1));
+        let mut held = std::mem::take(&mut conn.inbuf);
+        if !held.is_empty() && conn::ws::on_data(conn, &mut held, &mut self.cx, me) == Flow::Close {
+            self.close(i);
+            return;
+        }
+        self.pause_if_limited(i);
+        // Edge-triggered: whatever arrived meanwhile raised no new edge, so read until `WouldBlock`.
+        self.pending.push(i);
+        self.after_push(i);
     }
 
     fn retry_deferred(&mut self) {

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const SECRET: &str = "test-secret";
-pub const API_KEY: &str = "test-api-key";
+/// Operator secrets are at least 32 bytes (shorter ones are refused at start).
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef";
+pub const API_KEY: &str = "test-api-key-0123456789abcdef0123456789abcdef";
 
 /// A gateway process, killed when dropped.
 pub struct Node {

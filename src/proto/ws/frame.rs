@@ -60,6 +60,8 @@ impl CloseCode {
     pub const TOO_BIG: Self = Self(1009);
     pub const INTERNAL: Self = Self(1011);
     pub const TRY_AGAIN: Self = Self(1013);
+    /// corelay: the connection's token expired and no `refresh` came first (application range, RFC 6455 §7.4.2).
+    pub const TOKEN_EXPIRED: Self = Self(4001);
 
     /// Whether a peer may send this code in a close frame: 1000-1003, 1007-1014 (defined or
     /// IANA-registered) and 3000-4999 (libraries, applications). Everything else (0-999, 1004-1006,

@@ -1,0 +1,331 @@
+//! The trust promise over the real binary: nothing acknowledged is lost, nothing is delivered twice, and a
+//! client doing what the protocol asks (resending its outbox at once) is slowed down, never refused.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+/// Every message of a conversation through `/api/history`, oldest first.
+fn history(node: &Node, conversation: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let path = match before {
+            Some(b) => format!("/api/history?conversation={conversation}&limit=200&before={b}"),
+            None => format!("/api/history?conversation={conversation}&limit=200"),
+        };
+        let (st, text) = http(
+            node.addr,
+            &format!(
+                "GET {path} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(st, 200, "{text}");
+        let v: Value = serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+        let msgs = v["messages"].as_array().unwrap().clone();
+        if let Some(last) = msgs.last() {
+            before = last["offset"].as_u64();
+        }
+        out.extend(msgs);
+        if v["more"] != true {
+            out.reverse();
+            return out;
+        }
+    }
+}
+
+/// Sends `n` messages back to back (no waiting between them) and reads answers until `n` `sent` arrived.
+/// Panics on any error answer or close. Returns the offsets in client-id order.
+fn send_all_at_once(ws: &mut Ws, conversation: &str, prefix: &str, n: usize) -> Vec<u64> {
+    for i in 0..n {
+        let cid = format!("{prefix}{i}");
+        ws.write(tungstenite::Message::text(
+            json!({"type":"send","conversation":conversation,"client_id":cid,"body":{"cid":cid}})
+                .to_string(),
+        ))
+        .unwrap();
+    }
+    ws.flush().unwrap();
+    let mut offsets = vec![0u64; n];
+    let mut got = 0;
+    while got < n {
+        let v = match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => serde_json::from_str::<Value>(&t).unwrap(),
+            Ok(tungstenite::Message::Ping(_)) | Ok(tungstenite::Message::Pong(_)) => continue,
+            other => panic!("after {got} sent answers: {other:?}"),
+        };
+        match v["type"].as_str() {
+            Some("sent") => {
+                let cid = v["client_id"].as_str().unwrap();
+                let i: usize = cid[prefix.len()..].parse().unwrap();
+                assert_eq!(offsets[i], 0, "two `sent` answers for {cid}");
+                offsets[i] = v["offset"].as_u64().unwrap();
+                got += 1;
+            }
+            Some("message") | Some("receipt") => {}
+            _ => panic!("after {got} sent answers, an unexpected answer: {v}"),
+        }
+    }
+    offsets
+}
+
+#[test]
+fn a_client_resending_1000_messages_at_once_gets_1000_sent_in_order_and_stays_connected() {
+    // Default limits (100 requests/s, burst 200): the last 800 are slowed down by TCP, not refused.
+    let node = Node::start(&[]);
+    node.create_conversation("outbox", &["alice", "bob"]);
+    let mut alice = connect(&node, "alice");
+    set_timeout(&mut alice, Duration::from_secs(30));
+    let started = Instant::now();
+    let offsets = send_all_at_once(&mut alice, "outbox", "m", 1000);
+    let took = started.elapsed();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "offsets follow the order of the sends"
+    );
+    // The connection is still open and usable.
+    send_json(
+        &mut alice,
+        json!({"type":"send","conversation":"outbox","client_id":"after","body":"still here"}),
+    );
+    loop {
+        let v = next_json(&mut alice);
+        if v["type"] == "sent" {
+            assert_eq!(v["client_id"], "after");
+            break;
+        }
+    }
+    let h = history(&node, "outbox");
+    assert_eq!(h.len(), 1001, "each send stored exactly once");
+    let distinct: HashSet<String> = h.iter().map(|m| m["body"].to_string()).collect();
+    assert_eq!(distinct.len(), 1001);
+    // 800 beyond the burst at 100/s: about 8 s. The limiter did slow it down (it is a limiter).
+    assert!(
+        took >= Duration::from_secs(6),
+        "the rate limit was not applied: {took:?}"
+    );
+    let metrics = node.get("/metrics").1;
+    assert!(
+        metrics.contains("corelay_rate_limited_total"),
+        "pauses are counted"
+    );
+}
+
+#[test]
+fn a_flooding_client_is_slowed_down_while_another_client_is_served() {
+    let node = Node::start(&["--client-rate", "50", "--client-burst", "10"]);
+    node.create_conversation("flood", &["mallory", "bob"]);
+    node.create_conversation("calm", &["alice", "bob"]);
+    // Mallory writes 2,000 sends as fast as TCP lets her, from her own thread.
+    let mut mallory = connect(&node, "mallory");
+    let flooder = std::thread::spawn(move || {
+        for i in 0..2000 {
+            let f = json!({"type":"send","conversation":"flood","client_id":format!("f{i}"),"body":"x"});
+            if mallory
+                .write(tungstenite::Message::text(f.to_string()))
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = mallory.flush();
+        // Hold the connection open (unread answers pile up in the kernel; that is her problem).
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Alice is not affected: her sends are answered at once, every time.
+    let mut alice = connect(&node, "alice");
+    for i in 0..5 {
+        let started = Instant::now();
+        send_json(
+            &mut alice,
+            json!({"type":"send","conversation":"calm","client_id":format!("a{i}"),"body":"hi"}),
+        );
+        loop {
+            let v = next_json(&mut alice);
+            if v["type"] == "sent" {
+                break;
+            }
+            assert_ne!(v["type"], "error", "{v}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "alice waited {:?} behind mallory",
+            started.elapsed()
+        );
+    }
+    flooder.join().unwrap();
+    // Mallory's flood was taken at her rate: far from all 2,000 within ~4 s at 50/s.
+    let stored = history(&node, "flood").len();
+    assert!(
+        (10..=10 + 50 * 6).contains(&stored),
+        "flood stored {stored}"
+    );
+}
+
+#[test]
+fn interval_fsync_makes_a_burst_durable_within_the_interval_without_a_later_commit() {
+    let dir = fresh_dir();
+    let flags = ["--fsync", "200ms"];
+    let mut node = Node::start_in(&dir, &flags);
+    node.create_conversation("quiet", &["alice", "bob"]);
+    let mut alice = connect(&node, "alice");
+    let offsets = send_all_at_once(&mut alice, "quiet", "q", 50);
+    assert_eq!(offsets.len(), 50);
+    // Silence: no later commit will come to carry the fsync. The timer must.
+    std::thread::sleep(Duration::from_millis(1200));
+    node.kill9();
+    let node = Node::start_in(&dir, &flags);
+    let h = history(&node, "quiet");
+    let cids: Vec<&str> = h
+        .iter()
+        .map(|m| m["body"]["cid"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..50).map(|i| format!("q{i}")).collect();
+    assert_eq!(
+        cids, want,
+        "acknowledged messages older than the interval survive kill -9"
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts the binary with `args` and returns (exit status, stderr) if it exits within `within`.
+fn run_expecting_exit(
+    args: &[&str],
+    env: &[(&str, &str)],
+    within: Duration,
+    poke: impl FnOnce(&mut std::process::Child),
+) -> (Option<std::process::ExitStatus>, String) {
+    let dir = fresh_dir();
+    let err = dir.with_extension("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_corelay"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--no-pin",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--auth-secret", SECRET, "--api-key", API_KEY])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("CORELAY_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    poke(&mut child);
+    let deadline = Instant::now() + within;
+    let mut status = None;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            status = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&err).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&err);
+    (status, text)
+}
+
+#[test]
+fn three_nodes_started_with_only_redis_and_distinct_ports_deliver_across_nodes() {
+    let redis = RedisServer::start();
+    let nodes: Vec<Node> = (0..3)
+        .map(|_| Node::start(&["--redis", &redis.url(), "--presence-ttl", "3s"]))
+        .collect();
+    assert_eq!(
+        nodes[0].create_conversation("c3", &["alice", "bob", "carol"]),
+        201
+    );
+    let mut alice = connect(&nodes[0], "alice");
+    let mut bob = connect(&nodes[1], "bob");
+    let mut carol = connect(&nodes[2], "carol");
+    // Distinct default ids (host name + port), announced in `welcome`'s node.
+    std::thread::sleep(Duration::from_millis(500));
+    send_json(
+        &mut alice,
+        json!({"type":"send","conversation":"c3","client_id":"x1","body":"hello"}),
+    );
+    for ws in [&mut bob, &mut carol] {
+        loop {
+            let v = next_json(ws);
+            assert_ne!(v["type"], "error", "{v}");
+            if v["type"] == "message" {
+                assert_eq!(
+                    (v["offset"].as_u64(), v["from"].as_str()),
+                    (Some(1), Some("alice"))
+                );
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_second_live_node_with_the_same_id_refuses_to_start_and_a_dead_ones_id_is_taken_over() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut first = Node::start(&["--redis", &url, "--node-id", "twin"]);
+    let (status, err) = run_expecting_exit(
+        &["--redis", &url, "--node-id", "twin"],
+        &[],
+        Duration::from_secs(20),
+        |_| {},
+    );
+    let status = status.expect("the second node must exit, not run beside the first");
+    assert!(!status.success(), "exit status {status:?}");
+    assert!(
+        err.contains("\"twin\" is already held by a live node"),
+        "clear error: {err}"
+    );
+    // The first node is unaffected.
+    assert_eq!(first.create_conversation("still", &["a", "b"]), 201);
+    // kill -9: its lease expires within one TTL and a restarted node takes the id over.
+    first.kill9();
+    let started = Instant::now();
+    let again = Node::start(&["--redis", &url, "--node-id", "twin"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(16),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(again.create_conversation("again", &["a", "b"]), 201);
+}
+
+#[cfg(debug_assertions)]
+#[test]
+fn a_panicking_loop_ends_the_process_at_once_with_a_non_zero_status() {
+    let (status, err) = run_expecting_exit(
+        &[],
+        &[("CORELAY_FAILPOINT_LOOP_PANIC", "1")],
+        Duration::from_secs(10),
+        |child| {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let addr = line.split_whitespace().nth(3).unwrap().to_string();
+            let _ = std::net::TcpStream::connect(addr);
+        },
+    );
+    let status = status.expect("the process must exit after a loop panicked");
+    assert_eq!(status.code(), Some(70), "{err}");
+    assert!(
+        err.contains("exiting so that a supervisor restarts"),
+        "{err}"
+    );
+}
