@@ -1,5 +1,6 @@
-//! The contract every [`Store`] implementation passes (the embedded store always; Scylla when `SCYLLA_NODES`
-//! is set). Each run uses a fresh namespace of channel and user names, so it can share a database.
+//! The contract every [`Store`] implementation passes (the embedded and Redis stores always; Scylla when
+//! `SCYLLA_NODES` is set). Each run uses a fresh namespace of channel and user names, so it can share a
+//! database.
 
 use super::{Appended, NewMessage, ReceiptState, Store, Write, WriteResult};
 
@@ -20,6 +21,10 @@ fn appended(r: &WriteResult) -> Appended {
         other => panic!("expected an append result, got {other:?}"),
     }
 }
+
+/// Entries in the long offline queue check: more than one Lua `unpack` takes (about 8,000), so the Redis store
+/// is held to it too.
+pub const LONG_QUEUE: u64 = 12_000;
 
 /// Runs every contract check. `make` opens the store; it is called twice (the second time after the first
 /// store was dropped) to check that data survives a reopen.
@@ -228,4 +233,85 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Store>) {
         Appended::New { offset: 7 },
         "offsets continue after a reopen"
     );
+
+    long_offline_queue(&mut *s, &ns);
+}
+
+/// (channel, offset) of each message, in order.
+fn keys(q: &[super::StoredMessage]) -> Vec<(String, u64)> {
+    q.iter().map(|m| (m.channel.clone(), m.offset)).collect()
+}
+
+/// A user with a [`LONG_QUEUE`]-entry offline queue over two conversations acks part of one: the commit
+/// succeeds and exactly the unacked entries stay.
+fn long_offline_queue(s: &mut dyn Store, ns: &str) {
+    let dave = format!("{ns}dave");
+    let (c1, c2) = (
+        format!("conversation:{ns}q1"),
+        format!("conversation:{ns}q2"),
+    );
+    let writes: Vec<Write> = (0..LONG_QUEUE)
+        .map(|i| {
+            let ch = if i % 3 == 0 { &c2 } else { &c1 };
+            msg(ch, None, None, i, &[&dave])
+        })
+        .collect();
+    let mut queued = Vec::new();
+    let mut json = std::collections::HashMap::new();
+    for chunk in writes.chunks(2000) {
+        for (w, r) in chunk.iter().zip(s.commit(chunk).expect("queue")) {
+            let (Write::Append(m), Appended::New { offset }) = (w, appended(&r)) else {
+                panic!("expected a new append, got {r:?}");
+            };
+            queued.push((m.channel.clone(), offset));
+            json.insert((m.channel.clone(), offset), m.json.clone());
+        }
+    }
+    queued.sort();
+    assert_eq!(keys(&s.offline(&dave, 100_000).unwrap()), queued);
+
+    // c1 holds 8,000 entries, c2 4,000: the ack of c1 up to 2,000 leaves 10,000.
+    let r = s.commit(&[Write::TrimOffline {
+        user: dave.clone(),
+        channel: c1.clone(),
+        upto: 2000,
+    }]);
+    assert_eq!(
+        r.expect("the ack commits"),
+        [WriteResult::Done],
+        "the ack is reported as applied"
+    );
+    let left: Vec<(String, u64)> = queued
+        .into_iter()
+        .filter(|(ch, o)| *ch != c1 || *o > 2000)
+        .collect();
+    assert_eq!(left.len(), LONG_QUEUE as usize - 2000);
+    let q = s.offline(&dave, 100_000).unwrap();
+    assert_eq!(q.len(), left.len(), "exactly the unacked entries stay");
+    assert_eq!(keys(&q), left, "by channel, then offset");
+    assert!(
+        q.iter()
+            .all(|m| json[&(m.channel.clone(), m.offset)] == m.json),
+        "each entry is its own message"
+    );
+    // A bounded read gets that many of them (which ones is the store's order: Redis keeps queueing order).
+    let some = keys(&s.offline(&dave, 3).unwrap());
+    assert_eq!(some.len(), 3);
+    assert!(some.iter().all(|k| left.binary_search(k).is_ok()));
+
+    // Acking the rest empties the queue.
+    s.commit(&[
+        Write::TrimOffline {
+            user: dave.clone(),
+            channel: c1,
+            upto: LONG_QUEUE,
+        },
+        Write::TrimOffline {
+            user: dave.clone(),
+            channel: c2,
+            upto: LONG_QUEUE,
+        },
+    ])
+    .unwrap();
+    assert!(s.offline(&dave, 100).unwrap().is_empty());
 }

@@ -74,20 +74,57 @@ if nd ~= d or nr ~= r then redis.call('HSET', key, member, nd .. ',' .. nr) end
 return {d, r}
 "#;
 
-const TRIM: &str = r#"
+/// Lua: `filter_list(key, drop)` removes the entries of the list at `key` for which `drop(entry)` is true,
+/// keeps the others in their order, and returns how many went. Nothing is removed before the kept entries are
+/// safely in place, and it works at any length (no `unpack` of the whole list): a removed head is one `LTRIM`;
+/// otherwise the kept entries are pushed, in chunks, to a scratch key that then replaces the list (`RENAME`).
+macro_rules! filter_list_lua {
+    () => {
+        r#"
+local function filter_list(key, drop)
+  local n, chunk = redis.call('LLEN', key), 1000
+  local removed, kept, head = 0, 0, true
+  for start = 0, n - 1, chunk do
+    for _, e in ipairs(redis.call('LRANGE', key, start, start + chunk - 1)) do
+      if drop(e) then
+        removed = removed + 1
+        if kept > 0 then head = false end
+      else
+        kept = kept + 1
+      end
+    end
+  end
+  if removed == 0 then return 0 end
+  if head then
+    redis.call('LTRIM', key, removed, -1)
+    return removed
+  end
+  local scratch = key .. ':rewrite'
+  redis.call('DEL', scratch)
+  for start = 0, n - 1, chunk do
+    local keep = {}
+    for _, e in ipairs(redis.call('LRANGE', key, start, start + chunk - 1)) do
+      if not drop(e) then keep[#keep + 1] = e end
+    end
+    if #keep > 0 then redis.call('RPUSH', scratch, unpack(keep)) end
+  end
+  redis.call('RENAME', scratch, key)
+  return removed
+end
+"#
+    };
+}
+
+/// Removes `user`'s offline entries of `channel` up to `upto`.
+const TRIM: &str = concat!(
+    filter_list_lua!(),
+    r#"
 local key, prefix, upto = 'user:' .. ARGV[1] .. ':offline_messages', ARGV[2] .. '\t', tonumber(ARGV[3])
-local all = redis.call('LRANGE', key, 0, -1)
-local keep = {}
-for _, e in ipairs(all) do
-  if string.sub(e, 1, #prefix) == prefix and tonumber(string.sub(e, #prefix + 1)) <= upto then
-  else table.insert(keep, e) end
-end
-if #keep ~= #all then
-  redis.call('DEL', key)
-  if #keep > 0 then redis.call('RPUSH', key, unpack(keep)) end
-end
-return #all - #keep
-"#;
+return filter_list(key, function(e)
+  return string.sub(e, 1, #prefix) == prefix and tonumber(string.sub(e, #prefix + 1)) <= upto
+end)
+"#
+);
 
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
