@@ -85,6 +85,8 @@ pub struct Metrics {
     pub bus_up: std::sync::atomic::AtomicBool,
     /// Cluster mode: channels received from the bus and synced.
     pub bus_channels: AtomicU64,
+    /// Cluster mode: gaps the store could not fill (or that outgrew the hold bounds), skipped with a `reset`.
+    pub sequencer_resets: AtomicU64,
     /// Store commits and reads that failed (backend errors: disk, Redis, Scylla).
     pub store_errors: AtomicU64,
 }
@@ -98,6 +100,7 @@ impl Metrics {
             messages_routed: AtomicU64::new(0),
             bus_up: std::sync::atomic::AtomicBool::new(true),
             bus_channels: AtomicU64::new(0),
+            sequencer_resets: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
         }
     }
@@ -202,6 +205,11 @@ impl Metrics {
             s,
             "# HELP corelay_bus_channels Channels this node receives from the Redis bus (synced).\n# TYPE corelay_bus_channels gauge\ncorelay_bus_channels {}",
             self.bus_channels.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_sequencer_resets_total Gaps in a channel that could not be filled from the store and were skipped with a reset.\n# TYPE corelay_sequencer_resets_total counter\ncorelay_sequencer_resets_total {}",
+            self.sequencer_resets.load(Relaxed)
         );
         let _ = writeln!(
             s,

@@ -329,3 +329,142 @@ fn a_panicking_loop_ends_the_process_at_once_with_a_non_zero_status() {
         "{err}"
     );
 }
+
+/// One command to a Redis server over its own connection.
+fn redis_cmd(redis: &RedisServer, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut c).unwrap()
+}
+
+#[test]
+fn a_cluster_topic_poll_behind_a_trimmed_stream_answers_reset_not_a_silent_skip() {
+    let redis = RedisServer::start();
+    let node = Node::start(&["--redis", &redis.url(), "--topic-history", "10"]);
+    for i in 0..400 {
+        node.publish("scores:trim", json!({"i": i}));
+    }
+    // The stream keeps about the last 10 (MAXLEN ~ trims whole stream nodes): offset 2 is long gone.
+    let (st, body) = node.get(&format!(
+        "/poll?channels=scores:trim&cursor=scores:trim%3D1&timeout=0&token={}",
+        token("dave")
+    ));
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let first = &v["messages"][0];
+    assert_eq!(first["type"], "reset", "{body}");
+    let to = first["offset"].as_u64().unwrap();
+    assert!(to > 1 && to < 400, "{first}");
+    assert_eq!(
+        v["messages"][1]["offset"].as_u64(),
+        Some(to + 1),
+        "then the rest, in order"
+    );
+}
+
+#[test]
+fn a_node_cut_off_from_the_bus_while_a_topic_was_trimmed_resets_and_keeps_flowing() {
+    let redis = RedisServer::start();
+    let flags = |id: &'static str| {
+        vec![
+            "--redis".to_string(),
+            redis.url(),
+            "--node-id".into(),
+            id.into(),
+            "--topic-history".into(),
+            "10".into(),
+        ]
+    };
+    let a_flags = flags("cut-a");
+    let b_flags = flags("cut-b");
+    let a = Node::start(&a_flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = Node::start(&b_flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut viewer = connect(&b, "viewer");
+    send_json(
+        &mut viewer,
+        json!({"type":"subscribe","channels":["scores:cut"]}),
+    );
+    loop {
+        if next_json(&mut viewer)["type"] == "subscribed" {
+            break;
+        }
+    }
+    assert!(wait_until(Duration::from_secs(10), || b
+        .get("/metrics")
+        .1
+        .contains("corelay_bus_channels 3")
+        || b.get("/metrics").1.contains("corelay_bus_channels 2")));
+    assert_eq!(a.publish("scores:cut", json!({"i": 0})), 1);
+    assert_eq!(next_json(&mut viewer)["offset"], 1);
+    // Cut B off: Redis drops a pub/sub client whose output buffer passes 1 KiB, and B is stopped so it cannot
+    // read. Meanwhile the stream is trimmed far past what B has seen.
+    redis_cmd(
+        &redis,
+        &[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 1024 1024 1",
+        ],
+    );
+    let pid = b.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    for i in 1..400 {
+        a.publish("scores:cut", json!({"i": i, "pad": "x".repeat(64)}));
+    }
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    redis_cmd(
+        &redis,
+        &[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 32mb 8mb 60",
+        ],
+    );
+    // B reconnects, fills from the store, finds the gap gone from the stream: a reset, then what is kept.
+    set_timeout(&mut viewer, Duration::from_secs(20));
+    let mut saw_reset = None;
+    let mut last = 1;
+    while last < 400 {
+        let v = next_json(&mut viewer);
+        match v["type"].as_str() {
+            Some("reset") => saw_reset = v["offset"].as_u64(),
+            Some("message") => {
+                let o = v["offset"].as_u64().unwrap();
+                assert!(o > last, "in order, once: {o} after {last}");
+                if o != last + 1 {
+                    assert_eq!(saw_reset, Some(o - 1), "a jump only right after a reset");
+                }
+                last = o;
+            }
+            _ => {}
+        }
+    }
+    assert!(saw_reset.is_some(), "the gap was announced");
+    // The channel is not stalled: the next publish arrives at once.
+    assert_eq!(a.publish("scores:cut", json!({"i": 400})), 401);
+    loop {
+        let v = next_json(&mut viewer);
+        if v["type"] == "message" {
+            assert_eq!(v["offset"], 401);
+            break;
+        }
+    }
+    let m = b.get("/metrics").1;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("corelay_sequencer_resets_total ") && !l.ends_with(" 0")),
+        "counted"
+    );
+}

@@ -298,6 +298,9 @@ pub fn run(
                 }
                 metrics.bus_up.store(router.bus_up(), Relaxed);
                 metrics.bus_channels.store(router.bus_channels() as u64, Relaxed);
+                metrics
+                    .sequencer_resets
+                    .store(router.sequencer_resets(), Relaxed);
             }
             for _ in 0..1024 {
                 match rx.try_recv() {

@@ -189,9 +189,11 @@ enum Pending {
     },
     /// Cluster: every conversation's members, reread after the bus (re)connects.
     Members,
-    /// A `subscribe` with a cursor: what the connection missed on a durable channel, from the store.
+    /// A `subscribe` with a cursor: what the connection missed on a durable channel, from the store. `from`:
+    /// where each channel read starts, so that a jump (offsets the store no longer has) becomes a `reset`.
     Replay {
         conn: ConnRef,
+        from: Vec<(String, u64)>,
     },
     /// Cluster: a poll whose replay is read from the store (any node has the whole log).
     Poll {
@@ -323,6 +325,11 @@ impl Router {
     /// Channels this node receives from the bus and has synced (0 on a single node).
     pub fn bus_channels(&self) -> usize {
         self.cluster.as_ref().map_or(0, |c| c.seq.synced())
+    }
+
+    /// Gaps skipped with a `reset` because the store could not fill them (cluster mode).
+    pub fn sequencer_resets(&self) -> u64 {
+        self.cluster.as_ref().map_or(0, |c| c.seq.skipped)
     }
 
     pub fn bus_up(&self) -> bool {
@@ -895,6 +902,7 @@ impl Router {
                     // the ack is queued behind them.
                     self.flushing.entry(conn).or_default().reads += reads.len() + 1;
                     for (channel, after) in reads {
+                        let from = vec![(channel.clone(), after)];
                         self.request(
                             |token| Request::ReadAfter {
                                 token,
@@ -902,7 +910,7 @@ impl Router {
                                 after,
                                 limit: MAX_REPLAY,
                             },
-                            Pending::Replay { conn },
+                            Pending::Replay { conn, from },
                         );
                     }
                     let channel = format!("user:{user}");
@@ -1128,14 +1136,12 @@ impl Router {
 
     /// Delivers one catch-up read's messages to `conn`; after the last read, releases the held live traffic
     /// that the reads did not already deliver.
-    fn catch_up(&mut self, conn: ConnRef, msgs: Vec<StoredMessage>, out: &mut Vec<Out>) {
+    fn catch_up(&mut self, conn: ConnRef, msgs: Vec<Arc<Delivery>>, out: &mut Vec<Out>) {
         let Some(hold) = self.flushing.get_mut(&conn) else {
             return;
         };
-        for m in msgs {
-            let ch: Arc<str> = Arc::from(m.channel.as_str());
-            if hold.sent.insert((ch.clone(), m.offset)) {
-                let d = Delivery::new(ch, m.offset, render(&m));
+        for d in msgs {
+            if super::sequencer::is_reset(&d) || hold.sent.insert((d.channel.clone(), d.offset)) {
                 out.push(Out::Message {
                     to: vec![conn],
                     delivery: d,
@@ -1349,10 +1355,11 @@ impl Router {
                 Err(res),
             ) => match res {
                 Ok(msgs) => {
-                    for m in msgs {
-                        let ch: Arc<str> = Arc::from(m.channel.as_str());
-                        crate::conn::advance(&mut cursor, &ch, m.offset);
-                        items.push(Delivery::new(ch, m.offset, render(&m)));
+                    let from: Vec<(String, u64)> =
+                        cursor.iter().map(|(c, o)| (c.to_string(), *o)).collect();
+                    for d in with_resets(&from, &msgs) {
+                        crate::conn::advance(&mut cursor, &d.channel, d.offset);
+                        items.push(d);
                     }
                     self.answer_poll(conn, items, cursor, hold_ms, out);
                 }
@@ -1366,12 +1373,24 @@ impl Router {
                     );
                 }
             },
-            (Pending::Flush { conn }, Err(res)) | (Pending::Replay { conn, .. }, Err(res)) => {
+            (Pending::Flush { conn }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "catch-up read failed");
                     Vec::new()
                 });
-                self.catch_up(conn, msgs, out);
+                let ds = msgs
+                    .iter()
+                    .map(|m| Delivery::new(Arc::from(m.channel.as_str()), m.offset, render(m)))
+                    .collect();
+                self.catch_up(conn, ds, out);
+            }
+            (Pending::Replay { conn, from }, Err(res)) => {
+                let msgs = res.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "catch-up read failed");
+                    Vec::new()
+                });
+                let ds = with_resets(&from, &msgs);
+                self.catch_up(conn, ds, out);
             }
             (Pending::Fill { channel }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
@@ -1524,6 +1543,8 @@ impl Router {
         ts: u64,
         out: &mut Vec<Out>,
     ) {
+        // A `reset` from the sequencer goes to the same connections but is not history.
+        let reset = super::sequencer::is_reset(&d);
         let entry = Entry {
             ts,
             from,
@@ -1533,8 +1554,10 @@ impl Router {
         if let Some(id) = d.channel.strip_prefix("conversation:") {
             let max = self.history.conversation_count;
             if let Some(c) = self.conversations.get_mut(id) {
-                c.log.last_offset = c.log.last_offset.max(d.offset);
-                c.log.push(entry, max);
+                if !reset {
+                    c.log.last_offset = c.log.last_offset.max(d.offset);
+                    c.log.push(entry, max);
+                }
                 to.extend(
                     c.members
                         .iter()
@@ -1546,9 +1569,11 @@ impl Router {
         } else {
             let limits = self.history;
             let log = self.channels.entry(d.channel.clone()).or_default();
-            log.expire(ts, limits.topic_age_ms);
-            log.last_offset = log.last_offset.max(d.offset);
-            log.push(entry, limits.topic_count);
+            if !reset {
+                log.expire(ts, limits.topic_age_ms);
+                log.last_offset = log.last_offset.max(d.offset);
+                log.push(entry, limits.topic_count);
+            }
             if let Some(user) = d.channel.strip_prefix("user:") {
                 to.extend_from_slice(self.connections(user));
             }
@@ -1636,13 +1661,14 @@ impl Router {
         }
         if !reads.is_empty() {
             self.flushing.entry(conn).or_default().reads += 1;
+            let from = reads.clone();
             self.request(
                 |token| Request::ReadMany {
                     token,
                     reads,
                     limit: MAX_REPLAY,
                 },
-                Pending::Replay { conn },
+                Pending::Replay { conn, from },
             );
         }
         self.start_flush(conn, &user);
@@ -1913,6 +1939,25 @@ fn reply(out: &mut Vec<Out>, conn: ConnRef, json: &str) {
 }
 
 /// `{"messages":[…],"cursor":"…"}`, embedding each message's JSON as it is.
+/// Messages read from the store after the positions in `from`, with a `reset` before any jump in a channel's
+/// offsets: what the store no longer has (a topic stream trimmed by `MAXLEN`) is announced, never skipped in
+/// silence.
+fn with_resets(from: &[(String, u64)], msgs: &[StoredMessage]) -> Vec<Arc<Delivery>> {
+    let mut at: HashMap<&str, u64> = from.iter().map(|(c, o)| (c.as_str(), *o)).collect();
+    let mut out = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let ch: Arc<str> = Arc::from(m.channel.as_str());
+        if let Some(pos) = at.get_mut(m.channel.as_str()) {
+            if m.offset > pos.saturating_add(1) {
+                out.push(super::sequencer::reset(&ch, m.offset - 1));
+            }
+            *pos = (*pos).max(m.offset);
+        }
+        out.push(Delivery::new(ch, m.offset, render(m)));
+    }
+    out
+}
+
 pub fn poll_body(items: &[Arc<Delivery>], cur: &CursorVec) -> String {
     let mut s = String::from("{\"messages\":[");
     for (i, d) in items.iter().enumerate() {

@@ -6,28 +6,78 @@
 //! releases each channel's messages in offset order exactly once: a message beyond the next expected offset is
 //! held; a gap older than the wait is filled from the store (the caller reads after `next - 1`); a message at or
 //! below what was released is a duplicate and dropped.
+//!
+//! A gap the store cannot fill (a topic stream trimmed by `MAXLEN ~` while this node was cut off from the bus,
+//! so the missing offsets exist nowhere any more) is skipped with an explicit `reset` item, as a cursor older
+//! than the history gets one: the fill came back starting after the gap, or [`MAX_FILL_ATTEMPTS`] fills came
+//! back empty. What a channel holds is bounded in count and bytes ([`Limits`]); past either bound the gap is
+//! skipped the same way, so a channel can neither stall for good nor grow without limit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::Delivery;
 
+/// Fills that come back without closing the gap before it is skipped.
+pub const MAX_FILL_ATTEMPTS: u32 = 3;
+
+/// Bounds on what one channel holds while it waits for a gap.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_held: usize,
+    pub max_held_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_held: 10_000,
+            max_held_bytes: 16 << 20,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Chan {
     /// The next offset to release; None until the channel's current end is known (`sync`).
     next: Option<u64>,
     held: BTreeMap<u64, Arc<Delivery>>,
+    /// Bytes of JSON held.
+    held_bytes: usize,
     /// When the oldest gap was first seen (ms); a fill was asked for when `asked` is set.
     gap_since: Option<u64>,
     asked: bool,
+    /// Fills that came back empty while the gap stayed open.
+    attempts: u32,
 }
 
 #[derive(Default)]
 pub struct Sequencer {
     chans: HashMap<Arc<str>, Chan>,
+    limits: Limits,
+    /// Gaps skipped with a `reset` (for the metric).
+    pub skipped: u64,
+}
+
+/// A `reset` item for `channel`: the client continues after `offset` (what was between is gone).
+pub fn reset(channel: &Arc<str>, offset: u64) -> Arc<Delivery> {
+    let json = format!(r#"{{"type":"reset","channel":"{channel}","offset":{offset}}}"#);
+    Delivery::new(channel.clone(), offset, json)
+}
+
+/// Whether a released item is a `reset` rather than a message.
+pub fn is_reset(d: &Delivery) -> bool {
+    d.json.starts_with(br#"{"type":"reset""#)
 }
 
 impl Sequencer {
+    pub fn with_limits(limits: Limits) -> Self {
+        Sequencer {
+            limits,
+            ..Sequencer::default()
+        }
+    }
+
     pub fn is_tracked(&self, channel: &str) -> bool {
         self.chans.contains_key(channel)
     }
@@ -70,22 +120,54 @@ impl Sequencer {
         if c.next.is_some_and(|n| d.offset < n) {
             return; // already released
         }
-        c.held.insert(d.offset, d);
+        let len = d.json.len();
+        let channel = d.channel.clone();
+        if let Some(old) = c.held.insert(d.offset, d) {
+            c.held_bytes -= old.json.len();
+        }
+        c.held_bytes += len;
+        Self::release(c, now_ms, out);
+        if c.next.is_some()
+            && (c.held.len() > self.limits.max_held || c.held_bytes > self.limits.max_held_bytes)
+        {
+            // Waiting longer would grow without bound: skip the gap.
+            self.skipped += 1;
+            Self::skip_gap(&channel, c, now_ms, out);
+        }
+    }
+
+    /// Gives up on the gap before the first held message: a `reset` to just before it, then release.
+    fn skip_gap(channel: &Arc<str>, c: &mut Chan, now_ms: u64, out: &mut Vec<Arc<Delivery>>) {
+        let Some(&first) = c.held.keys().next() else {
+            return;
+        };
+        tracing::warn!(%channel, from = ?c.next, to = first - 1, "sequencer: gap the store cannot fill; reset");
+        out.push(reset(channel, first - 1));
+        c.next = Some(first);
+        c.attempts = 0;
+        c.asked = false;
+        c.gap_since = None;
         Self::release(c, now_ms, out);
     }
 
     fn release(c: &mut Chan, now_ms: u64, out: &mut Vec<Arc<Delivery>>) {
         let Some(mut next) = c.next else { return };
         while let Some(d) = c.held.remove(&next) {
+            c.held_bytes -= d.json.len();
             out.push(d);
             next += 1;
         }
         // Drop anything below `next` that a re-read delivered twice.
-        c.held = c.held.split_off(&next);
+        let stale = c.held.split_off(&next);
+        for d in c.held.values() {
+            c.held_bytes -= d.json.len();
+        }
+        c.held = stale;
         c.next = Some(next);
         if c.held.is_empty() {
             c.gap_since = None;
             c.asked = false;
+            c.attempts = 0;
         } else if c.gap_since.is_none() {
             c.gap_since = Some(now_ms);
         }
@@ -113,14 +195,29 @@ impl Sequencer {
         now_ms: u64,
         out: &mut Vec<Arc<Delivery>>,
     ) {
+        let wanted = self.chans.get(channel).and_then(|c| c.next);
+        let store_first = msgs.first().map(|d| d.offset);
         for d in msgs {
             self.push(d, now_ms, out);
         }
-        if let Some(c) = self.chans.get_mut(channel) {
-            c.asked = false;
-            if !c.held.is_empty() {
-                c.gap_since = Some(now_ms);
-            }
+        let Some(key) = self.chans.get_key_value(channel).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let Some(c) = self.chans.get_mut(channel) else {
+            return;
+        };
+        c.asked = false;
+        if c.held.is_empty() || c.next != wanted {
+            return; // closed, or moved on: a later gap starts its own count
+        }
+        // The gap is still open at `wanted`. The store answered from after it: those offsets are gone.
+        let gone = store_first.is_some_and(|f| wanted.is_some_and(|w| f > w));
+        c.attempts += u32::from(store_first.is_none());
+        if gone || c.attempts >= MAX_FILL_ATTEMPTS {
+            self.skipped += 1;
+            Self::skip_gap(&key, c, now_ms, out);
+        } else {
+            c.gap_since = Some(now_ms);
         }
     }
 
@@ -182,6 +279,68 @@ mod tests {
         assert!(s.gaps(200, 50).is_empty(), "asked once");
         s.filled("c", vec![d("c", 2), d("c", 3)], 210, &mut out);
         assert_eq!(offs(&out), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_gap_the_store_cannot_fill_is_skipped_with_a_reset() {
+        let mut s = Sequencer::default();
+        let mut out = Vec::new();
+        s.track(Arc::from("t"));
+        s.sync("t", 10, 0, &mut out);
+        // 11..=19 were trimmed from the stream while this node was cut off; 20 and 21 arrive on the bus.
+        s.push(d("t", 20), 0, &mut out);
+        s.push(d("t", 21), 0, &mut out);
+        assert!(out.is_empty());
+        let g = s.gaps(100, 50);
+        assert_eq!(g[0].1, 10);
+        // The store answers from 15 on: 11..=14 are gone for good.
+        s.filled("t", vec![d("t", 15), d("t", 16)], 110, &mut out);
+        assert_eq!(offs(&out), [14, 15, 16], "a reset to 14, then the rest");
+        assert!(is_reset(&out[0]));
+        assert_eq!(
+            std::str::from_utf8(&out[0].json).unwrap(),
+            r#"{"type":"reset","channel":"t","offset":14}"#
+        );
+        assert_eq!(s.skipped, 1);
+        // 17..=19 still missing: a fill that comes back empty three times gives up on them too.
+        for i in 0..MAX_FILL_ATTEMPTS {
+            assert_eq!(s.gaps(200 + 100 * u64::from(i), 50).len(), 1);
+            s.filled("t", vec![], 210 + 100 * u64::from(i), &mut out);
+        }
+        assert_eq!(offs(&out), [14, 15, 16, 19, 20, 21]);
+        assert!(is_reset(&out[3]));
+        s.push(d("t", 22), 600, &mut out);
+        assert_eq!(*offs(&out).last().unwrap(), 22, "flows again");
+    }
+
+    #[test]
+    fn what_a_channel_holds_is_bounded_in_count_and_bytes() {
+        let mut s = Sequencer::with_limits(Limits {
+            max_held: 5,
+            max_held_bytes: 1 << 20,
+        });
+        let mut out = Vec::new();
+        s.track(Arc::from("t"));
+        s.sync("t", 0, 0, &mut out);
+        for off in 2..=6 {
+            s.push(d("t", off), 0, &mut out);
+        }
+        assert!(out.is_empty(), "5 held, within the bound");
+        s.push(d("t", 7), 0, &mut out);
+        assert_eq!(offs(&out), [1, 2, 3, 4, 5, 6, 7], "reset to 1, then 2..=7");
+        let mut s = Sequencer::with_limits(Limits {
+            max_held: 1000,
+            max_held_bytes: 21,
+        });
+        let mut out = Vec::new();
+        s.track(Arc::from("t"));
+        s.sync("t", 0, 0, &mut out);
+        s.push(d("t", 3), 0, &mut out); // {"o":3} = 7 bytes; three fit in 21
+        s.push(d("t", 4), 0, &mut out);
+        s.push(d("t", 5), 0, &mut out);
+        assert!(out.is_empty());
+        s.push(d("t", 6), 0, &mut out);
+        assert_eq!(offs(&out), [2, 3, 4, 5, 6], "past 21 bytes held: skipped");
     }
 
     proptest::proptest! {
