@@ -235,6 +235,19 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Store>) {
     );
 
     long_offline_queue(&mut *s, &ns);
+    removed_member_loses_offline_entries(&mut *s, &ns);
+    drop(s);
+    let mut s = make();
+    let carol = format!("{ns}carol");
+    assert_eq!(
+        s.offline(&carol, 10)
+            .unwrap()
+            .iter()
+            .map(|m| (m.channel.as_str(), m.offset))
+            .collect::<Vec<_>>(),
+        [(format!("conversation:{ns}r2").as_str(), 1)],
+        "a removal's dropped entries stay dropped after a reopen"
+    );
 }
 
 /// (channel, offset) of each message, in order.
@@ -314,4 +327,46 @@ fn long_offline_queue(s: &mut dyn Store, ns: &str) {
     ])
     .unwrap();
     assert!(s.offline(&dave, 100).unwrap().is_empty());
+}
+
+/// A member removed from a conversation loses its offline entries there (they could never be acked), and
+/// keeps those of other conversations.
+fn removed_member_loses_offline_entries(s: &mut dyn Store, ns: &str) {
+    let (alice, carol) = (format!("{ns}alice"), format!("{ns}carol"));
+    let (r1, r2) = (format!("{ns}r1"), format!("{ns}r2"));
+    let (ch1, ch2) = (format!("conversation:{r1}"), format!("conversation:{r2}"));
+    let put = |id: &str, members: &[&str]| Write::PutConversation {
+        id: id.to_string(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+    };
+    s.commit(&[put(&r1, &[&alice, &carol]), put(&r2, &[&alice, &carol])])
+        .unwrap();
+    s.commit(&[
+        msg(&ch1, Some(&alice), Some("a"), 1, &[&carol]),
+        msg(&ch2, Some(&alice), Some("b"), 2, &[&carol]),
+        msg(&ch1, Some(&alice), Some("c"), 3, &[&carol]),
+    ])
+    .unwrap();
+    assert_eq!(
+        keys(&s.offline(&carol, 10).unwrap()),
+        [(ch1.clone(), 1), (ch1.clone(), 2), (ch2.clone(), 1)]
+    );
+
+    s.commit(&[put(&r1, &[&alice])]).unwrap();
+    assert_eq!(
+        keys(&s.offline(&carol, 10).unwrap()),
+        [(ch2.clone(), 1)],
+        "the removed member's entries of that conversation are gone, the others kept"
+    );
+    // An append queued for her by a node that had not yet heard of the removal is not handed out either, and
+    // does not take the place of her other entries.
+    s.commit(&[msg(&ch1, Some(&alice), Some("d"), 4, &[&carol])])
+        .unwrap();
+    assert_eq!(keys(&s.offline(&carol, 1).unwrap()), [(ch2.clone(), 1)]);
+    assert!(s.offline(&alice, 10).unwrap().is_empty());
+    assert_eq!(
+        s.last_offset(&ch1).unwrap(),
+        3,
+        "the messages themselves stay"
+    );
 }

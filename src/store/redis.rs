@@ -22,12 +22,14 @@
 //! script's keys land in one slot; the offline queue and presence keys are per user and touched by separate
 //! scripts. This store targets a single Redis (with replicas/Sentinel for failover).
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use redis::{Client, Connection, Value};
 
 use super::{
     Appended, ReceiptState, Receipts, Result, Store, StoreError, StoredMessage, Write, WriteResult,
+    conversation_of, still_member,
 };
 
 const APPEND: &str = r#"
@@ -126,6 +128,31 @@ end)
 "#
 );
 
+/// Stores a conversation's members (`ARGV[1]` id, `ARGV[2]` members as JSON, then each member); members it
+/// removes lose their offline entries of the conversation, in the same script.
+const PUT_CONVERSATION: &str = concat!(
+    filter_list_lua!(),
+    r#"
+local id, json = ARGV[1], ARGV[2]
+local old = redis.call('HGET', 'conversations', id)
+local dropped = 0
+if old then
+  local now = {}
+  for i = 3, #ARGV do now[ARGV[i]] = true end
+  local prefix = 'conversation:' .. id .. '\t'
+  for _, m in ipairs(cjson.decode(old)) do
+    if not now[m] then
+      dropped = dropped + filter_list('user:' .. m .. ':offline_messages', function(e)
+        return string.sub(e, 1, #prefix) == prefix
+      end)
+    end
+  end
+end
+redis.call('HSET', 'conversations', id, json)
+return dropped
+"#
+);
+
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
     pub url: String,
@@ -141,6 +168,7 @@ pub struct RedisStore {
     append: redis::Script,
     receipt: redis::Script,
     trim: redis::Script,
+    put_conversation: redis::Script,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -170,6 +198,7 @@ impl RedisStore {
             append: redis::Script::new(APPEND),
             receipt: redis::Script::new(RECEIPT),
             trim: redis::Script::new(TRIM),
+            put_conversation: redis::Script::new(PUT_CONVERSATION),
         };
         s.conn()?;
         Ok(s)
@@ -186,7 +215,12 @@ impl RedisStore {
                 .map_err(unavailable)?;
             c.set_write_timeout(Some(Duration::from_secs(5)))
                 .map_err(unavailable)?;
-            for s in [&self.append, &self.receipt, &self.trim] {
+            for s in [
+                &self.append,
+                &self.receipt,
+                &self.trim,
+                &self.put_conversation,
+            ] {
                 s.prepare_invoke().load(&mut c).map_err(unavailable)?;
             }
             self.conn = Some(c);
@@ -313,7 +347,12 @@ impl Store for RedisStore {
                 }
                 Write::PutConversation { id, members } => {
                     let json = serde_json::to_string(members).map_err(backend)?;
-                    pipe.cmd("HSET").arg("conversations").arg(id).arg(json);
+                    let mut inv = self.put_conversation.prepare_invoke();
+                    inv.arg(id).arg(json);
+                    for m in members {
+                        inv.arg(m);
+                    }
+                    pipe.invoke_script(&inv);
                 }
                 Write::PutDevice {
                     user,
@@ -328,7 +367,7 @@ impl Store for RedisStore {
         }
         let values: Vec<Value> = match self.with(|c| pipe.query(c)) {
             // Redis restarted and lost its script cache: reconnect (which reloads them) and retry once. The
-            // failed pipeline ran none of its scripts; its plain HSET/SADD writes are idempotent.
+            // failed pipeline ran none of its scripts; its plain SADD writes are idempotent.
             Err(StoreError::Unavailable(e))
                 if e.contains("NOSCRIPT") || e.to_lowercase().contains("no script") =>
             {
@@ -428,21 +467,62 @@ impl Store for RedisStore {
     }
 
     fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let key = format!("user:{user}:offline_messages");
-        let entries: Vec<String> = self.with(|c| {
-            redis::cmd("LRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(limit.saturating_sub(1))
-                .query(c)
-        })?;
-        let mut parsed: Vec<(String, u64)> = entries
-            .iter()
-            .filter_map(|e| {
-                let (ch, off) = e.split_once('\t')?;
-                Some((ch.to_string(), off.parse().ok()?))
-            })
-            .collect();
+        // Entries of a conversation the user has left since they were queued are skipped, and read past, so
+        // they never hold back the entries behind them.
+        let page = limit.min(10_000);
+        let mut members: HashMap<String, Option<Vec<String>>> = HashMap::new();
+        let mut parsed: Vec<(String, u64)> = Vec::new();
+        let mut start = 0usize;
+        while parsed.len() < limit {
+            let entries: Vec<String> = self.with(|c| {
+                redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(start)
+                    .arg(start + page - 1)
+                    .query(c)
+            })?;
+            let read = entries.len();
+            let entries: Vec<(String, u64)> = entries
+                .iter()
+                .filter_map(|e| {
+                    let (ch, off) = e.split_once('\t')?;
+                    Some((ch.to_string(), off.parse().ok()?))
+                })
+                .collect();
+            let unknown: BTreeSet<&str> = entries
+                .iter()
+                .filter_map(|(ch, _)| conversation_of(ch))
+                .filter(|id| !members.contains_key(*id))
+                .collect();
+            if !unknown.is_empty() {
+                let mut pipe = redis::pipe();
+                for id in &unknown {
+                    pipe.cmd("HGET").arg("conversations").arg(*id);
+                }
+                let got: Vec<Option<String>> = self.with(|c| pipe.query(c))?;
+                for (id, json) in unknown.into_iter().zip(got) {
+                    let m = json
+                        .map(|j| serde_json::from_str(&j))
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    members.insert(id.to_string(), m);
+                }
+            }
+            for (ch, off) in entries {
+                let m = conversation_of(&ch).and_then(|id| members.get(id)?.as_deref());
+                if parsed.len() < limit && still_member(m, user) {
+                    parsed.push((ch, off));
+                }
+            }
+            if read < page {
+                break;
+            }
+            start += read;
+        }
         parsed.sort();
         parsed.dedup();
         if parsed.is_empty() {
