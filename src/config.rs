@@ -78,8 +78,15 @@ pub struct Limits {
     pub backplane_queue: usize,
     /// Requests per second one WebSocket client may send on average (`rate_limited` past it)…
     pub client_rate: u32,
-    /// …and at once; a client refused this many times in a row is closed with 1008.
+    /// …and at once. A client past its rate is not refused: its input is not read until it is back under.
     pub client_burst: u32,
+    /// Channels in one `subscribe`, SSE stream or poll (duplicates dropped first); past it: `too_many_channels`.
+    pub max_channels_per_request: usize,
+    /// Topics one connection follows at once; past it: `too_many_channels`.
+    pub max_follows_per_connection: usize,
+    /// Live WebSocket and SSE connections of one user on this node; past it the new one is refused
+    /// (WebSocket close 1008, SSE 429).
+    pub max_connections_per_user: usize,
 }
 
 impl Default for Limits {
@@ -95,6 +102,9 @@ impl Default for Limits {
             backplane_queue: DEFAULT_BACKPLANE_QUEUE,
             client_rate: DEFAULT_CLIENT_RATE,
             client_burst: DEFAULT_CLIENT_BURST,
+            max_channels_per_request: crate::backplane::router::DEFAULT_MAX_CHANNELS_PER_REQUEST,
+            max_follows_per_connection: crate::backplane::router::DEFAULT_MAX_FOLLOWS,
+            max_connections_per_user: crate::backplane::router::DEFAULT_MAX_CONNECTIONS_PER_USER,
         }
     }
 }
@@ -249,6 +259,9 @@ pub struct FileConfig {
     pub backplane_queue: Option<usize>,
     pub client_rate: Option<u32>,
     pub client_burst: Option<u32>,
+    pub max_channels_per_request: Option<usize>,
+    pub max_follows_per_connection: Option<usize>,
+    pub max_connections_per_user: Option<usize>,
 }
 
 impl FileConfig {
@@ -374,6 +387,18 @@ impl FileConfig {
         set(&mut l.backplane_queue, self.backplane_queue);
         set(&mut l.client_rate, self.client_rate);
         set(&mut l.client_burst, self.client_burst);
+        set(
+            &mut l.max_channels_per_request,
+            self.max_channels_per_request,
+        );
+        set(
+            &mut l.max_follows_per_connection,
+            self.max_follows_per_connection,
+        );
+        set(
+            &mut l.max_connections_per_user,
+            self.max_connections_per_user,
+        );
         Ok(())
     }
 }

@@ -157,9 +157,18 @@ struct RunArgs {
     /// Requests per second one WebSocket client may send on average [default: 100].
     #[arg(long)]
     client_rate: Option<u32>,
-    /// Requests one WebSocket client may send at once; refused this often in a row → close 1008 [default: 200].
+    /// Requests one WebSocket client may send at once; past the rate its input waits (TCP backpressure) [default: 200].
     #[arg(long)]
     client_burst: Option<u32>,
+    /// Channels in one subscribe, SSE stream or poll [default: 100].
+    #[arg(long)]
+    max_channels_per_request: Option<usize>,
+    /// Topics one connection follows at once [default: 1000].
+    #[arg(long)]
+    max_follows_per_connection: Option<usize>,
+    /// Live WebSocket + SSE connections of one user on this node [default: 64].
+    #[arg(long)]
+    max_connections_per_user: Option<usize>,
 }
 
 #[derive(Args)]
@@ -359,6 +368,15 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = r.client_burst {
         l.client_burst = v;
+    }
+    if let Some(v) = r.max_channels_per_request {
+        l.max_channels_per_request = v;
+    }
+    if let Some(v) = r.max_follows_per_connection {
+        l.max_follows_per_connection = v;
+    }
+    if let Some(v) = r.max_connections_per_user {
+        l.max_connections_per_user = v;
     }
     cfg.validate()?;
     Ok(cfg)

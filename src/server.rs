@@ -136,6 +136,11 @@ impl Server {
         );
         let mut router = router;
         router.set_max_pending(cfg.max_pending_writes);
+        router.set_bounds(crate::backplane::router::Bounds {
+            max_channels_per_request: cfg.limits.max_channels_per_request,
+            max_follows: cfg.limits.max_follows_per_connection,
+            max_connections_per_user: cfg.limits.max_connections_per_user,
+        });
         router
             .load(&mut *store)
             .context("loading state from the store")?;

@@ -468,3 +468,101 @@ fn a_node_cut_off_from_the_bus_while_a_topic_was_trimmed_resets_and_keeps_flowin
         "counted"
     );
 }
+
+/// Resident memory of a process in KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// The next answer that is not a `message`.
+fn next_answer(ws: &mut Ws) -> Value {
+    loop {
+        let v = next_json(ws);
+        if v["type"] != "message" {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn a_subscribe_bomb_is_refused_by_bounds_and_costs_bounded_memory() {
+    let node = Node::start(&["--client-rate", "100000", "--client-burst", "100000"]);
+    let mut bomber = connect(&node, "bomber");
+    // Duplicates are dropped: one channel, once.
+    send_json(
+        &mut bomber,
+        json!({"type":"subscribe","channels":["t:a","t:a","t:a"]}),
+    );
+    let v = next_answer(&mut bomber);
+    assert_eq!(v["type"], "subscribed");
+    assert_eq!(v["cursor"].as_object().unwrap().len(), 1, "{v}");
+    // 5,000 channels in one request: refused whole.
+    let many: Vec<String> = (0..5000).map(|i| format!("t:{i}")).collect();
+    send_json(&mut bomber, json!({"type":"subscribe","channels":many}));
+    let v = next_answer(&mut bomber);
+    assert_eq!(v["code"], "too_many_channels", "{v}");
+    let before = rss_kib(node.child.id());
+    // 30 requests of 100 distinct topics: the connection follows at most 1,000.
+    let mut refused = 0;
+    for r in 0..30 {
+        let chans: Vec<String> = (0..100).map(|i| format!("bomb:{r}-{i}")).collect();
+        send_json(&mut bomber, json!({"type":"subscribe","channels":chans}));
+        loop {
+            let v = next_answer(&mut bomber);
+            match v["type"].as_str() {
+                Some("subscribed") => break,
+                Some("error") => {
+                    assert_eq!(v["code"], "too_many_channels");
+                    refused += 1;
+                }
+                _ => panic!("{v}"),
+            }
+        }
+    }
+    assert_eq!(
+        refused,
+        30 * 100 - (1000 - 1),
+        "all beyond 1,000 follows refused"
+    );
+    let grown = rss_kib(node.child.id()).saturating_sub(before);
+    assert!(grown < 16 * 1024, "RSS grew {grown} KiB for one bomber");
+    // Everyone else is served as usual.
+    node.create_conversation("ok", &["alice", "bob"]);
+    let mut alice = connect(&node, "alice");
+    send_json(
+        &mut alice,
+        json!({"type":"send","conversation":"ok","client_id":"1","body":"hi"}),
+    );
+    assert_eq!(next_answer(&mut alice)["type"], "sent");
+    let m = node.get("/metrics").1;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("corelay_bounds_refused_total ") && !l.ends_with(" 0")),
+        "{m}"
+    );
+}
+
+#[test]
+fn connections_per_user_are_capped_on_websocket_and_sse() {
+    let node = Node::start(&["--max-connections-per-user", "2"]);
+    let _a = connect(&node, "greedy");
+    let _b = connect(&node, "greedy");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = connect(&node, "greedy");
+    match c.read() {
+        Ok(tungstenite::Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 1008);
+            assert!(f.reason.contains("too many connections"), "{}", f.reason);
+        }
+        other => panic!("expected a 1008 close, got {other:?}"),
+    }
+    let sse = Sse::open(&node, &format!("/sse?token={}", token("greedy")), None);
+    assert_eq!(sse.status(), 429);
+    // Another user is not affected.
+    let _d = connect(&node, "modest");
+}

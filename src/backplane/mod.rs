@@ -174,6 +174,13 @@ pub enum LoopCmd {
         cursor: CursorVec,
         hold_ms: u64,
     },
+    /// Close this connection (a bound refused it): a WebSocket gets a close frame with `code`.
+    Close {
+        index: u32,
+        generation: u32,
+        code: u16,
+        reason: &'static str,
+    },
     /// Stop accepting, close clients with 1001, exit when they are gone or the drain time is up.
     Shutdown,
 }
@@ -329,6 +336,9 @@ pub fn run(
                 }
             }
             metrics.backplane_queue_depth.store(rx.len() as u64, Relaxed);
+            metrics
+                .subscriptions_refused
+                .store(router.refused_subscriptions(), Relaxed);
             if !out.is_empty() {
                 dispatch(&mut out, &loops, &metrics).await;
             }

@@ -14,7 +14,9 @@
 //! for every channel the connections that follow it explicitly (topic subscribers, held long polls). The two
 //! sets never overlap: a connection in presence never follows a conversation or user channel explicitly.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+use indexmap::IndexSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -225,6 +227,31 @@ fn refuse(code: &'static str, status: u16, message: impl Into<String>) -> Refusa
     }
 }
 
+/// Per-connection bounds on what a client can make the router hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// Channels in one `subscribe` (after duplicates are dropped), or listed on one SSE stream or poll.
+    pub max_channels_per_request: usize,
+    /// Topics one connection follows at once.
+    pub max_follows: usize,
+    /// Live WebSocket and SSE connections of one user on this node.
+    pub max_connections_per_user: usize,
+}
+
+pub const DEFAULT_MAX_CHANNELS_PER_REQUEST: usize = 100;
+pub const DEFAULT_MAX_FOLLOWS: usize = 1000;
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            max_channels_per_request: DEFAULT_MAX_CHANNELS_PER_REQUEST,
+            max_follows: DEFAULT_MAX_FOLLOWS,
+            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
+        }
+    }
+}
+
 pub struct Router {
     max_body_bytes: usize,
     history: HistoryLimits,
@@ -234,10 +261,13 @@ pub struct Router {
     /// Topics and `user:` channels.
     channels: HashMap<Arc<str>, Log>,
     presence: HashMap<Arc<str>, Vec<ConnRef>>,
-    /// channel → connections following it explicitly.
-    followers: HashMap<Arc<str>, Vec<ConnRef>>,
-    /// connection → channels it follows explicitly (to clean up).
-    following: HashMap<ConnRef, Vec<Arc<str>>>,
+    /// channel → connections following it explicitly (insertion order; O(1) removal).
+    followers: HashMap<Arc<str>, IndexSet<ConnRef>>,
+    /// connection → channels it follows explicitly (to clean up), at most `bounds.max_follows` each.
+    following: HashMap<ConnRef, HashSet<Arc<str>>>,
+    bounds: Bounds,
+    /// `subscribe`s refused by a bound (for the metric).
+    pub refused_subscriptions: u64,
     /// Store requests to send, and what each one's completion continues.
     requests: Vec<Request>,
     pending: HashMap<Token, Pending>,
@@ -291,6 +321,8 @@ impl Router {
             channels: HashMap::new(),
             presence: HashMap::new(),
             followers: HashMap::new(),
+            bounds: Bounds::default(),
+            refused_subscriptions: 0,
             following: HashMap::new(),
             requests: Vec::new(),
             pending: HashMap::new(),
@@ -325,6 +357,11 @@ impl Router {
     /// Channels this node receives from the bus and has synced (0 on a single node).
     pub fn bus_channels(&self) -> usize {
         self.cluster.as_ref().map_or(0, |c| c.seq.synced())
+    }
+
+    /// `subscribe`s (or stream/poll channel lists) refused by a bound.
+    pub fn refused_subscriptions(&self) -> u64 {
+        self.refused_subscriptions
     }
 
     /// Gaps skipped with a `reset` because the store could not fill them (cluster mode).
@@ -527,6 +564,10 @@ impl Router {
         }
     }
 
+    pub fn set_bounds(&mut self, b: Bounds) {
+        self.bounds = b;
+    }
+
     pub fn set_max_pending(&mut self, n: usize) {
         self.max_pending = n.max(1);
     }
@@ -613,6 +654,19 @@ impl Router {
     pub fn handle(&mut self, ev: Event, now_ms: u64, out: &mut Vec<Out>) {
         match ev {
             Event::Opened { conn, user } => {
+                if self.connections(&user).len() >= self.bounds.max_connections_per_user {
+                    self.refused_subscriptions += 1;
+                    out.push(Out::Loop {
+                        conn,
+                        cmd: LoopCmd::Close {
+                            index: conn.index,
+                            generation: conn.generation,
+                            code: 1008,
+                            reason: "too many connections for this user",
+                        },
+                    });
+                    return;
+                }
                 self.add_presence(conn, &user, now_ms);
                 self.start_flush(conn, &user);
             }
@@ -742,40 +796,50 @@ impl Router {
         at
     }
 
-    fn follow(&mut self, conn: ConnRef, channel: Arc<str>) {
-        let list = self.following.entry(conn).or_default();
-        if list.contains(&channel) {
-            return;
+    /// Follows a topic; false when the connection already follows `bounds.max_follows` others.
+    fn follow(&mut self, conn: ConnRef, channel: Arc<str>) -> bool {
+        let set = self.following.entry(conn).or_default();
+        if set.contains(&channel) {
+            return true;
         }
-        list.push(channel.clone());
+        if set.len() >= self.bounds.max_follows {
+            return false;
+        }
+        set.insert(channel.clone());
         self.followers
             .entry(channel.clone())
             .or_default()
-            .push(conn);
+            .insert(conn);
         self.interest(&channel, 1);
+        true
     }
 
     fn unfollow(&mut self, conn: ConnRef, channel: &str) {
-        if let Some(list) = self.following.get_mut(&conn) {
-            let before = list.len();
-            list.retain(|c| &**c != channel);
-            if list.len() < before {
-                self.interest(channel, -1);
-            }
+        if let Some(set) = self.following.get_mut(&conn)
+            && set.remove(channel)
+        {
+            self.interest(channel, -1);
         }
         if let Some(f) = self.followers.get_mut(channel) {
-            f.retain(|c| *c != conn);
+            f.swap_remove(&conn);
             if f.is_empty() {
                 self.followers.remove(channel);
             }
         }
     }
 
+    fn followers_of(&self, channel: &str) -> Vec<ConnRef> {
+        self.followers
+            .get(channel)
+            .map(|f| f.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     fn unfollow_all(&mut self, conn: ConnRef) {
         for ch in self.following.remove(&conn).unwrap_or_default() {
             self.interest(&ch, -1);
             if let Some(f) = self.followers.get_mut(&ch) {
-                f.retain(|c| *c != conn);
+                f.swap_remove(&conn);
                 if f.is_empty() {
                     self.followers.remove(&ch);
                 }
@@ -806,7 +870,7 @@ impl Router {
             },
             limits.topic_count,
         );
-        let to: Vec<ConnRef> = self.followers.get(&key).cloned().unwrap_or_default();
+        let to = self.followers_of(&key);
         self.route(to, delivery, out);
         offset
     }
@@ -857,6 +921,10 @@ impl Router {
                 }
             }
             ClientMsg::Subscribe { channels, cursor } => {
+                let channels = match self.bounded_channels(channels) {
+                    Ok(c) => c,
+                    Err(r) => return reply(out, conn, &msg::error(r.code, &r.message, None)),
+                };
                 let mut items = Vec::new();
                 let mut now_at = serde_json::Map::new();
                 let mut reads = Vec::new();
@@ -882,8 +950,14 @@ impl Router {
                         }
                         (None, _) => self.last_offset(&ch),
                     };
-                    if kind == Kind::Topic {
-                        self.follow(conn, Arc::from(ch.as_str()));
+                    if kind == Kind::Topic && !self.follow(conn, Arc::from(ch.as_str())) {
+                        self.refused_subscriptions += 1;
+                        let m = format!(
+                            "{ch}: this connection already follows {} channels",
+                            self.bounds.max_follows
+                        );
+                        reply(out, conn, &msg::error("too_many_channels", &m, None));
+                        continue;
                     }
                     now_at.insert(ch, at.into());
                 }
@@ -1550,7 +1624,7 @@ impl Router {
             from,
             delivery: d.clone(),
         };
-        let mut to: Vec<ConnRef> = self.followers.get(&d.channel).cloned().unwrap_or_default();
+        let mut to = self.followers_of(&d.channel);
         if let Some(id) = d.channel.strip_prefix("conversation:") {
             let max = self.history.conversation_count;
             if let Some(c) = self.conversations.get_mut(id) {
@@ -1583,6 +1657,29 @@ impl Router {
 
     // ---- SSE and polling ------------------------------------------------------------------------------
 
+    /// A request's channel list without duplicates (first occurrence kept), refused past
+    /// `bounds.max_channels_per_request`.
+    fn bounded_channels(&mut self, channels: Vec<String>) -> Result<Vec<String>, Refusal> {
+        let mut seen = HashSet::with_capacity(channels.len());
+        let unique: Vec<String> = channels
+            .into_iter()
+            .filter(|c| seen.insert(c.clone()))
+            .collect();
+        if unique.len() > self.bounds.max_channels_per_request {
+            self.refused_subscriptions += 1;
+            return Err(refuse(
+                "too_many_channels",
+                400,
+                format!(
+                    "{} channels in one request; at most {}",
+                    unique.len(),
+                    self.bounds.max_channels_per_request
+                ),
+            ));
+        }
+        Ok(unique)
+    }
+
     fn check_all(&self, user: &str, channels: &[String]) -> Result<Vec<Kind>, Refusal> {
         channels
             .iter()
@@ -1599,6 +1696,19 @@ impl Router {
         now_ms: u64,
         out: &mut Vec<Out>,
     ) {
+        if self.connections(&user).len() >= self.bounds.max_connections_per_user {
+            self.refused_subscriptions += 1;
+            let e = msg::error(
+                "too_many_connections",
+                "too many streams for this user",
+                None,
+            );
+            return http(out, conn, 429, e);
+        }
+        let channels = match self.bounded_channels(channels) {
+            Ok(c) => c,
+            Err(r) => return http(out, conn, r.status, msg::error(r.code, &r.message, None)),
+        };
         if let Err(r) = self.check_all(&user, &channels) {
             http(out, conn, r.status, msg::error(r.code, &r.message, None));
             return;
@@ -1694,6 +1804,10 @@ impl Router {
             );
             return;
         }
+        let channels = match self.bounded_channels(channels) {
+            Ok(c) => c,
+            Err(r) => return http(out, conn, r.status, msg::error(r.code, &r.message, None)),
+        };
         if let Err(r) = self.check_all(&user, &channels) {
             http(out, conn, r.status, msg::error(r.code, &r.message, None));
             return;

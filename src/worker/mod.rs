@@ -538,6 +538,24 @@ impl Worker {
                     conn::http::on_response(&mut self.conns[i], status, &body, &mut self.cx, me);
                     self.resume_input(i);
                 }
+                LoopCmd::Close {
+                    index,
+                    generation,
+                    code,
+                    reason,
+                } => {
+                    let i = index as usize;
+                    if self.live(i, generation).is_none() {
+                        continue;
+                    }
+                    let conn = &mut self.conns[i];
+                    if conn.is_websocket() {
+                        conn::ws::start_close(conn, CloseCode(code), reason, &self.cx);
+                    } else {
+                        conn.close_after_flush = true;
+                    }
+                    self.flush(i);
+                }
                 LoopCmd::StreamStart {
                     index,
                     generation,
