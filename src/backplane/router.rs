@@ -611,6 +611,12 @@ impl Router {
         self.pending.len()
     }
 
+    /// Whether the store has `max_pending` requests in flight: client reads (history, replays, flushes, polls)
+    /// are refused with a retryable `store_busy` like sends, so no client can flood the store thread.
+    fn store_busy(&self) -> bool {
+        self.pending.len() >= self.max_pending
+    }
+
     fn request(&mut self, make: impl FnOnce(Token) -> Request, then: Pending) {
         let token = self.next_token;
         self.next_token += 1;
@@ -663,6 +669,19 @@ impl Router {
                             generation: conn.generation,
                             code: 1008,
                             reason: "too many connections for this user",
+                        },
+                    });
+                    return;
+                }
+                if self.store_busy() {
+                    // The offline flush cannot be read now: the client retries (1013) rather than missing it.
+                    out.push(Out::Loop {
+                        conn,
+                        cmd: LoopCmd::Close {
+                            index: conn.index,
+                            generation: conn.generation,
+                            code: 1013,
+                            reason: "store busy; reconnect and resume",
                         },
                     });
                     return;
@@ -925,6 +944,9 @@ impl Router {
                     Ok(c) => c,
                     Err(r) => return reply(out, conn, &msg::error(r.code, &r.message, None)),
                 };
+                if !cursor.is_empty() && self.store_busy() {
+                    return reply(out, conn, &busy_error());
+                }
                 let mut items = Vec::new();
                 let mut now_at = serde_json::Map::new();
                 let mut reads = Vec::new();
@@ -1009,7 +1031,11 @@ impl Router {
                     .get(&conversation)
                     .is_some_and(|c| c.members.contains(&*user));
                 if member {
-                    self.history(ReplyTo::Ws(conn), conversation, before, limit);
+                    if self.store_busy() {
+                        reply(out, conn, &busy_error());
+                    } else {
+                        self.history(ReplyTo::Ws(conn), conversation, before, limit);
+                    }
                 } else {
                     let e = msg::error(
                         "not_member",
@@ -1705,6 +1731,9 @@ impl Router {
             );
             return http(out, conn, 429, e);
         }
+        if self.store_busy() {
+            return http(out, conn, 503, busy_error());
+        }
         let channels = match self.bounded_channels(channels) {
             Ok(c) => c,
             Err(r) => return http(out, conn, r.status, msg::error(r.code, &r.message, None)),
@@ -1845,6 +1874,9 @@ impl Router {
         if reads.is_empty() {
             self.answer_poll(conn, items, cur, hold_ms, out);
             return;
+        }
+        if self.store_busy() {
+            return http(out, conn, 503, busy_error());
         }
         self.request(
             |token| Request::ReadMany {
@@ -2009,7 +2041,11 @@ impl Router {
                 limit,
             } => {
                 if self.conversations.contains_key(&conversation) {
-                    self.history(ReplyTo::Http(conn), conversation, before, limit);
+                    if self.store_busy() {
+                        http(out, conn, 503, busy_error());
+                    } else {
+                        self.history(ReplyTo::Http(conn), conversation, before, limit);
+                    }
                 } else {
                     http(
                         out,
@@ -2024,6 +2060,14 @@ impl Router {
 }
 
 /// An answer to a WebSocket request (a frame) or to an HTTP one (`status` and the JSON body).
+fn busy_error() -> String {
+    msg::error(
+        "store_busy",
+        "the message store is behind; retry in a moment",
+        None,
+    )
+}
+
 fn answer(out: &mut Vec<Out>, to: ReplyTo, status: u16, json: String) {
     match to {
         ReplyTo::Ws(c) => reply(out, c, &json),
@@ -2342,6 +2386,65 @@ mod tests {
             10,
             out,
         );
+    }
+
+    #[test]
+    fn client_reads_count_against_the_pending_bound() {
+        let (mut r, mut out) = setup();
+        r.r.set_max_pending(2);
+        let history = |r: &mut Harness, conn, user: &str, out: &mut Vec<Out>| {
+            let m = msg::parse_client(br#"{"type":"history","conversation":"c1"}"#).unwrap();
+            // Not pumped: the read stays in flight.
+            r.r.handle(
+                Event::Received {
+                    conn,
+                    user: user.into(),
+                    msg: m,
+                },
+                5,
+                out,
+            );
+        };
+        history(&mut r, c(0, 1), "alice", &mut out);
+        history(&mut r, c(0, 1), "alice", &mut out);
+        assert!(to_conn(&out, c(0, 1)).is_empty(), "two reads in flight");
+        history(&mut r, c(1, 2), "bob", &mut out);
+        assert_eq!(to_conn(&out, c(1, 2))[0]["code"], "store_busy");
+        // A poll that must read the store, and a new connection whose offline flush must be read: refused
+        // (503, and close 1013 so the client comes back for its flush), never queued without bound.
+        r.r.handle(
+            Event::Poll {
+                conn: c(1, 70),
+                user: "bob".into(),
+                channels: vec!["conversation:c1".into()],
+                cursor: Some([("conversation:c1".to_string(), 0)].into()),
+                hold_ms: 0,
+            },
+            6,
+            &mut out,
+        );
+        assert_eq!(status(&out, c(1, 70)), Some(503));
+        r.r.handle(
+            Event::Opened {
+                conn: c(0, 71),
+                user: "alice".into(),
+            },
+            7,
+            &mut out,
+        );
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Out::Loop {
+                conn,
+                cmd: LoopCmd::Close { code: 1013, .. }
+            } if *conn == c(0, 71)
+        )));
+        // Once the reads complete, clients are served again.
+        r.pump(8, &mut out);
+        out.clear();
+        history(&mut r, c(1, 2), "bob", &mut out);
+        r.pump(9, &mut out);
+        assert_eq!(to_conn(&out, c(1, 2))[0]["type"], "history");
     }
 
     #[test]
