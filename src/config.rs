@@ -113,6 +113,9 @@ impl Default for Limits {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// A second, internal listener for `/api/*` and `/metrics` (edge deployments). When set, the public
+    /// listener answers those paths 404 and the admin listener serves nothing else (but `/healthz`, `/readyz`).
+    pub admin_listen: Option<SocketAddr>,
     pub threads: usize,
     pub data_dir: PathBuf,
     /// Empty = host name + port, decided when the listener is bound.
@@ -165,6 +168,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            admin_listen: None,
             threads: default_threads(),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             node_id: default_node_id(),
@@ -222,6 +226,7 @@ pub fn host_name() -> String {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
+    pub admin_listen: Option<String>,
     pub threads: Option<usize>,
     pub data_dir: Option<PathBuf>,
     pub node_id: Option<String>,
@@ -280,6 +285,9 @@ impl FileConfig {
     pub fn apply(self, cfg: &mut Config) -> Result<(), ConfigError> {
         if let Some(v) = self.listen {
             cfg.listen = parse_addr("listen", &v)?;
+        }
+        if let Some(v) = self.admin_listen {
+            cfg.admin_listen = Some(parse_addr("admin_listen", &v)?);
         }
         set(&mut cfg.threads, self.threads);
         set(&mut cfg.data_dir, self.data_dir);

@@ -52,6 +52,9 @@ struct RunArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long)]
     listen: Option<String>,
+    /// Serve `/api/*` and `/metrics` only on this internal address (and refuse them on --listen).
+    #[arg(long)]
+    admin_listen: Option<String>,
     /// Event loops (one per core by default).
     #[arg(long)]
     threads: Option<usize>,
@@ -235,6 +238,9 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = r.listen {
         cfg.listen = config::parse_addr("listen", &v)?;
+    }
+    if let Some(v) = r.admin_listen {
+        cfg.admin_listen = Some(config::parse_addr("admin_listen", &v)?);
     }
     if let Some(v) = r.threads {
         cfg.threads = v;

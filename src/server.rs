@@ -71,6 +71,16 @@ impl Server {
         let listeners = listener::bind_all(cfg.listen, cfg.threads)
             .with_context(|| format!("binding {}", cfg.listen))?;
         let local_addr = listeners[0].local_addr()?;
+        let mut admin = match cfg.admin_listen {
+            Some(a) => {
+                let l = listener::bind_all(a, 1)
+                    .with_context(|| format!("binding the admin listener {a}"))?
+                    .remove(0);
+                tracing::info!(addr = %l.local_addr()?, "admin listener: /api/* and /metrics");
+                Some(l)
+            }
+            None => None,
+        };
         if cfg.node_id.is_empty() {
             // Unique per process on one host: several nodes on one machine differ by port.
             cfg.node_id = format!("{}-{}", crate::config::host_name(), local_addr.port());
@@ -111,7 +121,8 @@ impl Server {
         let mut workers = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded(LOOP_QUEUE);
-            let (worker, waker) = Worker::new(i as u16, l, rx, shared.clone())?;
+            let admin = if i == 0 { admin.take() } else { None };
+            let (worker, waker) = Worker::new(i as u16, l, admin, rx, shared.clone())?;
             loops.push(LoopHandle { tx, waker });
             let core = (cfg.pin_threads && !cores.is_empty()).then(|| cores[i % cores.len()]);
             workers.push(

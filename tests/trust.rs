@@ -566,3 +566,56 @@ fn connections_per_user_are_capped_on_websocket_and_sse() {
     // Another user is not affected.
     let _d = connect(&node, "modest");
 }
+
+#[test]
+fn an_admin_listener_keeps_the_internal_api_and_metrics_off_the_public_port() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin_addr = format!("127.0.0.1:{port}");
+    let node = Node::start(&["--admin-listen", &admin_addr]);
+    let admin: std::net::SocketAddr = admin_addr.parse().unwrap();
+    let get = |addr, path: &str| {
+        http(
+            addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"),
+        )
+        .0
+    };
+    assert_eq!(get(node.addr, "/metrics"), 404, "metrics are internal");
+    assert_eq!(get(admin, "/metrics"), 200);
+    assert_eq!(
+        node.create_conversation("pub", &["a", "b"]),
+        404,
+        "the API is internal"
+    );
+    let body = json!({"id": "adm", "members": ["a", "b"]}).to_string();
+    let (st, _) = http(
+        admin,
+        &format!(
+            "POST /api/conversations HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(st, 201);
+    for addr in [node.addr, admin] {
+        assert_eq!(get(addr, "/healthz"), 200, "health on both");
+    }
+    assert_eq!(
+        get(
+            admin,
+            &format!("/poll?channels=user:a&token={}", token("a"))
+        ),
+        404,
+        "client endpoints are public only"
+    );
+    // Clients work on the public port as before.
+    let mut a = connect(&node, "a");
+    send_json(
+        &mut a,
+        json!({"type":"send","conversation":"adm","client_id":"1","body":"x"}),
+    );
+    assert_eq!(next_answer(&mut a)["type"], "sent");
+}

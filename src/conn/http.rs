@@ -312,6 +312,14 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
     if let Err(e) = http1::check_no_body(&head) {
         return fail(conn, cx, e, &[]);
     }
+    if cx.shared.cfg.admin_listen.is_some() {
+        // Split listeners: the internal API and metrics only on the admin one, clients only on the public one.
+        let internal = path.starts_with("/api/") || path == "/metrics";
+        let health = path == "/healthz" || path == "/readyz";
+        if !health && internal != conn.admin {
+            return fail(conn, cx, HttpError::new(404, "not found"), &[]);
+        }
+    }
     match path {
         "/send" | "/sse" | "/poll" if method == Method::Options => {
             conn.mode = Mode::Http {

@@ -174,13 +174,22 @@ pub struct Conn {
     pub close_after_flush: bool,
     /// Our write side is shut down (after a close frame went out).
     pub write_shut: bool,
+    /// Accepted on the internal admin listener (`--admin-listen`).
+    pub admin: bool,
 }
 
 impl Conn {
-    pub fn new(socket: TcpStream, generation: u32, now_ms: u64, proxy_protocol: bool) -> Self {
+    pub fn new(
+        socket: TcpStream,
+        generation: u32,
+        now_ms: u64,
+        proxy_protocol: bool,
+        admin: bool,
+    ) -> Self {
         Conn {
             socket,
             generation,
+            admin,
             mode: if proxy_protocol {
                 Mode::Proxy
             } else {

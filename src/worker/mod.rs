@@ -29,6 +29,8 @@ use crate::proto::ws::CloseCode;
 use crate::timer::{TimerKey, TimerWheel};
 
 const LISTENER: Token = Token(usize::MAX - 1);
+/// The internal admin listener (`--admin-listen`), on loop 0 only.
+const ADMIN: Token = Token(usize::MAX - 3);
 const WAKER: Token = Token(usize::MAX - 2);
 /// Reads per connection per wake before it yields to the others.
 pub const READS_PER_WAKE: usize = 16;
@@ -105,6 +107,7 @@ impl Ctx {
 pub struct Worker {
     poll: Poll,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     accepting: bool,
     conns: Slab<Conn>,
     scratch: Vec<u8>,
@@ -124,6 +127,7 @@ impl Worker {
     pub fn new(
         id: u16,
         listener: std::net::TcpListener,
+        admin: Option<std::net::TcpListener>,
         cmds: Receiver<LoopCmd>,
         shared: Shared,
     ) -> io::Result<(Self, Arc<Waker>)> {
@@ -131,6 +135,15 @@ impl Worker {
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let admin = match admin {
+            Some(l) => {
+                let mut l = TcpListener::from_std(l);
+                poll.registry()
+                    .register(&mut l, ADMIN, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let now = Instant::now();
         let cx = Ctx {
@@ -147,6 +160,7 @@ impl Worker {
             Worker {
                 poll,
                 listener,
+                admin,
                 accepting: true,
                 conns: Slab::new(),
                 scratch: vec![0; SCRATCH_BYTES],
@@ -177,6 +191,7 @@ impl Worker {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
+                    ADMIN => self.accept_admin(),
                     WAKER => self.commands(),
                     Token(i) => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -238,6 +253,26 @@ impl Worker {
         }
     }
 
+    /// Internal connections (`/api/*`, `/metrics`): few, from the operator's network; past the loop's
+    /// connection limit they are dropped at once rather than queued.
+    fn accept_admin(&mut self) {
+        loop {
+            let Some(l) = self.admin.as_ref() else {
+                return;
+            };
+            match l.accept() {
+                Ok((socket, _)) => {
+                    if self.conns.len() >= self.cx.shared.cfg.limits.max_connections_per_loop {
+                        continue; // dropped: closed
+                    }
+                    self.adopt(socket, true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
     fn accept(&mut self) {
         while self.accepting {
             if self.conns.len() >= self.cx.shared.cfg.limits.max_connections_per_loop {
@@ -251,43 +286,16 @@ impl Worker {
                 return;
             }
             match self.listener.accept() {
-                Ok((mut socket, peer)) => {
+                Ok((socket, peer)) => {
                     #[cfg(debug_assertions)]
                     if std::env::var_os("CORELAY_FAILPOINT_LOOP_PANIC").is_some() {
                         // Debug builds only: the fault suite's way to make a loop die.
                         panic!("failpoint: loop {} panics on accept", self.cx.id);
                     }
-                    let _ = socket.set_nodelay(true);
-                    let entry = self.conns.vacant_entry();
-                    let index = entry.key();
-                    if let Err(e) =
-                        self.cx
-                            .registry
-                            .register(&mut socket, Token(index), Interest::READABLE)
-                    {
-                        tracing::warn!(worker = self.cx.id, error = %e, "register failed");
-                        continue;
+                    if !self.cx.shared.cfg.proxy_protocol {
+                        tracing::debug!(worker = self.cx.id, client = %peer, "accepted");
                     }
-                    let generation = self.next_generation;
-                    self.next_generation = self.next_generation.wrapping_add(1).max(1);
-                    let proxied = self.cx.shared.cfg.proxy_protocol;
-                    if !proxied {
-                        tracing::debug!(worker = self.cx.id, conn = index, client = %peer, "accepted");
-                    }
-                    let conn = entry.insert(Conn::new(socket, generation, self.cx.now_ms, proxied));
-                    let me = ConnRef {
-                        worker: self.cx.id,
-                        index: index as u32,
-                        generation,
-                    };
-                    let at =
-                        self.cx.now_ms + self.cx.shared.cfg.handshake_timeout.as_millis() as u64;
-                    self.cx.schedule(conn, me, at);
-                    let m = self.cx.metrics();
-                    m.accepted.fetch_add(1, Relaxed);
-                    m.conn_opened(Transport::Http);
-                    // Edge-triggered: bytes may already be waiting (client sent its request at once).
-                    self.pending.push(index);
+                    self.adopt(socket, false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -299,6 +307,43 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Puts an accepted socket in the slab with its handshake deadline.
+    fn adopt(&mut self, mut socket: mio::net::TcpStream, admin: bool) {
+        let _ = socket.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let index = entry.key();
+        if let Err(e) = self
+            .cx
+            .registry
+            .register(&mut socket, Token(index), Interest::READABLE)
+        {
+            tracing::warn!(worker = self.cx.id, error = %e, "register failed");
+            return;
+        }
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let proxied = self.cx.shared.cfg.proxy_protocol && !admin;
+        let conn = entry.insert(Conn::new(
+            socket,
+            generation,
+            self.cx.now_ms,
+            proxied,
+            admin,
+        ));
+        let me = ConnRef {
+            worker: self.cx.id,
+            index: index as u32,
+            generation,
+        };
+        let at = self.cx.now_ms + self.cx.shared.cfg.handshake_timeout.as_millis() as u64;
+        self.cx.schedule(conn, me, at);
+        let m = self.cx.metrics();
+        m.accepted.fetch_add(1, Relaxed);
+        m.conn_opened(Transport::Http);
+        // Edge-triggered: bytes may already be waiting (client sent its request at once).
+        self.pending.push(index);
     }
 
     /// Reads and processes input. `drain`: read until `WouldBlock` (the peer may have half-closed, or this
