@@ -17,13 +17,13 @@ fn embedded_store_passes_the_contract() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn scylla_store_passes_the_contract() {
+/// The Scylla cluster named by `SCYLLA_NODES`, or None (and the test says it was skipped).
+fn scylla_config(what: &str) -> Option<ScyllaConfig> {
     let Ok(nodes) = std::env::var("SCYLLA_NODES") else {
         eprintln!(
-            "skipped: SCYLLA_NODES not set (no Scylla server on this machine); the Scylla store contract did not run"
+            "skipped: SCYLLA_NODES not set (no Scylla server on this machine); {what} did not run"
         );
-        return;
+        return None;
     };
     let nodes: Vec<String> = nodes
         .split(',')
@@ -36,7 +36,36 @@ fn scylla_store_passes_the_contract() {
     );
     cfg.replication = std::env::var("SCYLLA_REPLICATION")
         .unwrap_or_else(|_| "{'class': 'SimpleStrategy', 'replication_factor': 1}".into());
+    Some(cfg)
+}
+
+#[test]
+fn scylla_store_passes_the_contract() {
+    let Some(cfg) = scylla_config("the Scylla store contract") else {
+        return;
+    };
     contract::run_all(&mut || Box::new(Scylla::connect(&cfg).expect("connect to Scylla")));
+}
+
+#[test]
+fn two_scylla_stores_append_to_one_conversation_at_once() {
+    let Some(cfg) = scylla_config("the two-writer Scylla check") else {
+        return;
+    };
+    let open = || Box::new(Scylla::connect(&cfg).expect("connect to Scylla"));
+    contract::concurrent_appends(open(), open(), 200);
+}
+
+#[test]
+fn two_redis_stores_append_to_one_conversation_at_once() {
+    let redis = support::RedisServer::start();
+    let cfg = RedisConfig {
+        url: redis.url(),
+        dedupe_ttl: std::time::Duration::from_secs(3600),
+        topic_maxlen: 1000,
+    };
+    let open = || Box::new(RedisStore::connect(cfg.clone()).expect("connect to redis-server"));
+    contract::concurrent_appends(open(), open(), 500);
 }
 
 #[test]

@@ -370,3 +370,56 @@ fn removed_member_loses_offline_entries(s: &mut dyn Store, ns: &str) {
         "the messages themselves stay"
     );
 }
+
+/// Two stores on one database append to one conversation at once: every message gets its own offset, offsets
+/// stay dense (1..=2n), and each offset holds the message it was reported for. For stores several gateway
+/// nodes share (Redis, Scylla).
+pub fn concurrent_appends(a: Box<dyn Store>, b: Box<dyn Store>, n: u64) {
+    let ns = format!(
+        "t{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() % 1_000_000_000)
+            .unwrap_or(0)
+    );
+    let conv = format!("conversation:{ns}race");
+    let run = |mut s: Box<dyn Store>, who: &'static str| {
+        let (conv, ns) = (conv.clone(), ns.clone());
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for i in 0..n {
+                // Small batches, so the two writers interleave.
+                let from = format!("{ns}{who}");
+                let w = msg(&conv, Some(&from), Some(&format!("{who}{i}")), i, &[]);
+                let Write::Append(m) = &w else { unreachable!() };
+                let json = m.json.clone();
+                let r = s.commit(&[w]).expect("append");
+                match appended(&r[0]) {
+                    Appended::New { offset } => got.push((offset, from, json)),
+                    other => panic!("{who}: a new message was taken for a retry: {other:?}"),
+                }
+            }
+            (s, got)
+        })
+    };
+    let (ta, tb) = (run(a, "a"), run(b, "b"));
+    let (mut s, mut got) = ta.join().expect("writer a");
+    got.extend(tb.join().expect("writer b").1);
+    got.sort();
+    let offsets: Vec<u64> = got.iter().map(|(o, _, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        (1..=2 * n).collect::<Vec<_>>(),
+        "each message its own offset, dense"
+    );
+    assert_eq!(s.last_offset(&conv).unwrap(), 2 * n);
+    let log = s.read_after(&conv, 0, 4 * n as usize).unwrap();
+    assert_eq!(log.len(), 2 * n as usize, "no message overwritten");
+    for (m, (offset, from, json)) in log.iter().zip(&got) {
+        assert_eq!(
+            (m.offset, m.from.as_deref(), m.json.as_str()),
+            (*offset, Some(from.as_str()), json.as_str())
+        );
+    }
+}
