@@ -87,6 +87,8 @@ pub struct Metrics {
     pub bus_channels: AtomicU64,
     /// Cluster mode: gaps the store could not fill (or that outgrew the hold bounds), skipped with a `reset`.
     pub sequencer_resets: AtomicU64,
+    /// Cluster mode: publishes dropped because the bus queue was full (Redis unreachable for long).
+    pub bus_dropped: AtomicU64,
     /// Subscriptions and connections refused by a per-request, per-connection or per-user bound.
     pub subscriptions_refused: AtomicU64,
     /// Store commits and reads that failed (backend errors: disk, Redis, Scylla).
@@ -103,6 +105,7 @@ impl Metrics {
             bus_up: std::sync::atomic::AtomicBool::new(true),
             bus_channels: AtomicU64::new(0),
             sequencer_resets: AtomicU64::new(0),
+            bus_dropped: AtomicU64::new(0),
             subscriptions_refused: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
         }
@@ -213,6 +216,11 @@ impl Metrics {
             s,
             "# HELP corelay_bounds_refused_total Subscriptions, channel lists and connections refused by a configured bound.\n# TYPE corelay_bounds_refused_total counter\ncorelay_bounds_refused_total {}",
             self.subscriptions_refused.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_bus_dropped_total Publishes and presence writes dropped because the bus queue was full (receivers re-read the store).\n# TYPE corelay_bus_dropped_total counter\ncorelay_bus_dropped_total {}",
+            self.bus_dropped.load(Relaxed)
         );
         let _ = writeln!(
             s,

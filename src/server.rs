@@ -158,7 +158,7 @@ impl Server {
         let bus = match &cfg.redis {
             Some(url) => {
                 router.enable_cluster(&cfg.node_id, cfg.presence_ttl.as_millis() as u64);
-                let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
+                let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(crate::backplane::bus::EVENT_QUEUE);
                 let tx = crate::backplane::bus::spawn(url, &cfg.node_id, ev_tx)?;
                 tracing::info!(node = %cfg.node_id, "cluster mode: redis bus");
                 Some((tx, ev_rx))

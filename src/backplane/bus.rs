@@ -21,7 +21,45 @@ use std::collections::BTreeSet;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender as EventSender;
+
+/// Publishes and presence writes queued for the publisher thread. While Redis is unreachable the queue fills
+/// and further publishes are dropped (and counted): every message is in the store before it is published, and
+/// receivers re-read the store after their bus reconnects, so a dropped publish delays nothing that matters.
+pub const PUBLISH_QUEUE: usize = 65_536;
+/// Bus events queued for the backplane. A full queue blocks the subscriber thread; Redis then drops the
+/// subscriber once its output buffer limit is reached, and after reconnecting the node re-reads each channel
+/// from the store: memory stays bounded and nothing is lost.
+pub const EVENT_QUEUE: usize = 65_536;
+
+/// The backplane's end of the bus threads.
+pub struct BusHandle {
+    publish: mpsc::SyncSender<BusCmd>,
+    subscriptions: mpsc::Sender<(bool, String)>,
+}
+
+impl BusHandle {
+    /// Queues a command; false when a publish or presence write was dropped because the queue is full.
+    /// Subscription changes are never dropped (they go straight to the subscriber, which folds them into its
+    /// set even while Redis is down, so they are bounded by the number of channels).
+    pub fn send(&self, cmd: BusCmd) -> bool {
+        match cmd {
+            BusCmd::Subscribe(ch) => {
+                let _ = self.subscriptions.send((true, ch));
+                true
+            }
+            BusCmd::Unsubscribe(ch) => {
+                let _ = self.subscriptions.send((false, ch));
+                true
+            }
+            other => match self.publish.try_send(other) {
+                Ok(()) => true,
+                Err(mpsc::TrySendError::Full(_)) => false,
+                Err(mpsc::TrySendError::Disconnected(_)) => true,
+            },
+        }
+    }
+}
 
 /// Control messages between nodes (conversation membership changes).
 pub const CONTROL_CHANNEL: &str = "corelay:control";
@@ -58,14 +96,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often the subscriber checks for subscription changes while no message arrives.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Starts both threads; returns the command sender. The threads end when the sender is dropped.
+/// Starts both threads; returns the backplane's handle. The threads end when the handle is dropped.
 pub fn spawn(
     url: &str,
     node_id: &str,
-    events: UnboundedSender<BusEvent>,
-) -> std::io::Result<mpsc::Sender<BusCmd>> {
+    events: EventSender<BusEvent>,
+) -> std::io::Result<BusHandle> {
     let client = redis::Client::open(url).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let (tx, rx) = mpsc::channel::<BusCmd>();
+    let (tx, rx) = mpsc::sync_channel::<BusCmd>(PUBLISH_QUEUE);
     let (sub_tx, sub_rx) = mpsc::channel::<(bool, String)>();
     let base: BTreeSet<String> = [format!("node:{node_id}"), CONTROL_CHANNEL.to_string()].into();
     {
@@ -78,8 +116,11 @@ pub fn spawn(
     let node = node_id.to_string();
     std::thread::Builder::new()
         .name("corelay-bus-pub".into())
-        .spawn(move || publisher(client, node, rx, sub_tx))?;
-    Ok(tx)
+        .spawn(move || publisher(client, node, rx))?;
+    Ok(BusHandle {
+        publish: tx,
+        subscriptions: sub_tx,
+    })
 }
 
 fn connect(client: &redis::Client, backoff: &mut Duration) -> redis::Connection {
@@ -98,25 +139,14 @@ fn connect(client: &redis::Client, backoff: &mut Duration) -> redis::Connection 
     }
 }
 
-fn publisher(
-    client: redis::Client,
-    node: String,
-    rx: mpsc::Receiver<BusCmd>,
-    sub_tx: mpsc::Sender<(bool, String)>,
-) {
+fn publisher(client: redis::Client, node: String, rx: mpsc::Receiver<BusCmd>) {
     let mut backoff = BACKOFF_MIN;
     let mut conn: Option<redis::Connection> = None;
     while let Ok(cmd) = rx.recv() {
         let mut pipe = redis::pipe();
         match cmd {
-            BusCmd::Subscribe(ch) => {
-                let _ = sub_tx.send((true, ch));
-                continue;
-            }
-            BusCmd::Unsubscribe(ch) => {
-                let _ = sub_tx.send((false, ch));
-                continue;
-            }
+            // Sent straight to the subscriber by `BusHandle::send`.
+            BusCmd::Subscribe(_) | BusCmd::Unsubscribe(_) => continue,
             BusCmd::Publish { channel, payload } => {
                 pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
             }
@@ -156,13 +186,40 @@ fn subscriber(
     client: redis::Client,
     base: BTreeSet<String>,
     changes: mpsc::Receiver<(bool, String)>,
-    events: UnboundedSender<BusEvent>,
+    events: EventSender<BusEvent>,
 ) {
     let mut wanted: BTreeSet<String> = base.clone();
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
     loop {
-        let mut conn = connect(&client, &mut backoff);
+        // While Redis is unreachable, fold subscription changes into the set (bounded by the channel count).
+        let mut conn = loop {
+            loop {
+                match changes.try_recv() {
+                    Ok((true, ch)) => {
+                        wanted.insert(ch);
+                    }
+                    Ok((false, ch)) => {
+                        if !base.contains(&ch) {
+                            wanted.remove(&ch);
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            match client.get_connection_with_timeout(Duration::from_secs(2)) {
+                Ok(c) => {
+                    backoff = BACKOFF_MIN;
+                    break c;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis bus: connect failed");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
         let _ = conn.set_read_timeout(Some(POLL));
         let mut ps = conn.as_pubsub();
         let ok = wanted.iter().all(|ch| ps.subscribe(ch).is_ok());
@@ -170,12 +227,12 @@ fn subscriber(
             std::thread::sleep(backoff);
             continue;
         }
-        if events.send(BusEvent::Up).is_err() {
+        if events.blocking_send(BusEvent::Up).is_err() {
             return;
         }
         if !first {
             for ch in &wanted {
-                let _ = events.send(BusEvent::Subscribed(ch.clone()));
+                let _ = events.blocking_send(BusEvent::Subscribed(ch.clone()));
             }
         }
         first = false;
@@ -187,7 +244,7 @@ fn subscriber(
                         if wanted.insert(ch.clone()) && ps.subscribe(&ch).is_err() {
                             break 'conn;
                         }
-                        let _ = events.send(BusEvent::Subscribed(ch));
+                        let _ = events.blocking_send(BusEvent::Subscribed(ch));
                     }
                     Ok((false, ch)) => {
                         if !base.contains(&ch) && wanted.remove(&ch) && ps.unsubscribe(&ch).is_err()
@@ -207,7 +264,7 @@ fn subscriber(
                         channel: msg.get_channel_name().to_string(),
                         payload,
                     };
-                    if events.send(ev).is_err() {
+                    if events.blocking_send(ev).is_err() {
                         return;
                     }
                 }
@@ -227,8 +284,39 @@ fn subscriber(
             }
         }
         drop(ps);
-        let _ = events.send(BusEvent::Down);
+        let _ = events.blocking_send(BusEvent::Down);
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_publish_queue_drops_publishes_but_never_subscription_changes() {
+        let (tx, rx) = mpsc::sync_channel(2);
+        let (sub_tx, sub_rx) = mpsc::channel();
+        let h = BusHandle {
+            publish: tx,
+            subscriptions: sub_tx,
+        };
+        let publish = || BusCmd::Publish {
+            channel: "t".into(),
+            payload: "{}".into(),
+        };
+        assert!(h.send(publish()));
+        assert!(h.send(publish()));
+        assert!(!h.send(publish()), "full: dropped and reported");
+        for i in 0..10_000 {
+            assert!(h.send(BusCmd::Subscribe(format!("c{i}"))));
+        }
+        assert_eq!(
+            rx.try_iter().count(),
+            2,
+            "the queue never held more than its bound"
+        );
+        assert_eq!(sub_rx.try_iter().count(), 10_000);
     }
 }

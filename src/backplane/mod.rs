@@ -256,10 +256,7 @@ pub fn channel(capacity: usize) -> (BackplaneHandle, Receiver<Event>, Arc<Notify
 pub struct Links {
     pub store: std::sync::mpsc::Sender<crate::store::thread::Request>,
     pub done: tokio::sync::mpsc::UnboundedReceiver<crate::store::thread::Completion>,
-    pub bus: Option<(
-        std::sync::mpsc::Sender<bus::BusCmd>,
-        tokio::sync::mpsc::UnboundedReceiver<bus::BusEvent>,
-    )>,
+    pub bus: Option<(bus::BusHandle, tokio::sync::mpsc::Receiver<bus::BusEvent>)>,
 }
 
 /// Runs the backplane on the current thread until every loop has hung up and the store has answered every
@@ -332,7 +329,9 @@ pub fn run(
             }
             if let Some(tx) = &bus_tx {
                 for cmd in router.take_bus_cmds() {
-                    let _ = tx.send(cmd);
+                    if !tx.send(cmd) {
+                        metrics.bus_dropped.fetch_add(1, Relaxed);
+                    }
                 }
             }
             metrics.backplane_queue_depth.store(rx.len() as u64, Relaxed);
