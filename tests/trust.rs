@@ -619,3 +619,59 @@ fn an_admin_listener_keeps_the_internal_api_and_metrics_off_the_public_port() {
     );
     assert_eq!(next_answer(&mut a)["type"], "sent");
 }
+
+#[test]
+fn an_expired_token_ends_the_connection_unless_it_was_refreshed() {
+    let node = Node::start(&[]);
+    let short = |user: &str| corelay::auth::mint(SECRET, user, Duration::from_secs(2)).unwrap();
+    let open = |user: &str| {
+        let url = format!("{}?token={}", node.url("/ws"), short(user));
+        let mut req = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "corelay.v1".parse().unwrap());
+        let (mut ws, _) = tungstenite::connect(req).unwrap();
+        set_timeout(&mut ws, Duration::from_secs(6));
+        assert_eq!(next_json(&mut ws)["type"], "welcome");
+        ws
+    };
+    let started = Instant::now();
+    let mut lapsing = open("lapsing");
+    let mut renewing = open("renewing");
+    let sse = Sse::open(&node, &format!("/sse?token={}", short("streamer")), None);
+    assert_eq!(sse.status(), 200);
+    // A fresh token for the right user keeps the connection; one for another user is refused.
+    send_json(
+        &mut renewing,
+        json!({"type":"refresh","token": token("someone-else")}),
+    );
+    assert_eq!(next_json(&mut renewing)["code"], "forbidden");
+    send_json(
+        &mut renewing,
+        json!({"type":"refresh","token": token("renewing")}),
+    );
+    let r = next_json(&mut renewing);
+    assert_eq!(r["type"], "refreshed", "{r}");
+    // The other one is closed with 4001 when its token expires (2 s, whole seconds).
+    match lapsing.read() {
+        Ok(tungstenite::Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 4001, "{f:?}");
+        }
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // The stream ends with a `token_expired` event.
+    let ev = sse.next_event(Duration::from_secs(4));
+    assert_eq!(ev.event.as_deref(), Some("error"), "{ev:?}");
+    assert!(ev.data.contains("token_expired"), "{ev:?}");
+    // The refreshed connection is still served after its first token's expiry.
+    std::thread::sleep(Duration::from_millis(500));
+    send_json(
+        &mut renewing,
+        json!({"type":"subscribe","channels":["t:still"]}),
+    );
+    assert_eq!(next_json(&mut renewing)["type"], "subscribed");
+}
