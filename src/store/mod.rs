@@ -167,3 +167,22 @@ pub trait Store: Send {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offline_entries_stay_deliverable_only_to_members() {
+        let members = ["alice".to_string(), "bob".to_string()];
+        assert!(still_member(Some(&members), "bob"));
+        assert!(!still_member(Some(&members), "carol"));
+        assert!(!still_member(Some(&[]), "bob"));
+        assert!(
+            still_member(None, "bob"),
+            "no stored members: nothing to check"
+        );
+        assert_eq!(conversation_of("conversation:c1"), Some("c1"));
+        assert_eq!(conversation_of("user:bob"), None);
+    }
+}
