@@ -147,6 +147,10 @@ impl Server {
         );
         let mut router = router;
         router.set_max_pending(cfg.max_pending_writes);
+        // One read reply (a replay page, a poll answer, a history page) fills at most a quarter of a
+        // connection's write queue, so it is never cut as a slow consumer for one page.
+        let read_bytes = (cfg.limits.max_write_queue_bytes / 4).max(1);
+        router.set_read_bytes(read_bytes);
         router.set_bounds(crate::backplane::router::Bounds {
             max_channels_per_request: cfg.limits.max_channels_per_request,
             max_follows: cfg.limits.max_follows_per_connection,
@@ -167,7 +171,7 @@ impl Server {
         };
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         let (store_tx, store_thread) =
-            crate::store::thread::spawn(store, done_tx, metrics.clone())?;
+            crate::store::thread::spawn(store, done_tx, metrics.clone(), read_bytes)?;
         let bp_loops = loops.clone();
         let backplane = std::thread::Builder::new()
             .name("corelay-backplane".into())

@@ -177,6 +177,8 @@ enum Pending {
     History {
         reply: ReplyTo,
         conversation: String,
+        /// What the client asked for (the read asks one more, to know whether there is more).
+        limit: usize,
     },
     Flush {
         conn: ConnRef,
@@ -266,6 +268,8 @@ pub struct Router {
     /// connection → channels it follows explicitly (to clean up), at most `bounds.max_follows` each.
     following: HashMap<ConnRef, HashSet<Arc<str>>>,
     bounds: Bounds,
+    /// The byte budget of one store read reply: a reply that reached it (or `MAX_REPLAY`) may have more.
+    read_bytes: usize,
     /// `subscribe`s refused by a bound (for the metric).
     pub refused_subscriptions: u64,
     /// Store requests to send, and what each one's completion continues.
@@ -286,8 +290,15 @@ pub struct Router {
 struct Hold {
     reads: usize,
     held: Vec<Arc<Delivery>>,
+    /// Bytes of JSON in `held`.
+    held_bytes: usize,
     sent: std::collections::HashSet<(Arc<str>, u64)>,
 }
+
+/// Live messages held for one connection while its catch-up reads run; past either bound the connection is
+/// closed with 1013 (it resumes from its cursor) rather than holding more.
+pub const MAX_HELD: usize = 10_000;
+pub const MAX_HELD_BYTES: usize = 16 << 20;
 
 /// This node's part of a cluster.
 struct Cluster {
@@ -322,6 +333,7 @@ impl Router {
             presence: HashMap::new(),
             followers: HashMap::new(),
             bounds: Bounds::default(),
+            read_bytes: usize::MAX,
             refused_subscriptions: 0,
             following: HashMap::new(),
             requests: Vec::new(),
@@ -568,6 +580,11 @@ impl Router {
         self.bounds = b;
     }
 
+    /// The byte budget of one store read reply (the store thread cuts replies there).
+    pub fn set_read_bytes(&mut self, n: usize) {
+        self.read_bytes = n.max(1);
+    }
+
     pub fn set_max_pending(&mut self, n: usize) {
         self.max_pending = n.max(1);
     }
@@ -631,17 +648,56 @@ impl Router {
     /// Routes a channel message to `to`, holding it for connections whose offline flush is running.
     fn route(&mut self, mut to: Vec<ConnRef>, delivery: Arc<Delivery>, out: &mut Vec<Out>) {
         if !self.flushing.is_empty() {
+            let mut overflow = Vec::new();
             to.retain(|c| match self.flushing.get_mut(c) {
                 Some(hold) => {
                     hold.held.push(delivery.clone());
+                    hold.held_bytes += delivery.json.len();
+                    if hold.held.len() > MAX_HELD || hold.held_bytes > MAX_HELD_BYTES {
+                        overflow.push(*c);
+                    }
                     false
                 }
                 None => true,
             });
+            for c in overflow {
+                // Its catch-up is too far behind the live traffic: let it come back with its cursor.
+                self.flushing.remove(&c);
+                out.push(Out::Loop {
+                    conn: c,
+                    cmd: LoopCmd::Close {
+                        index: c.index,
+                        generation: c.generation,
+                        code: 1013,
+                        reason: "too far behind; resume from your cursor",
+                    },
+                });
+            }
         }
         if !to.is_empty() {
             out.push(Out::Message { to, delivery });
         }
+    }
+
+    /// Whether a read reply may have been cut (by count or bytes), so the next page must be read.
+    fn cut(&self, msgs: &[StoredMessage], limit: usize) -> bool {
+        !msgs.is_empty()
+            && (msgs.len() >= limit
+                || msgs.iter().map(|m| m.json.len()).sum::<usize>() >= self.read_bytes)
+    }
+
+    /// Reads one page of `channel` after `after` for `conn`'s catch-up; completed by `Pending::Replay`.
+    fn replay_page(&mut self, conn: ConnRef, channel: String, after: u64) {
+        let from = vec![(channel.clone(), after)];
+        self.request(
+            |token| Request::ReadAfter {
+                token,
+                channel,
+                after,
+                limit: MAX_REPLAY,
+            },
+            Pending::Replay { conn, from },
+        );
     }
 
     fn add_presence(&mut self, conn: ConnRef, user: &Arc<str>, now_ms: u64) {
@@ -998,16 +1054,7 @@ impl Router {
                     // the ack is queued behind them.
                     self.flushing.entry(conn).or_default().reads += reads.len() + 1;
                     for (channel, after) in reads {
-                        let from = vec![(channel.clone(), after)];
-                        self.request(
-                            |token| Request::ReadAfter {
-                                token,
-                                channel,
-                                after,
-                                limit: MAX_REPLAY,
-                            },
-                            Pending::Replay { conn, from },
-                        );
+                        self.replay_page(conn, channel, after);
                     }
                     let channel = format!("user:{user}");
                     self.request(
@@ -1073,6 +1120,7 @@ impl Router {
             Pending::History {
                 reply,
                 conversation,
+                limit,
             },
         );
     }
@@ -1430,11 +1478,16 @@ impl Router {
                 Pending::History {
                     reply,
                     conversation,
+                    limit,
                 },
                 Err(res),
             ) => {
                 let (status, page) = match res {
-                    Ok(msgs) => (200, history_json(&conversation, &msgs)),
+                    Ok(msgs) => {
+                        // Cut by the byte budget: the page is short, and there is more.
+                        let cut = self.cut(&msgs, usize::MAX);
+                        (200, history_json(&conversation, &msgs, limit, cut))
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "history read failed");
                         (
@@ -1489,6 +1542,14 @@ impl Router {
                     tracing::warn!(error = %e, "catch-up read failed");
                     Vec::new()
                 });
+                // A page cut by count or bytes: read the next one before the live traffic is released.
+                if self.cut(&msgs, MAX_REPLAY)
+                    && let (Some(hold), Some(last)) = (self.flushing.get_mut(&conn), msgs.last())
+                {
+                    hold.reads += 1;
+                    let (channel, after) = (last.channel.clone(), last.offset);
+                    self.replay_page(conn, channel, after);
+                }
                 let ds = with_resets(&from, &msgs);
                 self.catch_up(conn, ds, out);
             }
@@ -1799,16 +1860,11 @@ impl Router {
             });
         }
         if !reads.is_empty() {
-            self.flushing.entry(conn).or_default().reads += 1;
-            let from = reads.clone();
-            self.request(
-                |token| Request::ReadMany {
-                    token,
-                    reads,
-                    limit: MAX_REPLAY,
-                },
-                Pending::Replay { conn, from },
-            );
+            // One paged read per channel: a replay longer than one page continues where it stopped.
+            self.flushing.entry(conn).or_default().reads += reads.len();
+            for (channel, after) in reads {
+                self.replay_page(conn, channel, after);
+            }
         }
         self.start_flush(conn, &user);
     }
@@ -2132,11 +2188,11 @@ pub fn poll_body(items: &[Arc<Delivery>], cur: &CursorVec) -> String {
 }
 
 /// A page `{"type":"history",…}` from store messages read newest first, one more than the page size.
-fn history_json(conversation: &str, msgs: &[StoredMessage]) -> String {
-    // The store read asked for limit + 1 rows: a full read means there is more.
-    let limit = msgs.len().saturating_sub(1).max(1).min(msgs.len());
-    let more = msgs.len() > 1 && msgs.len() > limit;
-    let shown = if more { &msgs[..limit] } else { msgs };
+/// A history page: the store read asked for `limit + 1` rows, so more than `limit` means there is more; so
+/// does a page the store cut at its byte budget (`cut`).
+fn history_json(conversation: &str, msgs: &[StoredMessage], limit: usize, cut: bool) -> String {
+    let more = msgs.len() > limit || cut;
+    let shown = &msgs[..msgs.len().min(limit)];
     let mut s = String::from("{\"type\":\"history\",\"conversation\":");
     s.push_str(&serde_json::to_string(conversation).unwrap_or_default());
     s.push_str(",\"messages\":[");
@@ -2270,7 +2326,9 @@ mod tests {
                             token,
                             result: self.store.commit(&batch).map_err(|e| e.to_string()),
                         },
-                        read => crate::store::thread::answer(&mut self.store, read),
+                        read => {
+                            crate::store::thread::answer(&mut self.store, read, self.r.read_bytes)
+                        }
                     };
                     self.r.on_completion(c, now_ms, out);
                 }

@@ -76,11 +76,54 @@ pub enum Completion {
 /// Most writes folded into one transaction.
 pub const MAX_GROUP: usize = 4096;
 
+/// Messages read from the store per call while a reply is assembled: what a read holds beyond its byte budget
+/// is at most one chunk (so 1,000 messages of 64 KiB are never in memory at once).
+pub const READ_CHUNK: usize = 32;
+
+/// Replies are cut once they reach `max_bytes` of message JSON (at least one message always goes, so a reader
+/// makes progress); the caller continues from the last offset it got.
+fn over(bytes: usize, max_bytes: usize) -> bool {
+    bytes >= max_bytes
+}
+
+/// Up to `limit` messages of `channel` after `after`, oldest first, read in chunks and cut at `max_bytes`.
+fn read_after_bounded(
+    store: &mut dyn Store,
+    channel: &str,
+    after: u64,
+    limit: usize,
+    max_bytes: usize,
+    bytes: &mut usize,
+    out: &mut Vec<StoredMessage>,
+) -> super::Result<()> {
+    let mut at = after;
+    let mut left = limit;
+    while left > 0 && !over(*bytes, max_bytes) {
+        let chunk = store.read_after(channel, at, left.min(READ_CHUNK))?;
+        let n = chunk.len();
+        for m in chunk {
+            if over(*bytes, max_bytes) {
+                return Ok(());
+            }
+            *bytes += m.json.len();
+            at = m.offset;
+            left -= 1;
+            out.push(m);
+        }
+        if n < READ_CHUNK.min(limit) {
+            break; // the end of the channel
+        }
+    }
+    Ok(())
+}
+
 /// Starts the thread. It ends when every sender of requests is dropped.
+/// `max_bytes`: the most message JSON one read reply carries (see [`answer`]).
 pub fn spawn(
     mut store: Box<dyn Store>,
     done: UnboundedSender<Completion>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    max_bytes: usize,
 ) -> std::io::Result<(mpsc::Sender<Request>, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<Request>();
     let handle = std::thread::Builder::new()
@@ -137,7 +180,7 @@ pub fn spawn(
                     failed(group_commit(&mut *store, &mut commits, &done));
                 }
                 for r in reads.drain(..) {
-                    let c = answer(&mut *store, r);
+                    let c = answer(&mut *store, r, max_bytes);
                     failed(!matches!(
                         &c,
                         Completion::Messages { result: Err(_), .. }
@@ -151,8 +194,10 @@ pub fn spawn(
     Ok((tx, handle))
 }
 
-/// Answers one read request (the store thread's, and the router tests' synchronous driver).
-pub fn answer(store: &mut dyn Store, r: Request) -> Completion {
+/// Answers one read request (the store thread's, and the router tests' synchronous driver). Message replies
+/// are bounded in bytes as well as in count: they stop once `max_bytes` of message JSON is in (always at least
+/// one message), reading the store in chunks of [`READ_CHUNK`].
+pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion {
     let err = |e: super::StoreError| e.to_string();
     match r {
         Request::History {
@@ -160,33 +205,73 @@ pub fn answer(store: &mut dyn Store, r: Request) -> Completion {
             channel,
             before,
             limit,
-        } => Completion::Messages {
-            token,
-            result: store.history(&channel, before, limit).map_err(err),
-        },
+        } => {
+            // Newest first, in chunks going back; cut at the byte budget.
+            let mut all: Vec<StoredMessage> = Vec::new();
+            let mut bytes = 0;
+            let mut before = before;
+            let result = loop {
+                if all.len() >= limit || over(bytes, max_bytes) {
+                    break Ok(());
+                }
+                let want = (limit - all.len()).min(READ_CHUNK);
+                match store.history(&channel, before, want) {
+                    Ok(chunk) => {
+                        let n = chunk.len();
+                        for m in chunk {
+                            if over(bytes, max_bytes) {
+                                break;
+                            }
+                            bytes += m.json.len();
+                            before = Some(m.offset);
+                            all.push(m);
+                        }
+                        if n < want {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) => break Err(err(e)),
+                }
+            };
+            Completion::Messages {
+                token,
+                result: result.map(|()| all),
+            }
+        }
         Request::ReadAfter {
             token,
             channel,
             after,
             limit,
-        } => Completion::Messages {
-            token,
-            result: store.read_after(&channel, after, limit).map_err(err),
-        },
+        } => {
+            let mut all = Vec::new();
+            let mut bytes = 0;
+            let result = read_after_bounded(
+                store, &channel, after, limit, max_bytes, &mut bytes, &mut all,
+            );
+            Completion::Messages {
+                token,
+                result: result.map(|()| all).map_err(err),
+            }
+        }
         Request::ReadMany {
             token,
             reads,
             limit,
         } => {
             let mut all = Vec::new();
+            let mut bytes = 0;
             let mut result = Ok(());
             for (channel, after) in reads {
-                match store.read_after(&channel, after, limit.saturating_sub(all.len())) {
-                    Ok(m) => all.extend(m),
-                    Err(e) => {
-                        result = Err(err(e));
-                        break;
-                    }
+                let left = limit.saturating_sub(all.len());
+                if left == 0 || over(bytes, max_bytes) {
+                    break;
+                }
+                if let Err(e) = read_after_bounded(
+                    store, &channel, after, left, max_bytes, &mut bytes, &mut all,
+                ) {
+                    result = Err(err(e));
+                    break;
                 }
             }
             Completion::Messages {
