@@ -220,48 +220,23 @@ fn tokens_are_required_and_checked() {
 }
 
 #[test]
-fn a_flooding_client_is_rate_limited_then_closed_with_1008() {
+fn a_client_past_its_rate_is_served_later_never_refused() {
+    // 5/s with a burst of 5: 15 requests at once are all answered, the last ten paced by the limit
+    // (the flood and outbox cases are in tests/trust.rs).
     let node = Node::start(&["--client-rate", "5", "--client-burst", "5"]);
     node.create_conversation("c1", &["alice"]);
     let mut a = connect(&node, "alice");
-    for _ in 0..6 {
+    let started = std::time::Instant::now();
+    for _ in 0..15 {
         send_json(&mut a, json!({"type":"history","conversation":"c1"}));
     }
-    let answers: Vec<String> = (0..6)
-        .map(|_| {
-            let v = next_json(&mut a);
-            v["code"]
-                .as_str()
-                .unwrap_or(v["type"].as_str().unwrap())
-                .to_string()
-        })
-        .collect();
-    assert_eq!(
-        answers.iter().filter(|t| *t == "history").count(),
-        5,
-        "{answers:?}"
-    );
-    assert_eq!(
-        answers.iter().filter(|t| *t == "rate_limited").count(),
-        1,
-        "{answers:?}"
-    );
-    // Keep flooding: past the burst of refusals in a row, the server closes with 1008.
-    for _ in 0..10 {
-        if a.send(tungstenite::Message::text(
-            json!({"type":"history","conversation":"c1"}).to_string(),
-        ))
-        .is_err()
-        {
-            break;
-        }
+    for i in 0..15 {
+        let v = next_json(&mut a);
+        assert_eq!(v["type"], "history", "answer {i}: {v}");
     }
-    let code = loop {
-        match a.read() {
-            Ok(tungstenite::Message::Close(f)) => break f.map(|f| u16::from(f.code)),
-            Ok(_) => continue,
-            Err(e) => panic!("expected a close frame, got {e}"),
-        }
-    };
-    assert_eq!(code, Some(1008));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "ten beyond the burst at 5/s take about 2 s: {:?}",
+        started.elapsed()
+    );
 }

@@ -158,9 +158,7 @@ enum Pending {
         state: ReceiptState,
     },
     /// Receipt notices appended to senders' `user:` channels.
-    Notices {
-        items: Vec<(Arc<str>, String, u64)>,
-    },
+    Notices { items: Vec<(Arc<str>, String, u64)> },
     /// `POST /api/publish` to a durable channel (`user:` always; topics in cluster mode, for global
     /// offsets): answered with the offset the store assigned. `payload` is what was stored.
     Publish {
@@ -180,17 +178,12 @@ enum Pending {
         /// What the client asked for (the read asks one more, to know whether there is more).
         limit: usize,
     },
-    Flush {
-        conn: ConnRef,
-    },
+    /// A page of a connection's offline flush (`user`'s queue).
+    Flush { conn: ConnRef, user: String },
     /// Cluster: a gap fill or catch-up read of a channel.
-    Fill {
-        channel: Arc<str>,
-    },
+    Fill { channel: Arc<str> },
     /// Cluster: where a newly followed channel ends.
-    Sync {
-        channel: Arc<str>,
-    },
+    Sync { channel: Arc<str> },
     /// Cluster: every conversation's members, reread after the bus (re)connects.
     Members,
     /// A `subscribe` with a cursor: what the connection missed on a durable channel, from the store. `from`:
@@ -208,10 +201,7 @@ enum Pending {
         items: Vec<Arc<Delivery>>,
     },
     /// Sent after a subscribe's replays (queued last, so it completes after them).
-    SubscribeAck {
-        conn: ConnRef,
-        json: String,
-    },
+    SubscribeAck { conn: ConnRef, json: String },
 }
 
 /// Why a request was refused: an error code, a message, and the HTTP status for one-way transports.
@@ -1271,14 +1261,23 @@ impl Router {
     /// Reads the user's offline queue for a connection that just opened; its live traffic waits meanwhile.
     fn start_flush(&mut self, conn: ConnRef, user: &str) {
         self.flushing.entry(conn).or_default().reads += 1;
-        let user = user.to_string();
+        self.flush_page(conn, user.to_string(), None);
+    }
+
+    /// Reads one page of `user`'s offline queue (after `after` when continuing); completed by `Pending::Flush`.
+    fn flush_page(&mut self, conn: ConnRef, user: String, after: Option<(String, u64)>) {
+        let next_user = user.clone();
         self.request(
             |token| Request::Offline {
                 token,
                 user,
+                after,
                 limit: MAX_FLUSH,
             },
-            Pending::Flush { conn },
+            Pending::Flush {
+                conn,
+                user: next_user,
+            },
         );
     }
 
@@ -1526,11 +1525,19 @@ impl Router {
                     );
                 }
             },
-            (Pending::Flush { conn }, Err(res)) => {
+            (Pending::Flush { conn, user }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "catch-up read failed");
                     Vec::new()
                 });
+                // A page cut by the byte budget: the next one follows before live traffic is released.
+                if self.cut(&msgs, MAX_FLUSH)
+                    && let (Some(hold), Some(last)) = (self.flushing.get_mut(&conn), msgs.last())
+                {
+                    hold.reads += 1;
+                    let after = Some((last.channel.clone(), last.offset));
+                    self.flush_page(conn, user, after);
+                }
                 let ds = msgs
                     .iter()
                     .map(|m| Delivery::new(Arc::from(m.channel.as_str()), m.offset, render(m)))

@@ -323,7 +323,12 @@ impl Store for Embedded {
         Ok(t.get(channel).map_err(backend)?.map_or(0, |v| v.value()))
     }
 
-    fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>> {
+    fn offline_after(
+        &mut self,
+        user: &str,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
         let txn = self.db.begin_read().map_err(backend)?;
         let q = txn.open_table(OFFLINE).map_err(backend)?;
         let m = txn.open_table(MESSAGES).map_err(backend)?;
@@ -331,8 +336,13 @@ impl Store for Embedded {
         // Whether the user may still get each channel's entries (see `still_member`), looked up once.
         let mut allowed: HashMap<String, bool> = HashMap::new();
         let mut out = Vec::new();
+        let start = match after {
+            Some((ch, off)) => std::ops::Bound::Excluded((user, ch, off)),
+            None => std::ops::Bound::Included((user, "", 0u64)),
+        };
+        let end = std::ops::Bound::Included((user, MAX_STR, u64::MAX));
         for item in q
-            .range((user, "", 0u64)..=(user, MAX_STR, u64::MAX))
+            .range::<(&str, &str, u64)>((start, end))
             .map_err(backend)?
         {
             if out.len() >= limit {

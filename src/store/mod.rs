@@ -151,7 +151,16 @@ pub trait Store: Send {
     fn last_offset(&mut self, channel: &str) -> Result<u64>;
     /// The user's offline queue: up to `limit` messages, ordered by channel then offset. Entries of a
     /// conversation the user is no longer a member of are skipped (see [`still_member`]).
-    fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>>;
+    fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>> {
+        self.offline_after(user, None, limit)
+    }
+    /// The same, starting strictly after `after` = (channel, offset) in that order: the next page of a flush.
+    fn offline_after(
+        &mut self,
+        user: &str,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>>;
     fn conversations(&mut self) -> Result<Vec<(String, Vec<String>)>>;
     fn receipts(&mut self, conversation: &str) -> Result<Vec<Receipts>>;
     fn devices(&mut self, user: &str) -> Result<Vec<(String, String)>>;

@@ -466,7 +466,12 @@ impl Store for RedisStore {
         Ok(v.unwrap_or(0))
     }
 
-    fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>> {
+    fn offline_after(
+        &mut self,
+        user: &str,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -477,7 +482,9 @@ impl Store for RedisStore {
         let mut members: HashMap<String, Option<Vec<String>>> = HashMap::new();
         let mut parsed: Vec<(String, u64)> = Vec::new();
         let mut start = 0usize;
-        while parsed.len() < limit {
+        // The whole list is read (ids only, paged by LRANGE): pages must follow (channel, offset) order, which
+        // is not the list's order across channels.
+        loop {
             let entries: Vec<String> = self.with(|c| {
                 redis::cmd("LRANGE")
                     .arg(&key)
@@ -514,7 +521,7 @@ impl Store for RedisStore {
             }
             for (ch, off) in entries {
                 let m = conversation_of(&ch).and_then(|id| members.get(id)?.as_deref());
-                if parsed.len() < limit && still_member(m, user) {
+                if still_member(m, user) && after.is_none_or(|a| (ch.as_str(), off) > a) {
                     parsed.push((ch, off));
                 }
             }
@@ -525,6 +532,7 @@ impl Store for RedisStore {
         }
         parsed.sort();
         parsed.dedup();
+        parsed.truncate(limit);
         if parsed.is_empty() {
             return Ok(Vec::new());
         }

@@ -888,7 +888,12 @@ impl Store for Scylla {
         Ok(n)
     }
 
-    fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>> {
+    fn offline_after(
+        &mut self,
+        user: &str,
+        after: Option<(&str, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -910,6 +915,10 @@ impl Store for Scylla {
                     break;
                 };
                 let (channel, offset) = row.map_err(unavailable)?;
+                // Rows come in clustering order (channel, offset): skip up to the page's start.
+                if after.is_some_and(|a| (channel.as_str(), offset as u64) <= a) {
+                    continue;
+                }
                 let ok = match allowed.get(&channel) {
                     Some(&ok) => ok,
                     None => {

@@ -32,9 +32,11 @@ pub enum Request {
         after: u64,
         limit: usize,
     },
+    /// A page of the user's offline queue, after `after` = (channel, offset) when continuing.
     Offline {
         token: Token,
         user: String,
+        after: Option<(String, u64)>,
         limit: usize,
     },
     LastOffset {
@@ -79,6 +81,8 @@ pub const MAX_GROUP: usize = 4096;
 /// Messages read from the store per call while a reply is assembled: what a read holds beyond its byte budget
 /// is at most one chunk (so 1,000 messages of 64 KiB are never in memory at once).
 pub const READ_CHUNK: usize = 32;
+/// Offline-queue entries read per call.
+pub const OFFLINE_CHUNK: usize = 256;
 
 /// Replies are cut once they reach `max_bytes` of message JSON (at least one message always goes, so a reader
 /// makes progress); the caller continues from the last offset it got.
@@ -279,10 +283,45 @@ pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion
                 result: result.map(|()| all),
             }
         }
-        Request::Offline { token, user, limit } => Completion::Messages {
+        Request::Offline {
             token,
-            result: store.offline(&user, limit).map_err(err),
-        },
+            user,
+            after,
+            limit,
+        } => {
+            // In chunks (a store's offline read lists the whole queue's ids, so chunks are larger than for
+            // channel reads), cut at the byte budget.
+            let mut all: Vec<StoredMessage> = Vec::new();
+            let mut bytes = 0;
+            let mut at = after;
+            let result = loop {
+                if all.len() >= limit || over(bytes, max_bytes) {
+                    break Ok(());
+                }
+                let want = (limit - all.len()).min(OFFLINE_CHUNK);
+                match store.offline_after(&user, at.as_ref().map(|(c, o)| (c.as_str(), *o)), want) {
+                    Ok(chunk) => {
+                        let n = chunk.len();
+                        for m in chunk {
+                            if over(bytes, max_bytes) {
+                                break;
+                            }
+                            bytes += m.json.len();
+                            at = Some((m.channel.clone(), m.offset));
+                            all.push(m);
+                        }
+                        if n < want {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) => break Err(err(e)),
+                }
+            };
+            Completion::Messages {
+                token,
+                result: result.map(|()| all),
+            }
+        }
         Request::LastOffset { token, channel } => Completion::Offset {
             token,
             result: store.last_offset(&channel).map_err(err),
