@@ -830,12 +830,14 @@ impl Router {
     }
 
     /// What a client that has seen `after` on `channel` missed: a `reset` when history no longer reaches back
-    /// that far, then the messages, at most `budget` of them. Returns the offset the client is at afterwards.
+    /// that far, then the messages, at most `budget` of them and until `bytes` of JSON are spent (a poll answer
+    /// copies them; the first message always goes). Returns the offset the client is at afterwards.
     fn replay(
         &self,
         channel: &str,
         after: u64,
         budget: &mut usize,
+        bytes: &mut usize,
         items: &mut Vec<Arc<Delivery>>,
     ) -> u64 {
         let Some(log) = self.log(channel) else {
@@ -851,10 +853,11 @@ impl Router {
             at = oldest;
         }
         for e in log.after(at) {
-            if *budget == 0 {
+            if *budget == 0 || *bytes == 0 {
                 break;
             }
             *budget -= 1;
+            *bytes = bytes.saturating_sub(e.delivery.json.len());
             at = e.delivery.offset;
             items.push(e.delivery.clone());
         }
@@ -1009,8 +1012,8 @@ impl Router {
                     // followed from now, or from the cursor out of the recent history.
                     let at = match (cursor.get(&ch), kind) {
                         (Some(&after), Kind::Topic) => {
-                            let mut budget = MAX_REPLAY;
-                            self.replay(&ch, after, &mut budget, &mut items)
+                            let (mut budget, mut unbounded) = (MAX_REPLAY, usize::MAX);
+                            self.replay(&ch, after, &mut budget, &mut unbounded, &mut items)
                         }
                         (Some(&after), _) => {
                             reads.push((ch.clone(), after));
@@ -1834,7 +1837,10 @@ impl Router {
                     reads.push((ch.clone(), after));
                     after
                 }
-                Some(&after) => self.replay(&ch, after, &mut budget, &mut items),
+                Some(&after) => {
+                    let mut unbounded = usize::MAX;
+                    self.replay(&ch, after, &mut budget, &mut unbounded, &mut items)
+                }
                 None => self.last_offset(&ch),
             };
             cur.push((Arc::from(ch.as_str()), at));
@@ -1920,6 +1926,7 @@ impl Router {
         let mut reads = Vec::new();
         let mut items = Vec::new();
         let mut budget = MAX_REPLAY;
+        let mut bytes = self.read_bytes;
         let mut cur: CursorVec = Vec::with_capacity(channels.len());
         for ch in &channels {
             let after = given
@@ -1930,7 +1937,7 @@ impl Router {
                 reads.push((ch.clone(), after));
                 after
             } else {
-                self.replay(ch, after, &mut budget, &mut items)
+                self.replay(ch, after, &mut budget, &mut bytes, &mut items)
             };
             cur.push((Arc::from(ch.as_str()), at));
         }
@@ -2581,6 +2588,45 @@ mod tests {
             &mut out,
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_poll_answer_is_cut_at_the_read_byte_budget_and_its_cursor_says_where() {
+        let (mut r, mut out) = setup();
+        r.r.set_read_bytes(250);
+        let big = format!("\"{}\"", "x".repeat(100));
+        for _ in 0..5 {
+            publish(&mut r, "scores:big", &big, &mut out);
+        }
+        out.clear();
+        let p = c(1, 51);
+        let poll = |cursor: &str| Event::Poll {
+            conn: p,
+            user: "zed".into(),
+            channels: vec!["scores:big".into()],
+            cursor: Some(cursor::parse(cursor).unwrap()),
+            hold_ms: 0,
+        };
+        r.handle(poll("scores:big=0"), 11, &mut out);
+        let v = &to_conn(&out, p)[0];
+        let n = v["messages"].as_array().unwrap().len();
+        assert!((1..5).contains(&n), "cut by bytes: {n} of 5");
+        assert_eq!(
+            v["cursor"],
+            format!("scores:big={n}"),
+            "the cursor stops at the cut"
+        );
+        // Continuing from that cursor gets the rest, nothing twice.
+        let mut seen = n;
+        while seen < 5 {
+            out.clear();
+            r.handle(poll(&format!("scores:big={seen}")), 12, &mut out);
+            let v = &to_conn(&out, p)[0];
+            let first = v["messages"][0]["offset"].as_u64().unwrap();
+            assert_eq!(first, seen as u64 + 1);
+            seen += v["messages"].as_array().unwrap().len();
+        }
+        assert_eq!(seen, 5);
     }
 
     #[test]
