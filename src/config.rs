@@ -87,6 +87,10 @@ pub struct Limits {
     /// Live WebSocket and SSE connections of one user on this node; past it the new one is refused
     /// (WebSocket close 1008, SSE 429).
     pub max_connections_per_user: usize,
+    /// HTTP requests (`POST /send`, polls, new SSE streams) per second of one user on one node, on average…
+    pub user_rate: u32,
+    /// …and at once; past it: 429 with `retry_after_ms`.
+    pub user_burst: u32,
 }
 
 impl Default for Limits {
@@ -105,6 +109,8 @@ impl Default for Limits {
             max_channels_per_request: crate::backplane::router::DEFAULT_MAX_CHANNELS_PER_REQUEST,
             max_follows_per_connection: crate::backplane::router::DEFAULT_MAX_FOLLOWS,
             max_connections_per_user: crate::backplane::router::DEFAULT_MAX_CONNECTIONS_PER_USER,
+            user_rate: DEFAULT_CLIENT_RATE,
+            user_burst: DEFAULT_CLIENT_BURST,
         }
     }
 }
@@ -267,6 +273,8 @@ pub struct FileConfig {
     pub max_channels_per_request: Option<usize>,
     pub max_follows_per_connection: Option<usize>,
     pub max_connections_per_user: Option<usize>,
+    pub user_rate: Option<u32>,
+    pub user_burst: Option<u32>,
 }
 
 impl FileConfig {
@@ -407,6 +415,8 @@ impl FileConfig {
             &mut l.max_connections_per_user,
             self.max_connections_per_user,
         );
+        set(&mut l.user_rate, self.user_rate);
+        set(&mut l.user_burst, self.user_burst);
         Ok(())
     }
 }
@@ -447,6 +457,9 @@ impl Config {
         }
         if l.max_write_queue_bytes < 4096 {
             return Err(invalid("max_write_queue_bytes", "must be at least 4KiB"));
+        }
+        if l.user_rate == 0 || l.user_burst == 0 {
+            return Err(invalid("user_rate", "user_rate and user_burst must be > 0"));
         }
         if l.client_rate == 0 || l.client_burst == 0 {
             return Err(invalid(

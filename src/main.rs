@@ -172,6 +172,12 @@ struct RunArgs {
     /// Live WebSocket + SSE connections of one user on this node [default: 64].
     #[arg(long)]
     max_connections_per_user: Option<usize>,
+    /// HTTP requests (POST /send, polls, new SSE streams) per second of one user per node [default: 100].
+    #[arg(long)]
+    user_rate: Option<u32>,
+    /// …and at once; past it 429 [default: 200].
+    #[arg(long)]
+    user_burst: Option<u32>,
 }
 
 #[derive(Args)]
@@ -383,6 +389,12 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = r.max_connections_per_user {
         l.max_connections_per_user = v;
+    }
+    if let Some(v) = r.user_rate {
+        l.user_rate = v;
+    }
+    if let Some(v) = r.user_burst {
+        l.user_burst = v;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -155,6 +155,8 @@ impl Server {
             max_channels_per_request: cfg.limits.max_channels_per_request,
             max_follows: cfg.limits.max_follows_per_connection,
             max_connections_per_user: cfg.limits.max_connections_per_user,
+            user_rate: cfg.limits.user_rate,
+            user_burst: cfg.limits.user_burst,
         });
         router
             .load(&mut *store)

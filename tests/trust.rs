@@ -675,3 +675,25 @@ fn an_expired_token_ends_the_connection_unless_it_was_refreshed() {
     );
     assert_eq!(next_json(&mut renewing)["type"], "subscribed");
 }
+
+#[test]
+fn http_requests_are_limited_per_user_across_connections() {
+    let node = Node::start(&["--user-rate", "5", "--user-burst", "5"]);
+    let poll = |user: &str| {
+        node.get(&format!(
+            "/poll?channels=user:{user}&cursor=user:{user}%3D0&timeout=0&token={}",
+            token(user)
+        ))
+    };
+    // Each poll on a new connection: the limit is the user's, not the connection's.
+    let answers: Vec<u16> = (0..8).map(|_| poll("hasty").0).collect();
+    assert!(answers[..5].iter().all(|s| *s == 204), "{answers:?}");
+    let (st, body) = poll("hasty");
+    assert_eq!(st, 429, "{answers:?} then {st}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["code"], "rate_limited");
+    assert!(v["retry_after_ms"].as_u64().unwrap() <= 200, "{v}");
+    assert_eq!(poll("patient").0, 204, "another user is not affected");
+    std::thread::sleep(Duration::from_millis(450));
+    assert_eq!(poll("hasty").0, 204, "served again after the wait");
+}

@@ -228,6 +228,10 @@ pub struct Bounds {
     pub max_follows: usize,
     /// Live WebSocket and SSE connections of one user on this node.
     pub max_connections_per_user: usize,
+    /// HTTP requests (`POST /send`, polls, new streams) per second of one user on this node, on average…
+    pub user_rate: u32,
+    /// …and at once; past it: 429.
+    pub user_burst: u32,
 }
 
 pub const DEFAULT_MAX_CHANNELS_PER_REQUEST: usize = 100;
@@ -240,6 +244,8 @@ impl Default for Bounds {
             max_channels_per_request: DEFAULT_MAX_CHANNELS_PER_REQUEST,
             max_follows: DEFAULT_MAX_FOLLOWS,
             max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
+            user_rate: crate::config::DEFAULT_CLIENT_RATE,
+            user_burst: crate::config::DEFAULT_CLIENT_BURST,
         }
     }
 }
@@ -258,6 +264,9 @@ pub struct Router {
     /// connection → channels it follows explicitly (to clean up), at most `bounds.max_follows` each.
     following: HashMap<ConnRef, HashSet<Arc<str>>>,
     bounds: Bounds,
+    /// Per-user buckets for HTTP requests, and the map's size after its last sweep.
+    user_buckets: HashMap<Arc<str>, crate::conn::Bucket>,
+    user_buckets_swept: usize,
     /// The byte budget of one store read reply: a reply that reached it (or `MAX_REPLAY`) may have more.
     read_bytes: usize,
     /// `subscribe`s refused by a bound (for the metric).
@@ -323,6 +332,8 @@ impl Router {
             presence: HashMap::new(),
             followers: HashMap::new(),
             bounds: Bounds::default(),
+            user_buckets: HashMap::new(),
+            user_buckets_swept: 0,
             read_bytes: usize::MAX,
             refused_subscriptions: 0,
             following: HashMap::new(),
@@ -703,8 +714,44 @@ impl Router {
         self.presence.get(user).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// Charges one HTTP request (`POST /send`, a poll, a new stream) to its user's bucket; false (answered 429)
+    /// when the user is past `bounds.user_rate`. WebSocket requests are paced on their loop instead.
+    fn user_request(
+        &mut self,
+        conn: ConnRef,
+        user: &Arc<str>,
+        now_ms: u64,
+        out: &mut Vec<Out>,
+    ) -> bool {
+        let (rate, burst) = (self.bounds.user_rate, self.bounds.user_burst);
+        if self.user_buckets.len() > 2 * self.user_buckets_swept.max(1024) {
+            // Forget users whose bucket is full again (idle): the map holds only recent HTTP users.
+            self.user_buckets
+                .retain(|_, b| !b.full_at(now_ms, rate, burst));
+            self.user_buckets_swept = self.user_buckets.len();
+        }
+        let b = self
+            .user_buckets
+            .entry(user.clone())
+            .or_insert_with(|| crate::conn::Bucket::full(burst, now_ms));
+        if b.take(now_ms, rate, burst) {
+            return true;
+        }
+        self.refused_subscriptions += 1;
+        let wait = b.wait_ms(rate);
+        let e = serde_json::json!({"type": "error", "code": "rate_limited",
+            "message": "too many requests for this user; retry later", "retry_after_ms": wait})
+        .to_string();
+        http(out, conn, 429, e);
+        false
+    }
+
     pub fn handle(&mut self, ev: Event, now_ms: u64, out: &mut Vec<Out>) {
         match ev {
+            Event::Send { conn, ref user, .. }
+            | Event::Stream { conn, ref user, .. }
+            | Event::Poll { conn, ref user, .. }
+                if !self.user_request(conn, &user.clone(), now_ms, out) => {}
             Event::Opened { conn, user } => {
                 if self.connections(&user).len() >= self.bounds.max_connections_per_user {
                     self.refused_subscriptions += 1;

@@ -151,6 +151,12 @@ impl Bucket {
         }
     }
 
+    /// Whether the bucket has refilled to its burst by `now_ms` (an idle user's bucket can be forgotten).
+    pub fn full_at(&self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f32 / 1000.0;
+        self.tokens + elapsed * rate as f32 >= burst as f32
+    }
+
     /// Milliseconds until the next token (at least 1).
     pub fn wait_ms(&self, rate: u32) -> u64 {
         let missing = (1.0 - self.tokens).max(0.0);
