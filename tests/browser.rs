@@ -98,12 +98,12 @@ es.onerror = () => {{ log.textContent += 'error\n'; es.close(); }};
         "two events replayed after the cursor: {dom}"
     );
     assert!(
-        lines[0].contains("id=scores:browser=2;") && lines[0].contains("\"offset\":2"),
+        lines[0].contains("id=scores:browser=2") && lines[0].contains("\"offset\":2"),
         "{}",
         lines[0]
     );
     assert!(
-        lines[1].contains("id=scores:browser=3;") && lines[1].contains("\"goal\":3"),
+        lines[1].contains("id=scores:browser=3") && lines[1].contains("\"goal\":3"),
         "{}",
         lines[1]
     );

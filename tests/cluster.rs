@@ -326,7 +326,7 @@ fn any_node_resumes_any_cursor_from_the_shared_log() {
         .map(|m| m["offset"].as_u64().unwrap())
         .collect();
     assert_eq!(offs, [2, 3]);
-    assert_eq!(v["cursor"], "news:late=3");
+    assert_eq!(v["cursor"], "news:late=3;user:reader=0");
     let sse = Sse::open(
         &nodes[1],
         &format!("/sse?channels=news:late&token={t}"),

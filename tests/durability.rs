@@ -325,7 +325,7 @@ fn polls_and_sse_resume_durable_channels_from_the_store_after_a_restart() {
         (msgs[0]["offset"].as_u64(), msgs[999]["offset"].as_u64()),
         (Some(1), Some(1000))
     );
-    assert_eq!(v["cursor"], "conversation:long=1000");
+    assert_eq!(v["cursor"], "conversation:long=1000;user:bob=0");
     // SSE from a Last-Event-ID near the end.
     let sse = Sse::open(
         &node,

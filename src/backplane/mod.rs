@@ -32,6 +32,24 @@ pub struct ConnRef {
     pub generation: u32,
 }
 
+impl ConnRef {
+    /// The id an SSE stream is told in its first event (`worker.index.generation`), by which `POST /send`
+    /// operations (`subscribe`, `unsubscribe`, `refresh`) name it. Only the stream's own user may use it.
+    pub fn stream_id(&self) -> String {
+        format!("{}.{}.{}", self.worker, self.index, self.generation)
+    }
+
+    pub fn parse_stream_id(s: &str) -> Option<ConnRef> {
+        let mut it = s.split('.');
+        let c = ConnRef {
+            worker: it.next()?.parse().ok()?,
+            index: it.next()?.parse().ok()?,
+            generation: it.next()?.parse().ok()?,
+        };
+        it.next().is_none().then_some(c)
+    }
+}
+
 /// A cursor as the loops keep it: (channel, last offset seen), sorted by channel.
 pub type CursorVec = Vec<(Arc<str>, u64)>;
 
@@ -102,6 +120,10 @@ pub enum Event {
         conn: ConnRef,
         user: Arc<str>,
         msg: ClientMsg,
+        /// The SSE stream a `subscribe`/`unsubscribe`/`refresh` is for (`"stream"` in the body).
+        stream: Option<ConnRef>,
+        /// A `refresh`'s new token expiry (Unix seconds), verified on the loop.
+        expires: Option<u64>,
     },
     /// `GET /sse`: check access, answer `StreamStart` (or an HTTP error), replay after `cursor`, then go live.
     Stream {
@@ -173,6 +195,12 @@ pub enum LoopCmd {
         generation: u32,
         cursor: CursorVec,
         hold_ms: u64,
+    },
+    /// An SSE stream's token was refreshed (`POST /send` `refresh`): it now expires at `exp` (Unix seconds).
+    Refresh {
+        index: u32,
+        generation: u32,
+        exp: u64,
     },
     /// Close this connection (a bound refused it): a WebSocket gets a close frame with `code`.
     Close {

@@ -151,7 +151,7 @@ enum Pending {
         body: Box<RawValue>,
     },
     Receipt {
-        reply: ConnRef,
+        reply: ReplyTo,
         conversation: String,
         user: Arc<str>,
         offset: u64,
@@ -199,6 +199,15 @@ enum Pending {
         hold_ms: u64,
         /// Found in memory already (topics of a single node).
         items: Vec<Arc<Delivery>>,
+    },
+    /// A poll's first part: the user's offline queue, for the durable channels it had no position on.
+    PollFlush {
+        conn: ConnRef,
+        channels: Vec<String>,
+        given: BTreeMap<String, u64>,
+        fresh: BTreeSet<String>,
+        hold_ms: u64,
+        first: bool,
     },
     /// Sent after a subscribe's replays (queued last, so it completes after them).
     SubscribeAck { conn: ConnRef, json: String },
@@ -797,7 +806,16 @@ impl Router {
             }
             Event::Unfollow { conn } => self.unfollow_all(conn),
             Event::Received { conn, user, msg } => self.on_ws(conn, user, msg, now_ms, out),
-            Event::Send { conn, user, msg } => match msg {
+            Event::Send {
+                conn,
+                user,
+                msg,
+                stream: Some(stream),
+                expires,
+            } => self.stream_op(conn, &user, msg, stream, expires, out),
+            Event::Send {
+                conn, user, msg, ..
+            } => match msg {
                 ClientMsg::Send {
                     conversation,
                     client_id,
@@ -813,11 +831,54 @@ impl Router {
                         out,
                     );
                 }
+                ClientMsg::Ack {
+                    conversation,
+                    offset,
+                } => {
+                    let to = ReplyTo::Http(conn);
+                    let r = self.receipt(to, &user, &conversation, offset, ReceiptState::Delivered);
+                    if let Err(r) = r {
+                        http(out, conn, r.status, msg::error(r.code, &r.message, None));
+                    }
+                }
+                ClientMsg::Read {
+                    conversation,
+                    offset,
+                } => {
+                    let to = ReplyTo::Http(conn);
+                    if let Err(r) =
+                        self.receipt(to, &user, &conversation, offset, ReceiptState::Read)
+                    {
+                        http(out, conn, r.status, msg::error(r.code, &r.message, None));
+                    }
+                }
+                ClientMsg::History {
+                    conversation,
+                    before,
+                    limit,
+                } => {
+                    let member = self
+                        .conversations
+                        .get(&conversation)
+                        .is_some_and(|c| c.members.contains(&*user));
+                    if !member {
+                        let m = format!("not a member of {conversation}");
+                        http(out, conn, 403, msg::error("not_member", &m, None));
+                    } else if self.store_busy() {
+                        http(out, conn, 503, busy_error());
+                    } else {
+                        self.history(ReplyTo::Http(conn), conversation, before, limit);
+                    }
+                }
                 _ => http(
                     out,
                     conn,
                     400,
-                    msg::error("bad_request", "POST /send takes a send request", None),
+                    msg::error(
+                        "bad_request",
+                        "POST /send takes send, ack, read or history (subscribe and unsubscribe name a stream)",
+                        None,
+                    ),
                 ),
             },
             Event::Stream {
@@ -834,6 +895,91 @@ impl Router {
                 hold_ms,
             } => self.on_poll(conn, user, channels, cursor, hold_ms, now_ms, out),
             Event::Api { conn, req } => self.on_api(conn, req, now_ms, out),
+        }
+    }
+
+    /// A `POST /send` operation on one of the user's SSE streams (named by the id of its first event):
+    /// `subscribe` / `unsubscribe` topics on it, or `refresh` its token.
+    fn stream_op(
+        &mut self,
+        conn: ConnRef,
+        user: &Arc<str>,
+        m: ClientMsg,
+        stream: ConnRef,
+        expires: Option<u64>,
+        out: &mut Vec<Out>,
+    ) {
+        if !self.connections(user).contains(&stream) {
+            let e = msg::error(
+                "no_stream",
+                "no such stream of this user on this node",
+                None,
+            );
+            return http(out, conn, 404, e);
+        }
+        match m {
+            ClientMsg::Subscribe { channels, .. } => {
+                let channels = match self.bounded_channels(channels) {
+                    Ok(c) => c,
+                    Err(r) => {
+                        return http(out, conn, r.status, msg::error(r.code, &r.message, None));
+                    }
+                };
+                let mut now_at = serde_json::Map::new();
+                for ch in channels {
+                    match self.check_access(user, &ch) {
+                        Err(r) => {
+                            return http(out, conn, r.status, msg::error(r.code, &r.message, None));
+                        }
+                        Ok(Kind::Topic) => {
+                            if !self.follow(stream, Arc::from(ch.as_str())) {
+                                self.refused_subscriptions += 1;
+                                let e = msg::error(
+                                    "too_many_channels",
+                                    "this stream follows too many channels",
+                                    None,
+                                );
+                                return http(out, conn, 400, e);
+                            }
+                        }
+                        // Conversations and the user's channel arrive on the stream anyway.
+                        Ok(_) => {}
+                    }
+                    let at = self.last_offset(&ch);
+                    now_at.insert(ch, at.into());
+                }
+                let ok = serde_json::json!({"type": "subscribed", "cursor": now_at}).to_string();
+                http(out, conn, 200, ok);
+            }
+            ClientMsg::Unsubscribe { channels } => {
+                for ch in channels {
+                    self.unfollow(stream, &ch);
+                }
+                http(out, conn, 200, r#"{"type":"ok"}"#.to_string());
+            }
+            ClientMsg::Refresh { .. } => {
+                let exp = expires.unwrap_or(0);
+                out.push(Out::Loop {
+                    conn: stream,
+                    cmd: LoopCmd::Refresh {
+                        index: stream.index,
+                        generation: stream.generation,
+                        exp,
+                    },
+                });
+                let ok = serde_json::json!({"type": "refreshed", "expires": exp}).to_string();
+                http(out, conn, 200, ok);
+            }
+            _ => http(
+                out,
+                conn,
+                400,
+                msg::error(
+                    "bad_request",
+                    "a stream takes subscribe, unsubscribe or refresh",
+                    None,
+                ),
+            ),
         }
     }
 
@@ -1020,9 +1166,13 @@ impl Router {
                 conversation,
                 offset,
             } => {
-                if let Err(r) =
-                    self.receipt(conn, &user, &conversation, offset, ReceiptState::Delivered)
-                {
+                if let Err(r) = self.receipt(
+                    ReplyTo::Ws(conn),
+                    &user,
+                    &conversation,
+                    offset,
+                    ReceiptState::Delivered,
+                ) {
                     reply(out, conn, &msg::error(r.code, &r.message, None));
                 }
             }
@@ -1030,8 +1180,13 @@ impl Router {
                 conversation,
                 offset,
             } => {
-                if let Err(r) = self.receipt(conn, &user, &conversation, offset, ReceiptState::Read)
-                {
+                if let Err(r) = self.receipt(
+                    ReplyTo::Ws(conn),
+                    &user,
+                    &conversation,
+                    offset,
+                    ReceiptState::Read,
+                ) {
                     reply(out, conn, &msg::error(r.code, &r.message, None));
                 }
             }
@@ -1256,7 +1411,7 @@ impl Router {
     /// Queues a receipt (and, for an ack, the trim of the member's offline queue up to it).
     fn receipt(
         &mut self,
-        conn: ConnRef,
+        conn: ReplyTo,
         user: &Arc<str>,
         conversation: &str,
         offset: u64,
@@ -1456,6 +1611,17 @@ impl Router {
                 Ok(res),
             ) => match res {
                 Ok(r) => {
+                    if let ReplyTo::Http(c) = reply {
+                        // Over HTTP every request gets an answer; a WebSocket's receipt is silent.
+                        let state = match state {
+                            ReceiptState::Delivered => "delivered",
+                            ReceiptState::Read => "read",
+                        };
+                        let ok = serde_json::json!({"type": "ok", "conversation": conversation,
+                            "state": state, "offset": offset})
+                        .to_string();
+                        http(out, c, 200, ok);
+                    }
                     let Some(WriteResult::Receipt {
                         prev_delivered,
                         prev_read,
@@ -1476,7 +1642,7 @@ impl Router {
                 Err(e) => {
                     tracing::warn!(error = %e, "receipt not stored");
                     let err = msg::error("store_unavailable", "receipt not stored; retry", None);
-                    self::reply(out, reply, &err);
+                    self::answer(out, reply, 503, err);
                 }
             },
             (Pending::Notices { items }, Ok(res)) => {
@@ -1567,6 +1733,73 @@ impl Router {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "poll read failed");
+                    http(
+                        out,
+                        conn,
+                        503,
+                        msg::error("store_unavailable", "retry the poll", None),
+                    );
+                }
+            },
+            (
+                Pending::PollFlush {
+                    conn,
+                    channels,
+                    mut given,
+                    fresh,
+                    hold_ms,
+                    first,
+                },
+                Err(res),
+            ) => match res {
+                Ok(msgs) => {
+                    // The flushed messages of the fresh channels; each such channel continues after the last
+                    // one delivered (when the page was cut) or from now.
+                    let cut = self.cut(&msgs, MAX_REPLAY);
+                    let mut items = Vec::new();
+                    for m in &msgs {
+                        if fresh.contains(&m.channel) {
+                            given.insert(m.channel.clone(), m.offset);
+                            items.push(Delivery::new(
+                                Arc::from(m.channel.as_str()),
+                                m.offset,
+                                render(m),
+                            ));
+                        }
+                    }
+                    // A fresh channel is complete unless the page was cut in or before it: complete ones
+                    // continue from now; cut ones after their last flushed message; ones the page did not
+                    // reach stay out of the cursor, so the next poll flushes them.
+                    let last = msgs.last().map(|m| m.channel.clone());
+                    let mut channels = channels;
+                    for ch in &fresh {
+                        let reached = last.as_ref().is_some_and(|l| ch <= l);
+                        if !cut || (reached && Some(ch) != last.as_ref()) {
+                            let now = self.last_offset(ch);
+                            let e = given.entry(ch.clone()).or_insert(now);
+                            *e = (*e).max(now);
+                        } else if !given.contains_key(ch) {
+                            channels.retain(|c| c != ch);
+                        }
+                    }
+                    if first {
+                        // Everything else starts from now: answer what was missed (maybe nothing) and where
+                        // each channel stands.
+                        let cur: CursorVec = channels
+                            .iter()
+                            .map(|c| {
+                                let at =
+                                    given.get(c).copied().unwrap_or_else(|| self.last_offset(c));
+                                (Arc::from(c.as_str()), at)
+                            })
+                            .collect();
+                        http(out, conn, 200, poll_body(&items, &cur));
+                    } else {
+                        self.poll_read(conn, channels, given, items, hold_ms, out);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "poll offline read failed");
                     http(
                         out,
                         conn,
@@ -1888,6 +2121,10 @@ impl Router {
                     let mut unbounded = usize::MAX;
                     self.replay(&ch, after, &mut budget, &mut unbounded, &mut items)
                 }
+                // A durable channel the client has no position on: no cursor entry yet, so the offline flush
+                // (what the user missed, older than "now") passes the loop's dedupe, as on a WebSocket; the
+                // entry appears with the first message the stream carries.
+                None if cursor::kind(&ch) != Ok(Kind::Topic) => continue,
                 None => self.last_offset(&ch),
             };
             cur.push((Arc::from(ch.as_str()), at));
@@ -1940,15 +2177,6 @@ impl Router {
         _now_ms: u64,
         out: &mut Vec<Out>,
     ) {
-        if channels.is_empty() {
-            http(
-                out,
-                conn,
-                400,
-                msg::error("bad_request", "channels= is required", None),
-            );
-            return;
-        }
         let channels = match self.bounded_channels(channels) {
             Ok(c) => c,
             Err(r) => return http(out, conn, r.status, msg::error(r.code, &r.message, None)),
@@ -1957,21 +2185,72 @@ impl Router {
             http(out, conn, r.status, msg::error(r.code, &r.message, None));
             return;
         }
-        let Some(given) = given else {
-            // No cursor: start from now.
-            let cur: Vec<(&str, u64)> = channels
-                .iter()
-                .map(|c| (c.as_str(), self.last_offset(c)))
-                .collect();
-            let body =
-                serde_json::json!({"messages": [], "cursor": cursor::format(cur)}).to_string();
-            http(out, conn, 200, body);
+        // As on a stream: the listed channels plus the user's conversations and `user:` channel.
+        let mut all: BTreeSet<String> = channels.into_iter().collect();
+        all.insert(format!("user:{user}"));
+        for id in self.memberships.get(&user).into_iter().flatten() {
+            all.insert(format!("conversation:{id}"));
+        }
+        // No cursor at all: the first poll answers at once (its cursor tells the client where it is).
+        let first = given.is_none();
+        let given = given.unwrap_or_default();
+        // Durable channels the client has no position on start with what the user missed (the offline
+        // queue), as a new WebSocket or stream does; the rest of the poll follows once it is read.
+        let fresh: BTreeSet<String> = all
+            .iter()
+            .filter(|c| !given.contains_key(*c) && cursor::kind(c) != Ok(Kind::Topic))
+            .cloned()
+            .collect();
+        if !fresh.is_empty() {
+            if self.store_busy() {
+                return http(out, conn, 503, busy_error());
+            }
+            let u = user.to_string();
+            // Entries sort by (channel, offset): start at the first fresh channel.
+            let after = fresh.iter().next().map(|c| (c.clone(), 0));
+            self.request(
+                |token| Request::Offline {
+                    token,
+                    user: u,
+                    after,
+                    limit: MAX_REPLAY,
+                },
+                Pending::PollFlush {
+                    conn,
+                    channels: all.into_iter().collect(),
+                    given,
+                    fresh,
+                    hold_ms,
+                    first,
+                },
+            );
             return;
-        };
+        }
+        self.poll_read(
+            conn,
+            all.into_iter().collect(),
+            given,
+            Vec::new(),
+            hold_ms,
+            out,
+        );
+    }
+
+    /// A poll whose offline part (if any) is done: `given` has a position for every channel that had one or
+    /// was flushed; `items` are the flushed messages. Reads what follows each position and answers or holds.
+    fn poll_read(
+        &mut self,
+        conn: ConnRef,
+        channels: Vec<String>,
+        given: BTreeMap<String, u64>,
+        mut items: Vec<Arc<Delivery>>,
+        hold_ms: u64,
+        out: &mut Vec<Out>,
+    ) {
         // Durable channels (and, in a cluster, topics) are read from the store, so any cursor on any node is
         // answered; topics of a single node replay from its memory.
         let mut reads = Vec::new();
-        let mut items = Vec::new();
+
         let mut budget = MAX_REPLAY;
         let mut bytes = self.read_bytes;
         let mut cur: CursorVec = Vec::with_capacity(channels.len());
@@ -2248,8 +2527,7 @@ pub fn poll_body(items: &[Arc<Delivery>], cur: &CursorVec) -> String {
     s
 }
 
-/// A page `{"type":"history",…}` from store messages read newest first, one more than the page size.
-/// A history page: the store read asked for `limit + 1` rows, so more than `limit` means there is more; so
+/// A page `{"type":"history",…}` from store messages read newest first. A history page: the store read asked for `limit + 1` rows, so more than `limit` means there is more; so
 /// does a page the store cut at its byte budget (`cut`).
 fn history_json(conversation: &str, msgs: &[StoredMessage], limit: usize, cut: bool) -> String {
     let more = msgs.len() > limit || cut;
@@ -2660,7 +2938,7 @@ mod tests {
         assert!((1..5).contains(&n), "cut by bytes: {n} of 5");
         assert_eq!(
             v["cursor"],
-            format!("scores:big={n}"),
+            format!("scores:big={n};user:zed=0"),
             "the cursor stops at the cut"
         );
         // Continuing from that cursor gets the rest, nothing twice.
@@ -2690,7 +2968,7 @@ mod tests {
         publish(&mut r, "scores:m42", "1", &mut out);
         out.clear();
         r.handle(poll(None, 25_000), 11, &mut out);
-        assert_eq!(to_conn(&out, p)[0]["cursor"], "scores:m42=1");
+        assert_eq!(to_conn(&out, p)[0]["cursor"], "scores:m42=1;user:zed=0");
         out.clear();
         r.handle(poll(Some("scores:m42=1"), 0), 11, &mut out);
         assert_eq!(status(&out, p), Some(204));
@@ -2714,7 +2992,7 @@ mod tests {
         r.handle(poll(Some("scores:m42=0"), 0), 12, &mut out);
         let v = &to_conn(&out, p)[0];
         assert_eq!(v["messages"].as_array().unwrap().len(), 2);
-        assert_eq!(v["cursor"], "scores:m42=2");
+        assert_eq!(v["cursor"], "scores:m42=2;user:zed=0");
     }
 
     #[test]
@@ -2752,7 +3030,7 @@ mod tests {
             .map(|m| m["offset"].as_u64().unwrap())
             .collect();
         assert_eq!(offsets, [8, 9, 10]);
-        assert_eq!(v["cursor"], "dash:cpu=10");
+        assert_eq!(v["cursor"], "dash:cpu=10;user:u=0");
     }
 
     #[test]
@@ -2777,8 +3055,10 @@ mod tests {
                 cmd: LoopCmd::StreamStart { cursor, .. },
                 ..
             } => {
+                // The user's durable channels get an entry with their first message (so the offline flush,
+                // older than "now", is not dropped); the listed topic starts from now.
                 let names: Vec<&str> = cursor.iter().map(|(c, _)| &**c).collect();
-                assert_eq!(names, ["conversation:c1", "scores:m1", "user:bob"]);
+                assert_eq!(names, ["scores:m1"]);
             }
             other => panic!("{other:?}"),
         }

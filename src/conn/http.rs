@@ -591,13 +591,46 @@ fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut 
                 Ok((u, _)) => u,
                 Err(e) => return fail(conn, cx, e, &[]),
             };
+            let stream = msg::stream_of(body).map(|s| ConnRef::parse_stream_id(&s));
+            if let Some(None) = stream {
+                return fail(conn, cx, bad("\"stream\" is not a stream id"), &[]);
+            }
             match msg::parse_client(body) {
-                Ok(m @ msg::ClientMsg::Send { .. }) => Event::Send {
+                Ok(msg::ClientMsg::Refresh { token }) => {
+                    // Verified here (the loop holds the verifier); the stream's loop gets the new expiry.
+                    let Some(Some(stream)) = stream else {
+                        return fail(conn, cx, bad("refresh needs the \"stream\" it is for"), &[]);
+                    };
+                    match cx.shared.verifier.verify_until(&token) {
+                        Ok((sub, exp)) if *sub == *user => Event::Send {
+                            conn: me,
+                            user,
+                            msg: msg::ClientMsg::Refresh {
+                                token: String::new(),
+                            },
+                            stream: Some(stream),
+                            expires: Some(exp),
+                        },
+                        Ok(_) => {
+                            return fail(
+                                conn,
+                                cx,
+                                HttpError::new(403, "the token is for another user"),
+                                &[],
+                            );
+                        }
+                        Err(_) => {
+                            return fail(conn, cx, HttpError::new(401, "invalid token"), &[]);
+                        }
+                    }
+                }
+                Ok(m) => Event::Send {
                     conn: me,
                     user,
                     msg: m,
+                    stream: stream.flatten(),
+                    expires: None,
                 },
-                Ok(_) => return fail(conn, cx, bad("POST /send takes {\"type\":\"send\",…}"), &[]),
                 Err(_) => {
                     return fail(
                         conn,
@@ -791,6 +824,10 @@ pub fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Ctx, me: Con
     let mut out = Vec::with_capacity(256);
     sse::encode_head(cx.shared.cfg.sse_retry.as_millis() as u64, &extra, &mut out);
     cx.metrics().response(200);
+    // The first event names the stream, for `POST /send` operations on it (subscribe, refresh).
+    let id = serde_json::json!({"type": "stream", "id": me.stream_id()}).to_string();
+    sse::encode_body("stream", id.as_bytes(), &mut out);
+    out.push(b'\n');
     conn.out.push_vec(out);
     conn.mode = Mode::Sse(Box::new(StreamState {
         user,

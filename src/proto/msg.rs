@@ -159,6 +159,16 @@ pub fn parse_client(bytes: &[u8]) -> Result<ClientMsg, (ParseError, Option<Strin
     m.map_err(|e| (e, cid))
 }
 
+/// The `"stream"` field of a `POST /send` body (the SSE stream a `subscribe`, `unsubscribe` or `refresh` is
+/// for), if it has one.
+pub fn stream_of(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct S {
+        stream: Option<String>,
+    }
+    serde_json::from_slice::<S>(bytes).ok()?.stream
+}
+
 /// `{"type":"welcome",…}`, the first frame on every WebSocket.
 pub fn welcome(user: &str, node: &str, heartbeat_s: u64) -> String {
     serde_json::json!({"type": "welcome", "user": user, "node": node, "heartbeat_s": heartbeat_s})

@@ -583,6 +583,24 @@ impl Worker {
                     conn::http::on_response(&mut self.conns[i], status, &body, &mut self.cx, me);
                     self.resume_input(i);
                 }
+                LoopCmd::Refresh {
+                    index,
+                    generation,
+                    exp,
+                } => {
+                    let i = index as usize;
+                    let Some(me) = self.live(i, generation) else {
+                        continue;
+                    };
+                    let now_ms = self.cx.now_ms;
+                    let at = now_ms + self.cx.shared.cfg.heartbeat_interval.as_millis() as u64;
+                    let conn = &mut self.conns[i];
+                    if let Mode::Sse(s) = &mut conn.mode {
+                        s.expires_ms = crate::auth::expiry_ms(exp, now_ms);
+                        let at = conn::until_expiry(at, s.expires_ms);
+                        self.cx.schedule(conn, me, at);
+                    }
+                }
                 LoopCmd::Close {
                     index,
                     generation,

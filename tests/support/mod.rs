@@ -394,7 +394,18 @@ impl Sse {
     }
 
     /// The next event (skipping comments), or panics after `within`.
+    /// The next event that is not the stream's opening `stream` event (see [`Sse::next_raw_event`]).
     pub fn next_event(&self, within: Duration) -> SseEvent {
+        loop {
+            let e = self.next_raw_event(within);
+            if e.event.as_deref() != Some("stream") {
+                return e;
+            }
+        }
+    }
+
+    /// The next event, whatever it is (the first one of a stream is `event: stream` with its id).
+    pub fn next_raw_event(&self, within: Duration) -> SseEvent {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -565,5 +576,53 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Resident memory of a process in KiB (`VmRSS` in `/proc/<pid>/status`); None once the process is gone.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Samples a process's RSS on its own thread until stopped; `stop` returns the peak seen, in KiB.
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32, every: Duration) -> RssSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(kib) = vm_rss_kib(pid) {
+                    peak = peak.max(kib);
+                }
+                std::thread::sleep(every);
+            }
+            peak
+        });
+        RssSampler {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops sampling; the peak RSS in KiB.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
