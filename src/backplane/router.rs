@@ -200,6 +200,14 @@ enum Pending {
         /// Found in memory already (topics of a single node).
         items: Vec<Arc<Delivery>>,
     },
+    /// The senders of a receipt's range, read from the store.
+    Senders {
+        conversation: String,
+        user: Arc<str>,
+        offset: u64,
+        steps: Vec<(&'static str, u64)>,
+        now_ms: u64,
+    },
     /// A poll's first part: the user's offline queue, for the durable channels it had no position on.
     PollFlush {
         conn: ConnRef,
@@ -1808,6 +1816,25 @@ impl Router {
                     );
                 }
             },
+            (
+                Pending::Senders {
+                    conversation,
+                    user,
+                    offset,
+                    steps,
+                    now_ms,
+                },
+                Err(res),
+            ) => match res {
+                Ok(msgs) => {
+                    let found: Vec<(u64, Arc<str>)> = msgs
+                        .iter()
+                        .filter_map(|m| Some((m.offset, Arc::from(m.from.as_deref()?))))
+                        .collect();
+                    self.emit_receipts(&conversation, &user, offset, &steps, &found, now_ms);
+                }
+                Err(e) => tracing::warn!(error = %e, %conversation, "receipt senders not read"),
+            },
             (Pending::Flush { conn, user }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "catch-up read failed");
@@ -1888,15 +1915,60 @@ impl Router {
         if state == ReceiptState::Read && offset > prev_read {
             steps.push(("read", prev_read));
         }
+        let Some(lowest) = steps.iter().map(|(_, from)| *from).min() else {
+            return;
+        };
+        // The senders of the newly covered range: from this node's recent window when it holds the whole
+        // range, else from the store (a node that does not follow the conversation, or an old range).
+        if c.log.oldest_replayable_cursor() > lowest || c.log.last_offset < offset {
+            let channel = format!("conversation:{conversation}");
+            let limit = usize::try_from(offset - lowest)
+                .unwrap_or(usize::MAX)
+                .min(MAX_FLUSH);
+            self.request(
+                |token| Request::ReadAfter {
+                    token,
+                    channel,
+                    after: lowest,
+                    limit,
+                },
+                Pending::Senders {
+                    conversation: conversation.to_string(),
+                    user: user.clone(),
+                    offset,
+                    steps,
+                    now_ms,
+                },
+            );
+            return;
+        }
+        let found: Vec<(u64, Arc<str>)> = c
+            .log
+            .after(lowest)
+            .take_while(|e| e.delivery.offset <= offset)
+            .filter_map(|e| Some((e.delivery.offset, e.from.clone()?)))
+            .collect();
+        self.emit_receipts(conversation, user, offset, &steps, &found, now_ms);
+    }
+
+    /// Appends a `receipt` to the `user:` channel of each sender (other than `user`) of a message in each step's
+    /// range (`from`, `offset`]; `found` lists (offset, sender) of the messages in the widest range.
+    fn emit_receipts(
+        &mut self,
+        conversation: &str,
+        user: &Arc<str>,
+        offset: u64,
+        steps: &[(&'static str, u64)],
+        found: &[(u64, Arc<str>)],
+        now_ms: u64,
+    ) {
         let mut writes = Vec::new();
         let mut items = Vec::new();
-        for (state_name, from) in steps {
-            let senders: BTreeSet<&Arc<str>> = c
-                .log
-                .after(from)
-                .take_while(|e| e.delivery.offset <= offset)
-                .filter_map(|e| e.from.as_ref())
-                .filter(|f| *f != user)
+        for &(state_name, from) in steps {
+            let senders: BTreeSet<&Arc<str>> = found
+                .iter()
+                .filter(|(o, f)| *o > from && *o <= offset && f != user)
+                .map(|(_, f)| f)
                 .collect();
             for sender in senders {
                 let channel = format!("user:{sender}");
