@@ -38,6 +38,8 @@ struct Client<'a> {
     cursor: Option<String>,
     /// channel → offsets received, in order.
     seen: BTreeMap<String, Vec<u64>>,
+    /// Topics listed on the SSE stream or polls (a WebSocket subscribes to them).
+    topics: Vec<String>,
     /// WebSocket frames that arrived while waiting for a request's answer.
     pending: Vec<Value>,
 }
@@ -54,6 +56,7 @@ impl<'a> Client<'a> {
             cursor: resume.and_then(|r| r.cursor.clone()),
             seen: resume.map(|r| r.seen.clone()).unwrap_or_default(),
             pending: Vec::new(),
+            topics: resume.map(|r| r.topics.clone()).unwrap_or_default(),
         };
         match t {
             Transport::WebSocket => {
@@ -75,29 +78,47 @@ impl<'a> Client<'a> {
             Transport::Sse => {
                 let sse = Sse::open(
                     node,
-                    &format!("/sse?token={}", token(user)),
+                    &format!("/sse?token={}{}", token(user), c.channels_param()),
                     c.cursor.as_deref(),
                 );
                 assert_eq!(sse.status(), 200);
                 c.sse = Some(sse);
+            }
+            // A poll client's first poll (no cursor) tells it where it stands, after what it missed.
+            Transport::LongPoll | Transport::ShortPoll if resume.is_none() => {
+                c.pending = c.next_batch();
             }
             Transport::LongPoll | Transport::ShortPoll => {}
         }
         c
     }
 
-    /// Receives until `want` messages of `ty` arrived (others are kept in `seen` too); panics after 10 s.
+    fn channels_param(&self) -> String {
+        if self.topics.is_empty() {
+            String::new()
+        } else {
+            format!("&channels={}", self.topics.join(","))
+        }
+    }
+
+    /// Receives until `want` messages of `ty` arrived; what else arrives is kept for a later call (and is only
+    /// then checked and counted in `seen`). Panics after 10 s.
     fn recv(&mut self, ty: &str, want: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got = Vec::new();
+        let mut later = Vec::new();
         while got.len() < want {
             assert!(
                 Instant::now() < deadline,
-                "{:?}: {} of {want} {ty} after 10 s: {got:?}",
+                "{:?}: {} of {want} {ty} after 10 s: {got:?} (kept for later: {later:?})",
                 self.t,
                 got.len()
             );
             for v in self.next_batch() {
+                if v["type"] != ty || got.len() == want {
+                    later.push(v);
+                    continue;
+                }
                 if let (Some(ch), Some(off)) = (v["channel"].as_str(), v["offset"].as_u64())
                     && v["type"] != "reset"
                 {
@@ -109,11 +130,11 @@ impl<'a> Client<'a> {
                     );
                     offs.push(off);
                 }
-                if v["type"] == ty {
-                    got.push(v);
-                }
+                got.push(v);
             }
         }
+        later.append(&mut self.pending);
+        self.pending = later;
         got
     }
 
@@ -151,8 +172,9 @@ impl<'a> Client<'a> {
                     .map(|c| format!("&cursor={}", enc(c)))
                     .unwrap_or_default();
                 let (st, body) = self.node.get(&format!(
-                    "/poll?token={}&timeout={timeout}{cursor}",
-                    token(&self.user)
+                    "/poll?token={}&timeout={timeout}{cursor}{}",
+                    token(&self.user),
+                    self.channels_param()
                 ));
                 match st {
                     200 => {
@@ -218,14 +240,23 @@ impl Setup {
     fn new(cluster: bool) -> Setup {
         if !cluster {
             return Setup {
-                nodes: vec![Node::start(&[])],
+                nodes: vec![Node::start(&["--topic-history", "10"])],
                 _redis: None,
             };
         }
         let redis = RedisServer::start();
         let nodes = ["ka", "kb"]
             .iter()
-            .map(|id| Node::start(&["--redis", &redis.url(), "--node-id", id]))
+            .map(|id| {
+                Node::start(&[
+                    "--redis",
+                    &redis.url(),
+                    "--node-id",
+                    id,
+                    "--topic-history",
+                    "10",
+                ])
+            })
             .collect();
         Setup {
             nodes,
@@ -342,6 +373,7 @@ fn contract(t: Transport, cluster: bool) {
         cursor: bob.cursor.clone(),
         seen: seen_before,
         pending: Vec::new(),
+        topics: Vec::new(),
     };
     drop(bob);
     std::thread::sleep(Duration::from_millis(300));
@@ -386,5 +418,108 @@ fn contract_single_node_short_poll() {
 fn contract_cluster_every_transport() {
     for t in ALL {
         contract(t, true);
+    }
+}
+
+/// Multi-device (the transport beside a WebSocket of the same user: each gets every message once), a `reset`
+/// for a cursor older than a topic's history, and token expiry.
+fn contract_more(t: Transport, cluster: bool) {
+    let s = Setup::new(cluster);
+    assert_eq!(s.sender().create_conversation("m", &["alice", "bob"]), 201);
+    let mut alice = connect(s.sender(), "alice");
+    // Multi-device.
+    let mut phone = Client::open(s.receiver(), "bob", Transport::WebSocket, None);
+    let mut other = Client::open(s.receiver(), "bob", t, None);
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 1..=3 {
+        assert_eq!(alice_send(&mut alice, "m", &format!("md{i}")), i);
+    }
+    for c in [&mut phone, &mut other] {
+        let got = c.recv("message", 3);
+        let offs: Vec<u64> = got.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+        assert_eq!(
+            offs,
+            [1, 2, 3],
+            "{:?}: every device gets each message once",
+            c.t
+        );
+    }
+    drop(other);
+    // A cursor older than the topic's history: `reset`, then what is kept, in order.
+    for i in 1..=300 {
+        s.sender().publish("news:r", json!({ "i": i }));
+    }
+    let old = Client {
+        node: s.receiver(),
+        user: "bob".into(),
+        t,
+        ws: None,
+        sse: None,
+        cursor: Some("news:r=1".into()),
+        seen: [("news:r".to_string(), vec![1])].into(),
+        pending: Vec::new(),
+        topics: vec!["news:r".into()],
+    };
+    let mut late = Client::open(s.receiver(), "bob", t, Some(&old));
+    let reset = late.recv("reset", 1);
+    let to = reset[0]["offset"].as_u64().unwrap();
+    assert!(to > 1 && to < 300, "{t:?}: {reset:?}");
+    let rest = late.recv("message", (300 - to) as usize);
+    assert_eq!(
+        rest[0]["offset"].as_u64(),
+        Some(to + 1),
+        "{t:?}: right after the reset"
+    );
+    assert_eq!(rest.last().unwrap()["offset"], 300);
+    drop(late);
+    // Token expiry: a 2 s token ends the transport's session.
+    let short = corelay::auth::mint(SECRET, "bob", Duration::from_secs(2)).unwrap();
+    match t {
+        Transport::WebSocket => {
+            let url = format!("{}?token={short}", s.receiver().url("/ws"));
+            let mut req = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", "corelay.v1".parse().unwrap());
+            let (mut ws, _) = tungstenite::connect(req).unwrap();
+            set_timeout(&mut ws, Duration::from_secs(6));
+            let code = loop {
+                match ws.read() {
+                    Ok(tungstenite::Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+                    Ok(_) => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            assert_eq!(code, Some(4001));
+        }
+        Transport::Sse => {
+            let sse = Sse::open(s.receiver(), &format!("/sse?token={short}"), None);
+            let deadline = Instant::now() + Duration::from_secs(6);
+            loop {
+                let e = sse.next_event(deadline.saturating_duration_since(Instant::now()));
+                if e.event.as_deref() == Some("error") {
+                    assert!(e.data.contains("token_expired"));
+                    break;
+                }
+            }
+        }
+        Transport::LongPoll | Transport::ShortPoll => {
+            std::thread::sleep(Duration::from_millis(3100));
+            let (st, _) = s.receiver().get(&format!("/poll?token={short}&timeout=0"));
+            assert_eq!(st, 401, "an expired token is refused");
+        }
+    }
+}
+
+#[test]
+fn contract_more_single_node_every_transport() {
+    for t in ALL {
+        contract_more(t, false);
+    }
+}
+
+#[test]
+fn contract_more_cluster_every_transport() {
+    for t in ALL {
+        contract_more(t, true);
     }
 }

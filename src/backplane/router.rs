@@ -1221,7 +1221,8 @@ impl Router {
                     // asks for what was missed, read from the store (any node has all of it). Topics are
                     // followed from now, or from the cursor out of the recent history.
                     let at = match (cursor.get(&ch), kind) {
-                        (Some(&after), Kind::Topic) => {
+                        // A topic of a single node replays from memory; in a cluster from the shared log.
+                        (Some(&after), Kind::Topic) if !self.replays_from_store(&ch) => {
                             let (mut budget, mut unbounded) = (MAX_REPLAY, usize::MAX);
                             self.replay(&ch, after, &mut budget, &mut unbounded, &mut items)
                         }
