@@ -26,6 +26,8 @@ pub const DEFAULT_MAX_WRITE_QUEUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS_PER_LOOP: usize = 250_000;
 pub const DEFAULT_BACKPLANE_QUEUE: usize = 65_536;
 pub const DEFAULT_CLIENT_RATE: u32 = 100;
+/// Above the 15,000 connections one load-generator process opens from one address in the benchmarks.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 20_000;
 pub const DEFAULT_CLIENT_BURST: u32 = 200;
 pub const DEFAULT_TOPIC_HISTORY: usize = 1000;
 pub const DEFAULT_TOPIC_HISTORY_AGE: Duration = Duration::from_secs(3600);
@@ -87,6 +89,9 @@ pub struct Limits {
     /// Live WebSocket and SSE connections of one user on this node; past it the new one is refused
     /// (WebSocket close 1008, SSE 429).
     pub max_connections_per_user: usize,
+    /// Connections from one source address (0 = no cap; not applied behind the PROXY protocol); past it the
+    /// connection is closed at accept.
+    pub max_connections_per_ip: usize,
     /// HTTP requests (`POST /send`, polls, new SSE streams) per second of one user on one node, on average…
     pub user_rate: u32,
     /// …and at once; past it: 429 with `retry_after_ms`.
@@ -109,6 +114,7 @@ impl Default for Limits {
             max_channels_per_request: crate::backplane::router::DEFAULT_MAX_CHANNELS_PER_REQUEST,
             max_follows_per_connection: crate::backplane::router::DEFAULT_MAX_FOLLOWS,
             max_connections_per_user: crate::backplane::router::DEFAULT_MAX_CONNECTIONS_PER_USER,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             user_rate: DEFAULT_CLIENT_RATE,
             user_burst: DEFAULT_CLIENT_BURST,
         }
@@ -275,6 +281,7 @@ pub struct FileConfig {
     pub max_connections_per_user: Option<usize>,
     pub user_rate: Option<u32>,
     pub user_burst: Option<u32>,
+    pub max_connections_per_ip: Option<usize>,
 }
 
 impl FileConfig {
@@ -416,6 +423,7 @@ impl FileConfig {
             self.max_connections_per_user,
         );
         set(&mut l.user_rate, self.user_rate);
+        set(&mut l.max_connections_per_ip, self.max_connections_per_ip);
         set(&mut l.user_burst, self.user_burst);
         Ok(())
     }

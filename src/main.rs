@@ -172,6 +172,9 @@ struct RunArgs {
     /// Live WebSocket + SSE connections of one user on this node [default: 64].
     #[arg(long)]
     max_connections_per_user: Option<usize>,
+    /// Connections from one source address, 0 = no cap [default: 20000].
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
     /// HTTP requests (POST /send, polls, new SSE streams) per second of one user per node [default: 100].
     #[arg(long)]
     user_rate: Option<u32>,
@@ -389,6 +392,9 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = r.max_connections_per_user {
         l.max_connections_per_user = v;
+    }
+    if let Some(v) = r.max_connections_per_ip {
+        l.max_connections_per_ip = v;
     }
     if let Some(v) = r.user_rate {
         l.user_rate = v;

@@ -44,6 +44,8 @@ pub struct LoopMetrics {
     pub slow_consumers: AtomicU64,
     pub heartbeat_timeouts: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Connections closed at accept by the per-address cap.
+    pub addr_refused: AtomicU64,
 }
 
 impl LoopMetrics {
@@ -124,11 +126,16 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 9] = [
+        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 10] = [
             (
                 "corelay_rate_limited_total",
-                "Client requests refused by the per-connection rate limit.",
+                "Times a WebSocket's input was paused by its rate limit (nothing is refused).",
                 |l| &l.rate_limited,
+            ),
+            (
+                "corelay_addr_refused_total",
+                "Connections closed at accept by the per-address cap.",
+                |l| &l.addr_refused,
             ),
             ("corelay_accepted_total", "TCP connections accepted.", |l| {
                 &l.accepted

@@ -111,6 +111,9 @@ impl Server {
             metrics: metrics.clone(),
             backplane: bp,
             draining: draining.clone(),
+            per_address: Arc::new(crate::worker::per_address::PerAddress::new(
+                cfg.limits.max_connections_per_ip,
+            )),
             ring: Arc::new(crate::cluster::ring::Ring::new(
                 cfg.ring_nodes.clone(),
                 crate::cluster::ring::Ring::DEFAULT_VNODES,

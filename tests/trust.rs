@@ -697,3 +697,59 @@ fn http_requests_are_limited_per_user_across_connections() {
     std::thread::sleep(Duration::from_millis(450));
     assert_eq!(poll("hasty").0, 204, "served again after the wait");
 }
+
+#[test]
+fn connections_per_source_address_are_capped() {
+    use std::io::Read;
+    let node = Node::start(&["--max-connections-per-ip", "3"]);
+    let from = |ip: &str| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(
+            &format!("{ip}:0")
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        s.connect(&node.addr.into()).unwrap();
+        let s: std::net::TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s
+    };
+    let held: Vec<_> = (0..3).map(|_| from("127.0.0.1")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = from("127.0.0.1");
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(fourth.read(&mut buf), Ok(0) | Err(_)),
+        "the fourth from one address is closed at accept"
+    );
+    // Another address is not affected, and a closed connection frees its place.
+    let (st, _) = {
+        use std::io::Write;
+        let mut other = from("127.0.0.2");
+        other
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = other.read_to_string(&mut text);
+        (status_of(&text), text)
+    };
+    assert_eq!(st, 200);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = from("127.0.0.1");
+    use std::io::Write;
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    let _ = again.read_to_string(&mut text);
+    assert_eq!(status_of(&text), 200, "{text}");
+    let m = node.get("/metrics").1;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("corelay_addr_refused_total") && !l.ends_with(" 0")),
+        "counted"
+    );
+}

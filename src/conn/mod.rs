@@ -182,6 +182,8 @@ pub struct Conn {
     pub write_shut: bool,
     /// Accepted on the internal admin listener (`--admin-listen`).
     pub admin: bool,
+    /// The per-address count this connection holds (`worker::per_address`; 0 = none).
+    pub addr_key: u32,
 }
 
 impl Conn {
@@ -196,6 +198,7 @@ impl Conn {
             socket,
             generation,
             admin,
+            addr_key: 0,
             mode: if proxy_protocol {
                 Mode::Proxy
             } else {

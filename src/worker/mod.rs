@@ -6,6 +6,7 @@
 //! `pending` list and revisited before the next (zero-timeout) poll, so one busy client cannot starve the rest.
 
 pub mod listener;
+pub mod per_address;
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -53,6 +54,8 @@ pub struct Shared {
     pub draining: Arc<AtomicBool>,
     /// The consistent-hash ring for `/api/route` (`--ring-nodes`).
     pub ring: Arc<crate::cluster::ring::Ring>,
+    /// Connections per source address (`--max-connections-per-ip`).
+    pub per_address: Arc<per_address::PerAddress>,
 }
 
 /// A loop's state that connection code may use (everything but the slab and the scratch buffer).
@@ -265,7 +268,7 @@ impl Worker {
                     if self.conns.len() >= self.cx.shared.cfg.limits.max_connections_per_loop {
                         continue; // dropped: closed
                     }
-                    self.adopt(socket, true);
+                    let _ = self.adopt(socket, true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
@@ -292,10 +295,24 @@ impl Worker {
                         // Debug builds only: the fault suite's way to make a loop die.
                         panic!("failpoint: loop {} panics on accept", self.cx.id);
                     }
-                    if !self.cx.shared.cfg.proxy_protocol {
+                    let key = if self.cx.shared.cfg.proxy_protocol {
+                        0
+                    } else {
                         tracing::debug!(worker = self.cx.id, client = %peer, "accepted");
+                        match self.cx.shared.per_address.admit(peer.ip()) {
+                            Some(k) => k,
+                            None => {
+                                // Dropped at once (closed): the address holds its share already.
+                                tracing::debug!(worker = self.cx.id, client = %peer, "per-address cap");
+                                self.cx.metrics().addr_refused.fetch_add(1, Relaxed);
+                                continue;
+                            }
+                        }
+                    };
+                    match self.adopt(socket, false) {
+                        Some(i) => self.conns[i].addr_key = key,
+                        None => self.cx.shared.per_address.release(key),
                     }
-                    self.adopt(socket, false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -309,8 +326,9 @@ impl Worker {
         }
     }
 
-    /// Puts an accepted socket in the slab with its handshake deadline.
-    fn adopt(&mut self, mut socket: mio::net::TcpStream, admin: bool) {
+    /// Puts an accepted socket in the slab with its handshake deadline; its slot, or None when it could not
+    /// be registered (it is closed).
+    fn adopt(&mut self, mut socket: mio::net::TcpStream, admin: bool) -> Option<usize> {
         let _ = socket.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let index = entry.key();
@@ -320,7 +338,7 @@ impl Worker {
             .register(&mut socket, Token(index), Interest::READABLE)
         {
             tracing::warn!(worker = self.cx.id, error = %e, "register failed");
-            return;
+            return None;
         }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
@@ -344,6 +362,7 @@ impl Worker {
         m.conn_opened(Transport::Http);
         // Edge-triggered: bytes may already be waiting (client sent its request at once).
         self.pending.push(index);
+        Some(index)
     }
 
     /// Reads and processes input. `drain`: read until `WouldBlock` (the peer may have half-closed, or this
@@ -496,6 +515,7 @@ impl Worker {
             return;
         }
         let mut conn = self.conns.remove(i);
+        self.cx.shared.per_address.release(conn.addr_key);
         self.cx.cancel(conn.timer.take());
         let _ = self.cx.registry.deregister(&mut conn.socket);
         let me = ConnRef {
