@@ -26,6 +26,7 @@ pub const DEFAULT_MAX_WRITE_QUEUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS_PER_LOOP: usize = 250_000;
 pub const DEFAULT_BACKPLANE_QUEUE: usize = 65_536;
 pub const DEFAULT_CLIENT_RATE: u32 = 100;
+pub const DEFAULT_STORE_CACHE_BYTES: usize = 64 << 20;
 /// Above the 15,000 connections one load-generator process opens from one address in the benchmarks.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 20_000;
 pub const DEFAULT_CLIENT_BURST: u32 = 200;
@@ -144,6 +145,12 @@ pub struct Config {
     pub echo_path: Option<String>,
     /// Messages kept per topic and `user:` channel for resume (SSE, polls, subscribe with a cursor).
     pub topic_history: usize,
+    /// Bytes of history kept in memory per topic / `user:` channel.
+    pub topic_history_bytes: usize,
+    /// Bytes of recent messages kept in memory per conversation (the store has them all).
+    pub conversation_window_bytes: usize,
+    /// The embedded store's page cache (redb's default is 1 GiB).
+    pub store_cache_bytes: usize,
     /// Topic messages older than this are dropped from history.
     pub topic_history_age: Duration,
     /// The `retry:` an SSE stream announces (how soon `EventSource` reconnects).
@@ -193,6 +200,9 @@ impl Default for Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             echo_path: None,
             topic_history: DEFAULT_TOPIC_HISTORY,
+            topic_history_bytes: crate::backplane::router::DEFAULT_TOPIC_HISTORY_BYTES,
+            conversation_window_bytes: crate::backplane::router::DEFAULT_CONVERSATION_WINDOW_BYTES,
+            store_cache_bytes: DEFAULT_STORE_CACHE_BYTES,
             topic_history_age: DEFAULT_TOPIC_HISTORY_AGE,
             sse_retry: DEFAULT_SSE_RETRY,
             max_poll_timeout: DEFAULT_MAX_POLL_TIMEOUT,
@@ -251,6 +261,9 @@ pub struct FileConfig {
     pub drain_timeout: Option<String>,
     pub echo_path: Option<String>,
     pub topic_history: Option<usize>,
+    pub topic_history_bytes: Option<String>,
+    pub conversation_window_bytes: Option<String>,
+    pub store_cache_bytes: Option<String>,
     pub topic_history_age: Option<String>,
     pub sse_retry: Option<String>,
     pub max_poll_timeout: Option<String>,
@@ -357,6 +370,27 @@ impl FileConfig {
         }
         set(&mut cfg.allowed_origins, self.allowed_origins);
         set(&mut cfg.topic_history, self.topic_history);
+        for (key, value, slot) in [
+            (
+                "topic_history_bytes",
+                self.topic_history_bytes,
+                &mut cfg.topic_history_bytes,
+            ),
+            (
+                "conversation_window_bytes",
+                self.conversation_window_bytes,
+                &mut cfg.conversation_window_bytes,
+            ),
+            (
+                "store_cache_bytes",
+                self.store_cache_bytes,
+                &mut cfg.store_cache_bytes,
+            ),
+        ] {
+            if let Some(v) = value {
+                *slot = parse_size(key, &v)? as usize;
+            }
+        }
         set(&mut cfg.max_pending_writes, self.max_pending_writes);
         set(&mut cfg.scylla, self.scylla);
         if self.redis.is_some() {

@@ -94,6 +94,15 @@ struct RunArgs {
     /// Messages kept per topic / user channel for resume [default: 1000].
     #[arg(long)]
     topic_history: Option<usize>,
+    /// Bytes of history kept in memory per topic [default: 4MiB].
+    #[arg(long)]
+    topic_history_bytes: Option<String>,
+    /// Bytes of recent messages kept in memory per conversation [default: 64KiB].
+    #[arg(long)]
+    conversation_window_bytes: Option<String>,
+    /// The embedded store's page cache [default: 64MiB].
+    #[arg(long)]
+    store_cache_bytes: Option<String>,
     /// Age limit of topic history [default: 1h].
     #[arg(long)]
     topic_history_age: Option<String>,
@@ -339,6 +348,27 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = r.topic_history {
         cfg.topic_history = v;
+    }
+    for (key, value, slot) in [
+        (
+            "topic_history_bytes",
+            r.topic_history_bytes,
+            &mut cfg.topic_history_bytes,
+        ),
+        (
+            "conversation_window_bytes",
+            r.conversation_window_bytes,
+            &mut cfg.conversation_window_bytes,
+        ),
+        (
+            "store_cache_bytes",
+            r.store_cache_bytes,
+            &mut cfg.store_cache_bytes,
+        ),
+    ] {
+        if let Some(v) = value {
+            *slot = config::parse_size(key, &v)? as usize;
+        }
     }
     if !r.allowed_origins.is_empty() {
         cfg.allowed_origins = r.allowed_origins;

@@ -48,7 +48,7 @@ fn open_store(cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
         None => Fsync::Always,
         Some(d) => Fsync::Interval(d),
     };
-    let store = Embedded::open(&cfg.data_dir, fsync)
+    let store = Embedded::open_with_cache(&cfg.data_dir, fsync, cfg.store_cache_bytes)
         .with_context(|| format!("opening the embedded store in {}", cfg.data_dir.display()))?;
     Ok(Box::new(store))
 }
@@ -145,6 +145,8 @@ impl Server {
             HistoryLimits {
                 topic_count: cfg.topic_history,
                 topic_age_ms: cfg.topic_history_age.as_millis() as u64,
+                topic_bytes: cfg.topic_history_bytes,
+                conversation_bytes: cfg.conversation_window_bytes,
                 ..HistoryLimits::default()
             },
         );

@@ -102,15 +102,15 @@ impl<'a> Client<'a> {
     }
 
     /// Receives until `want` messages of `ty` arrived; what else arrives is kept for a later call (and is only
-    /// then checked and counted in `seen`). Panics after 10 s.
+    /// then checked and counted in `seen`). Panics after 20 s.
     fn recv(&mut self, ty: &str, want: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut got = Vec::new();
         let mut later = Vec::new();
         while got.len() < want {
             assert!(
                 Instant::now() < deadline,
-                "{:?}: {} of {want} {ty} after 10 s: {got:?} (kept for later: {later:?})",
+                "{:?}: {} of {want} {ty} after 20 s: {got:?} (kept for later: {later:?})",
                 self.t,
                 got.len()
             );

@@ -53,16 +53,26 @@ pub struct HistoryLimits {
     pub topic_count: usize,
     /// Age after which topic messages are dropped (ms).
     pub topic_age_ms: u64,
-    /// Messages kept per conversation (until the durable store keeps them all).
+    /// Bytes kept per topic or `user:` channel (JSON + WebSocket frame of each message).
+    pub topic_bytes: usize,
+    /// Messages kept per conversation in memory (the store keeps them all; the window serves receipts and
+    /// offsets without a store read).
     pub conversation_count: usize,
+    /// Bytes kept per conversation in memory.
+    pub conversation_bytes: usize,
 }
+
+pub const DEFAULT_TOPIC_HISTORY_BYTES: usize = 4 << 20;
+pub const DEFAULT_CONVERSATION_WINDOW_BYTES: usize = 64 << 10;
 
 impl Default for HistoryLimits {
     fn default() -> Self {
         HistoryLimits {
             topic_count: 1000,
             topic_age_ms: 3_600_000,
-            conversation_count: 10_000,
+            topic_bytes: DEFAULT_TOPIC_HISTORY_BYTES,
+            conversation_count: 1_000,
+            conversation_bytes: DEFAULT_CONVERSATION_WINDOW_BYTES,
         }
     }
 }
@@ -92,13 +102,27 @@ struct Entry {
 struct Log {
     last_offset: u64,
     entries: VecDeque<Entry>,
+    /// Bytes the entries hold (each message's JSON and its WebSocket frame).
+    bytes: usize,
+}
+
+fn entry_bytes(e: &Entry) -> usize {
+    e.delivery.json.len() + e.delivery.ws.len()
 }
 
 impl Log {
-    fn push(&mut self, e: Entry, max: usize) {
+    /// Appends, then drops the oldest entries past `max` messages or `max_bytes`.
+    fn push(&mut self, e: Entry, max: usize, max_bytes: usize) {
+        self.bytes += entry_bytes(&e);
         self.entries.push_back(e);
-        while self.entries.len() > max {
-            self.entries.pop_front();
+        while self.entries.len() > max || self.bytes > max_bytes {
+            self.pop();
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.bytes -= entry_bytes(&e);
         }
     }
 
@@ -108,7 +132,7 @@ impl Log {
             .front()
             .is_some_and(|e| now_ms.saturating_sub(e.ts) > max_age_ms)
         {
-            self.entries.pop_front();
+            self.pop();
         }
     }
 
@@ -610,19 +634,34 @@ impl Router {
     /// Loads conversations, members and each conversation's recent window from the store (at start, before
     /// the store thread takes it).
     pub fn load(&mut self, store: &mut dyn Store) -> crate::store::Result<()> {
-        let window = self.history.conversation_count;
+        let (window, window_bytes) = (
+            self.history.conversation_count,
+            self.history.conversation_bytes,
+        );
         for (id, members) in store.conversations()? {
             let channel: Arc<str> = Arc::from(format!("conversation:{id}"));
             let mut log = Log {
                 last_offset: store.last_offset(&channel)?,
-                entries: VecDeque::new(),
+                ..Log::default()
             };
-            for m in store
-                .history(&channel, None, window.min(1000))?
-                .into_iter()
-                .rev()
-            {
-                log.entries.push_back(entry_of(&channel, m));
+            // The newest messages that fit the window, read in small pages (large messages never pile up).
+            let mut before = None;
+            let mut newest_first = Vec::new();
+            let mut bytes = 0;
+            while newest_first.len() < window && bytes < window_bytes {
+                let page = store.history(&channel, before, 16)?;
+                let n = page.len();
+                for m in page {
+                    bytes += 2 * m.json.len();
+                    before = Some(m.offset);
+                    newest_first.push(m);
+                }
+                if n < 16 {
+                    break;
+                }
+            }
+            for m in newest_first.into_iter().rev() {
+                log.push(entry_of(&channel, m), window, window_bytes);
             }
             let members: BTreeSet<Arc<str>> =
                 members.iter().map(|m| Arc::from(m.as_str())).collect();
@@ -1138,6 +1177,7 @@ impl Router {
                 delivery: delivery.clone(),
             },
             limits.topic_count,
+            limits.topic_bytes,
         );
         let to = self.followers_of(&key);
         self.route(to, delivery, out);
@@ -2076,11 +2116,14 @@ impl Router {
         };
         let mut to = self.followers_of(&d.channel);
         if let Some(id) = d.channel.strip_prefix("conversation:") {
-            let max = self.history.conversation_count;
+            let (max, max_bytes) = (
+                self.history.conversation_count,
+                self.history.conversation_bytes,
+            );
             if let Some(c) = self.conversations.get_mut(id) {
                 if !reset {
                     c.log.last_offset = c.log.last_offset.max(d.offset);
-                    c.log.push(entry, max);
+                    c.log.push(entry, max, max_bytes);
                 }
                 to.extend(
                     c.members
@@ -2096,7 +2139,7 @@ impl Router {
             if !reset {
                 log.expire(ts, limits.topic_age_ms);
                 log.last_offset = log.last_offset.max(d.offset);
-                log.push(entry, limits.topic_count);
+                log.push(entry, limits.topic_count, limits.topic_bytes);
             }
             if let Some(user) = d.channel.strip_prefix("user:") {
                 to.extend_from_slice(self.connections(user));

@@ -70,8 +70,17 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 impl Embedded {
     /// Opens (or creates) `dir/corelay.redb`.
     pub fn open(dir: &Path, fsync: Fsync) -> Result<Self> {
+        Self::open_with_cache(dir, fsync, crate::config::DEFAULT_STORE_CACHE_BYTES)
+    }
+
+    /// Opens with a page cache of `cache_bytes` (redb's own default, 1 GiB, would let the cache alone grow to a
+    /// gigabyte as messages are written).
+    pub fn open_with_cache(dir: &Path, fsync: Fsync, cache_bytes: usize) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(backend)?;
-        let db = Database::create(dir.join("corelay.redb")).map_err(backend)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("corelay.redb"))
+            .map_err(backend)?;
         // Create every table up front so readers never see "table does not exist".
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(MESSAGES).map_err(backend)?;

@@ -78,11 +78,21 @@ pub enum Completion {
 /// Most writes folded into one transaction.
 pub const MAX_GROUP: usize = 4096;
 
-/// Messages read from the store per call while a reply is assembled: what a read holds beyond its byte budget
-/// is at most one chunk (so 1,000 messages of 64 KiB are never in memory at once).
-pub const READ_CHUNK: usize = 32;
+/// Most messages read from the store per call while a reply is assembled.
+pub const READ_CHUNK: usize = 256;
 /// Offline-queue entries read per call.
 pub const OFFLINE_CHUNK: usize = 256;
+
+/// How many messages to ask the store for next: as many as the rest of the byte budget holds at the average
+/// size read so far (4 before anything is read), so a reply of large messages decodes about one message more
+/// than it keeps, and small ones come in few calls.
+fn next_chunk(read: usize, bytes: usize, max_bytes: usize, left: usize, cap: usize) -> usize {
+    let want = match bytes.checked_div(read) {
+        None => 4,
+        Some(avg) => max_bytes.saturating_sub(bytes) / avg.max(1) + 1,
+    };
+    want.clamp(1, cap).min(left)
+}
 
 /// Replies are cut once they reach `max_bytes` of message JSON (at least one message always goes, so a reader
 /// makes progress); the caller continues from the last offset it got.
@@ -102,8 +112,17 @@ fn read_after_bounded(
 ) -> super::Result<()> {
     let mut at = after;
     let mut left = limit;
+    let (start_len, start_bytes) = (out.len(), *bytes);
     while left > 0 && !over(*bytes, max_bytes) {
-        let chunk = store.read_after(channel, at, left.min(READ_CHUNK))?;
+        let read = out.len() - start_len;
+        let want = next_chunk(
+            read,
+            *bytes - start_bytes,
+            max_bytes - start_bytes,
+            left,
+            READ_CHUNK,
+        );
+        let chunk = store.read_after(channel, at, want)?;
         let n = chunk.len();
         for m in chunk {
             if over(*bytes, max_bytes) {
@@ -114,7 +133,7 @@ fn read_after_bounded(
             left -= 1;
             out.push(m);
         }
-        if n < READ_CHUNK.min(limit) {
+        if n < want {
             break; // the end of the channel
         }
     }
@@ -218,7 +237,7 @@ pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion
                 if all.len() >= limit || over(bytes, max_bytes) {
                     break Ok(());
                 }
-                let want = (limit - all.len()).min(READ_CHUNK);
+                let want = next_chunk(all.len(), bytes, max_bytes, limit - all.len(), READ_CHUNK);
                 match store.history(&channel, before, want) {
                     Ok(chunk) => {
                         let n = chunk.len();
@@ -298,7 +317,13 @@ pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion
                 if all.len() >= limit || over(bytes, max_bytes) {
                     break Ok(());
                 }
-                let want = (limit - all.len()).min(OFFLINE_CHUNK);
+                let want = next_chunk(
+                    all.len(),
+                    bytes,
+                    max_bytes,
+                    limit - all.len(),
+                    OFFLINE_CHUNK,
+                );
                 match store.offline_after(&user, at.as_ref().map(|(c, o)| (c.as_str(), *o)), want) {
                     Ok(chunk) => {
                         let n = chunk.len();
@@ -372,5 +397,29 @@ fn group_commit(
             }
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_chunk;
+
+    #[test]
+    fn chunks_follow_the_budget() {
+        assert_eq!(next_chunk(0, 0, 256 << 10, 1000, 256), 4, "start small");
+        // 60 KiB messages, 4 read (240 KiB of 256 KiB): one more fits.
+        assert_eq!(next_chunk(4, 240 << 10, 256 << 10, 996, 256), 1);
+        // 300-byte messages: as many as the cap allows.
+        assert_eq!(next_chunk(4, 1200, 256 << 10, 996, 256), 256);
+        assert_eq!(
+            next_chunk(4, 1200, 256 << 10, 7, 256),
+            7,
+            "never past the count left"
+        );
+        assert_eq!(
+            next_chunk(4, 300 << 10, 256 << 10, 10, 256),
+            1,
+            "past the budget: one"
+        );
     }
 }
