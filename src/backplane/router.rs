@@ -1633,7 +1633,7 @@ impl Router {
                     }
                     Ok(_) => Err(refuse("internal", 500, "unexpected store answer")),
                     Err(e) => {
-                        tracing::warn!(error = %e, "send not stored");
+                        tracing::debug!(error = %e, "send not stored");
                         Err(refuse(
                             "store_unavailable",
                             503,
@@ -1689,7 +1689,7 @@ impl Router {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "receipt not stored");
+                    tracing::debug!(error = %e, "receipt not stored");
                     let err = msg::error("store_unavailable", "receipt not stored; retry", None);
                     self::answer(out, reply, 503, err);
                 }
@@ -1753,7 +1753,7 @@ impl Router {
                         (200, history_json(&conversation, &msgs, limit, cut))
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "history read failed");
+                        tracing::debug!(error = %e, "history read failed");
                         (
                             503,
                             msg::error("store_unavailable", "history unavailable; retry", None),
@@ -1781,7 +1781,7 @@ impl Router {
                     self.answer_poll(conn, items, cursor, hold_ms, out);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "poll read failed");
+                    tracing::debug!(error = %e, "poll read failed");
                     http(
                         out,
                         conn,
@@ -1848,7 +1848,7 @@ impl Router {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "poll offline read failed");
+                    tracing::debug!(error = %e, "poll offline read failed");
                     http(
                         out,
                         conn,
@@ -1874,11 +1874,11 @@ impl Router {
                         .collect();
                     self.emit_receipts(&conversation, &user, offset, &steps, &found, now_ms);
                 }
-                Err(e) => tracing::warn!(error = %e, %conversation, "receipt senders not read"),
+                Err(e) => tracing::debug!(error = %e, %conversation, "receipt senders not read"),
             },
             (Pending::Flush { conn, user }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "catch-up read failed");
+                    tracing::debug!(error = %e, "catch-up read failed");
                     Vec::new()
                 });
                 // A page cut by the byte budget: the next one follows before live traffic is released.
@@ -1897,7 +1897,7 @@ impl Router {
             }
             (Pending::Replay { conn, from }, Err(res)) => {
                 let msgs = res.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "catch-up read failed");
+                    tracing::debug!(error = %e, "catch-up read failed");
                     Vec::new()
                 });
                 // A page cut by count or bytes: read the next one before the live traffic is released.
