@@ -178,8 +178,9 @@ pub struct Config {
     pub scylla_replication: Option<String>,
     /// Browser `Origin`s allowed to open client endpoints; empty = any (non-browser clients send none).
     pub allowed_origins: Vec<String>,
-    /// Pin each loop to a core (on by default; off is useful when several nodes share a small machine).
-    pub pin_threads: bool,
+    /// Pin each loop to a core: `auto` (the default) pins only when every loop gets a core of its own and no
+    /// CPU quota applies (see `worker::pinning`).
+    pub pin: crate::worker::pinning::Pin,
     pub limits: Limits,
 }
 
@@ -216,7 +217,7 @@ impl Default for Config {
             scylla: Vec::new(),
             scylla_keyspace: "corelay".into(),
             scylla_replication: None,
-            pin_threads: true,
+            pin: crate::worker::pinning::Pin::Auto,
             limits: Limits::default(),
         }
     }
@@ -278,7 +279,9 @@ pub struct FileConfig {
     pub scylla: Option<Vec<String>>,
     pub scylla_keyspace: Option<String>,
     pub scylla_replication: Option<String>,
+    /// Deprecated spelling: `true` = `pin = "on"`, `false` = `pin = "off"`.
     pub pin_threads: Option<bool>,
+    pub pin: Option<String>,
     pub max_header_bytes: Option<String>,
     pub max_headers: Option<usize>,
     pub max_body_bytes: Option<String>,
@@ -408,7 +411,16 @@ impl FileConfig {
         if let Some(v) = self.fsync {
             cfg.fsync_interval = parse_fsync(&v)?;
         }
-        set(&mut cfg.pin_threads, self.pin_threads);
+        if let Some(on) = self.pin_threads {
+            cfg.pin = if on {
+                crate::worker::pinning::Pin::On
+            } else {
+                crate::worker::pinning::Pin::Off
+            };
+        }
+        if let Some(v) = self.pin {
+            cfg.pin = v.parse().map_err(|e: String| invalid("pin", &e))?;
+        }
         let l = &mut cfg.limits;
         let sizes = [
             (

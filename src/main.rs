@@ -61,6 +61,9 @@ struct RunArgs {
     /// Do not pin loops to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Pin loops to cores: auto (only when each loop gets a core and no CPU quota applies), on, off [default: auto].
+    #[arg(long)]
+    pin: Option<String>,
     /// Where the embedded store and generated secrets live [default: ./data].
     #[arg(long, env = "CORELAY_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -263,8 +266,13 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     if let Some(v) = r.threads {
         cfg.threads = v;
     }
+    if let Some(v) = r.pin {
+        cfg.pin = v
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--pin: {e}"))?;
+    }
     if r.no_pin {
-        cfg.pin_threads = false;
+        cfg.pin = corelay::worker::pinning::Pin::Off;
     }
     if let Some(v) = r.data_dir {
         cfg.data_dir = v;

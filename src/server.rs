@@ -120,6 +120,9 @@ impl Server {
             )),
         };
         let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let host = crate::worker::pinning::host();
+        let (pin, why) = crate::worker::pinning::decide(cfg.pin, &host, cfg.threads);
+        tracing::info!(pinned = pin, reason = %why, "event loop pinning");
         let mut loops = Vec::new();
         let mut workers = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {
@@ -127,7 +130,7 @@ impl Server {
             let admin = if i == 0 { admin.take() } else { None };
             let (worker, waker) = Worker::new(i as u16, l, admin, rx, shared.clone())?;
             loops.push(LoopHandle { tx, waker });
-            let core = (cfg.pin_threads && !cores.is_empty()).then(|| cores[i % cores.len()]);
+            let core = (pin && !cores.is_empty()).then(|| cores[i % cores.len()]);
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("corelay-loop-{i}"))

@@ -7,6 +7,7 @@
 
 pub mod listener;
 pub mod per_address;
+pub mod pinning;
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
