@@ -8,14 +8,6 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::*;
 
-fn metric(node: &Node, name: &str) -> u64 {
-    let (_, m) = node.get("/metrics");
-    m.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 fn start_nodes(redis: &RedisServer, n: usize) -> Vec<Node> {
     (0..n)
         .map(|i| {

@@ -8,34 +8,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::*;
 
-/// Every message of a conversation, paging `/api/history` newest first.
-fn all_history(node: &Node, conversation: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut before: Option<u64> = None;
-    loop {
-        let path = match before {
-            Some(b) => format!("/api/history?conversation={conversation}&limit=200&before={b}"),
-            None => format!("/api/history?conversation={conversation}&limit=200"),
-        };
-        let (st, text) = http(
-            node.addr,
-            &format!(
-                "GET {path} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
-            ),
-        );
-        assert_eq!(st, 200, "{text}");
-        let v: Value = serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
-        let msgs = v["messages"].as_array().unwrap().clone();
-        if let Some(last) = msgs.last() {
-            before = last["offset"].as_u64();
-        }
-        out.extend(msgs);
-        if v["more"] != true {
-            return out;
-        }
-    }
-}
-
 #[test]
 fn offline_recipient_gets_all_100_in_order_then_receipts_reach_the_sender() {
     let node = Node::start(&[]);
@@ -189,9 +161,9 @@ fn kill_9_loses_no_acknowledged_message_and_retries_never_duplicate() {
 
     // Restart on the same data dir.
     let node = Node::start_in(&dir, &fast);
-    let history = all_history(&node, "crash");
+    let stored = history(&node, "crash");
     let mut count: HashMap<String, usize> = HashMap::new();
-    for m in &history {
+    for m in &stored {
         *count
             .entry(m["body"]["cid"].as_str().unwrap().to_string())
             .or_default() += 1;
@@ -199,7 +171,7 @@ fn kill_9_loses_no_acknowledged_message_and_retries_never_duplicate() {
     let lost: Vec<&String> = acked.keys().filter(|c| !count.contains_key(*c)).collect();
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     for (cid, offset) in &acked {
-        let m = history
+        let m = stored
             .iter()
             .find(|m| m["body"]["cid"] == cid.as_str())
             .unwrap();
@@ -248,9 +220,9 @@ fn kill_9_loses_no_acknowledged_message_and_retries_never_duplicate() {
             }
         }
     }
-    let history = all_history(&node, "crash");
+    let stored = history(&node, "crash");
     let mut count: HashMap<String, usize> = HashMap::new();
-    for m in &history {
+    for m in &stored {
         *count
             .entry(m["body"]["cid"].as_str().unwrap().to_string())
             .or_default() += 1;
@@ -266,7 +238,7 @@ fn kill_9_loses_no_acknowledged_message_and_retries_never_duplicate() {
     let mut bob = connect(&node, "bob");
     set_timeout(&mut bob, Duration::from_secs(10));
     let mut last = 0;
-    for _ in 0..history.len() {
+    for _ in 0..stored.len() {
         let m = next_json(&mut bob);
         let off = m["offset"].as_u64().unwrap();
         assert!(off > last, "in order, no duplicate: {off} after {last}");
@@ -277,7 +249,7 @@ fn kill_9_loses_no_acknowledged_message_and_retries_never_duplicate() {
         acked.len(),
         acked.len() - lost.len(),
         unacked.len(),
-        history.len()
+        stored.len()
     );
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);

@@ -35,43 +35,6 @@ fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// Every message of a conversation through `/api/history`, oldest first.
-fn history(node: &Node, conversation: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut before: Option<u64> = None;
-    loop {
-        let path = match before {
-            Some(b) => format!("/api/history?conversation={conversation}&limit=200&before={b}"),
-            None => format!("/api/history?conversation={conversation}&limit=200"),
-        };
-        let (st, text) = http(
-            node.addr,
-            &format!(
-                "GET {path} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
-            ),
-        );
-        assert_eq!(st, 200, "{text}");
-        let v: Value = serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
-        let msgs = v["messages"].as_array().unwrap().clone();
-        if let Some(last) = msgs.last() {
-            before = last["offset"].as_u64();
-        }
-        out.extend(msgs);
-        if v["more"] != true {
-            out.reverse();
-            return out;
-        }
-    }
-}
-
-fn metric(node: &Node, name: &str) -> u64 {
-    let (_, m) = node.get("/metrics");
-    m.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// A read that only timed out (the socket's read timeout), not a lost connection.
 fn would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io)

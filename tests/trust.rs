@@ -9,35 +9,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::*;
 
-/// Every message of a conversation through `/api/history`, oldest first.
-fn history(node: &Node, conversation: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut before: Option<u64> = None;
-    loop {
-        let path = match before {
-            Some(b) => format!("/api/history?conversation={conversation}&limit=200&before={b}"),
-            None => format!("/api/history?conversation={conversation}&limit=200"),
-        };
-        let (st, text) = http(
-            node.addr,
-            &format!(
-                "GET {path} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
-            ),
-        );
-        assert_eq!(st, 200, "{text}");
-        let v: Value = serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
-        let msgs = v["messages"].as_array().unwrap().clone();
-        if let Some(last) = msgs.last() {
-            before = last["offset"].as_u64();
-        }
-        out.extend(msgs);
-        if v["more"] != true {
-            out.reverse();
-            return out;
-        }
-    }
-}
-
 /// Sends `n` messages back to back (no waiting between them) and reads answers until `n` `sent` arrived.
 /// Panics on any error answer or close. Returns the offsets in client-id order.
 fn send_all_at_once(ws: &mut Ws, conversation: &str, prefix: &str, n: usize) -> Vec<u64> {

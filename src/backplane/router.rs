@@ -743,6 +743,22 @@ impl Router {
                 || msgs.iter().map(|m| m.json.len()).sum::<usize>() >= self.read_bytes)
     }
 
+    /// After a catch-up page for `conn`: if it was cut (by `limit` or bytes) and the catch-up still runs, count
+    /// one more read and return where the next page starts.
+    fn next_page(
+        &mut self,
+        conn: ConnRef,
+        msgs: &[StoredMessage],
+        limit: usize,
+    ) -> Option<(String, u64)> {
+        let last = msgs.last()?;
+        if !self.cut(msgs, limit) {
+            return None;
+        }
+        self.flushing.get_mut(&conn)?.reads += 1;
+        Some((last.channel.clone(), last.offset))
+    }
+
     /// Reads one page of `channel` after `after` for `conn`'s catch-up; completed by `Pending::Replay`.
     fn replay_page(&mut self, conn: ConnRef, channel: String, after: u64) {
         let from = vec![(channel.clone(), after)];
@@ -1877,17 +1893,10 @@ impl Router {
                 Err(e) => tracing::debug!(error = %e, %conversation, "receipt senders not read"),
             },
             (Pending::Flush { conn, user }, Err(res)) => {
-                let msgs = res.unwrap_or_else(|e| {
-                    tracing::debug!(error = %e, "catch-up read failed");
-                    Vec::new()
-                });
+                let msgs = catch_up_page(res);
                 // A page cut by the byte budget: the next one follows before live traffic is released.
-                if self.cut(&msgs, MAX_FLUSH)
-                    && let (Some(hold), Some(last)) = (self.flushing.get_mut(&conn), msgs.last())
-                {
-                    hold.reads += 1;
-                    let after = Some((last.channel.clone(), last.offset));
-                    self.flush_page(conn, user, after);
+                if let Some(last) = self.next_page(conn, &msgs, MAX_FLUSH) {
+                    self.flush_page(conn, user, Some(last));
                 }
                 let ds = msgs
                     .iter()
@@ -1896,16 +1905,9 @@ impl Router {
                 self.catch_up(conn, ds, out);
             }
             (Pending::Replay { conn, from }, Err(res)) => {
-                let msgs = res.unwrap_or_else(|e| {
-                    tracing::debug!(error = %e, "catch-up read failed");
-                    Vec::new()
-                });
+                let msgs = catch_up_page(res);
                 // A page cut by count or bytes: read the next one before the live traffic is released.
-                if self.cut(&msgs, MAX_REPLAY)
-                    && let (Some(hold), Some(last)) = (self.flushing.get_mut(&conn), msgs.last())
-                {
-                    hold.reads += 1;
-                    let (channel, after) = (last.channel.clone(), last.offset);
+                if let Some((channel, after)) = self.next_page(conn, &msgs, MAX_REPLAY) {
                     self.replay_page(conn, channel, after);
                 }
                 let ds = with_resets(&from, &msgs);
@@ -2609,6 +2611,14 @@ fn reply(out: &mut Vec<Out>, conn: ConnRef, json: &str) {
 }
 
 /// `{"messages":[…],"cursor":"…"}`, embedding each message's JSON as it is.
+/// A catch-up page's messages (none when the read failed: the client resumes from its cursor later).
+fn catch_up_page(res: Result<Vec<StoredMessage>, String>) -> Vec<StoredMessage> {
+    res.unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "catch-up read failed");
+        Vec::new()
+    })
+}
+
 /// Messages read from the store after the positions in `from`, with a `reset` before any jump in a channel's
 /// offsets: what the store no longer has (a topic stream trimmed by `MAXLEN`) is announced, never skipped in
 /// silence.

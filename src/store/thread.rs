@@ -100,44 +100,46 @@ fn over(bytes: usize, max_bytes: usize) -> bool {
     bytes >= max_bytes
 }
 
-/// Up to `limit` messages of `channel` after `after`, oldest first, read in chunks and cut at `max_bytes`.
+/// Reads pages with `read(want, last message so far)` until `limit` messages or `max_bytes` of message JSON are
+/// in (always at least one), or a page comes back short (the end). Each page asks for what the budget left
+/// holds ([`next_chunk`]), at most `cap`.
+fn paged(
+    limit: usize,
+    max_bytes: usize,
+    cap: usize,
+    mut read: impl FnMut(usize, Option<&StoredMessage>) -> super::Result<Vec<StoredMessage>>,
+) -> super::Result<Vec<StoredMessage>> {
+    let mut all: Vec<StoredMessage> = Vec::new();
+    let mut bytes = 0;
+    while all.len() < limit && !over(bytes, max_bytes) {
+        let want = next_chunk(all.len(), bytes, max_bytes, limit - all.len(), cap);
+        let page = read(want, all.last())?;
+        let n = page.len();
+        for m in page {
+            if over(bytes, max_bytes) {
+                return Ok(all);
+            }
+            bytes += m.json.len();
+            all.push(m);
+        }
+        if n < want {
+            break;
+        }
+    }
+    Ok(all)
+}
+
+/// Up to `limit` messages of `channel` after `after`, oldest first, cut at `max_bytes`.
 fn read_after_bounded(
     store: &mut dyn Store,
     channel: &str,
     after: u64,
     limit: usize,
     max_bytes: usize,
-    bytes: &mut usize,
-    out: &mut Vec<StoredMessage>,
-) -> super::Result<()> {
-    let mut at = after;
-    let mut left = limit;
-    let (start_len, start_bytes) = (out.len(), *bytes);
-    while left > 0 && !over(*bytes, max_bytes) {
-        let read = out.len() - start_len;
-        let want = next_chunk(
-            read,
-            *bytes - start_bytes,
-            max_bytes - start_bytes,
-            left,
-            READ_CHUNK,
-        );
-        let chunk = store.read_after(channel, at, want)?;
-        let n = chunk.len();
-        for m in chunk {
-            if over(*bytes, max_bytes) {
-                return Ok(());
-            }
-            *bytes += m.json.len();
-            at = m.offset;
-            left -= 1;
-            out.push(m);
-        }
-        if n < want {
-            break; // the end of the channel
-        }
-    }
-    Ok(())
+) -> super::Result<Vec<StoredMessage>> {
+    paged(limit, max_bytes, READ_CHUNK, |want, last| {
+        store.read_after(channel, last.map_or(after, |m| m.offset), want)
+    })
 }
 
 /// Starts the thread. It ends when every sender of requests is dropped.
@@ -228,55 +230,23 @@ pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion
             channel,
             before,
             limit,
-        } => {
-            // Newest first, in chunks going back; cut at the byte budget.
-            let mut all: Vec<StoredMessage> = Vec::new();
-            let mut bytes = 0;
-            let mut before = before;
-            let result = loop {
-                if all.len() >= limit || over(bytes, max_bytes) {
-                    break Ok(());
-                }
-                let want = next_chunk(all.len(), bytes, max_bytes, limit - all.len(), READ_CHUNK);
-                match store.history(&channel, before, want) {
-                    Ok(chunk) => {
-                        let n = chunk.len();
-                        for m in chunk {
-                            if over(bytes, max_bytes) {
-                                break;
-                            }
-                            bytes += m.json.len();
-                            before = Some(m.offset);
-                            all.push(m);
-                        }
-                        if n < want {
-                            break Ok(());
-                        }
-                    }
-                    Err(e) => break Err(err(e)),
-                }
-            };
-            Completion::Messages {
-                token,
-                result: result.map(|()| all),
-            }
-        }
+        } => Completion::Messages {
+            token,
+            // Newest first, in pages going back; cut at the byte budget.
+            result: paged(limit, max_bytes, READ_CHUNK, |want, last| {
+                store.history(&channel, last.map(|m| m.offset).or(before), want)
+            })
+            .map_err(err),
+        },
         Request::ReadAfter {
             token,
             channel,
             after,
             limit,
-        } => {
-            let mut all = Vec::new();
-            let mut bytes = 0;
-            let result = read_after_bounded(
-                store, &channel, after, limit, max_bytes, &mut bytes, &mut all,
-            );
-            Completion::Messages {
-                token,
-                result: result.map(|()| all).map_err(err),
-            }
-        }
+        } => Completion::Messages {
+            token,
+            result: read_after_bounded(store, &channel, after, limit, max_bytes).map_err(err),
+        },
         Request::ReadMany {
             token,
             reads,
@@ -290,11 +260,15 @@ pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion
                 if left == 0 || over(bytes, max_bytes) {
                     break;
                 }
-                if let Err(e) = read_after_bounded(
-                    store, &channel, after, left, max_bytes, &mut bytes, &mut all,
-                ) {
-                    result = Err(err(e));
-                    break;
+                match read_after_bounded(store, &channel, after, left, max_bytes - bytes) {
+                    Ok(msgs) => {
+                        bytes += msgs.iter().map(|m| m.json.len()).sum::<usize>();
+                        all.extend(msgs);
+                    }
+                    Err(e) => {
+                        result = Err(err(e));
+                        break;
+                    }
                 }
             }
             Completion::Messages {
@@ -307,46 +281,19 @@ pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion
             user,
             after,
             limit,
-        } => {
-            // In chunks (a store's offline read lists the whole queue's ids, so chunks are larger than for
-            // channel reads), cut at the byte budget.
-            let mut all: Vec<StoredMessage> = Vec::new();
-            let mut bytes = 0;
-            let mut at = after;
-            let result = loop {
-                if all.len() >= limit || over(bytes, max_bytes) {
-                    break Ok(());
-                }
-                let want = next_chunk(
-                    all.len(),
-                    bytes,
-                    max_bytes,
-                    limit - all.len(),
-                    OFFLINE_CHUNK,
-                );
-                match store.offline_after(&user, at.as_ref().map(|(c, o)| (c.as_str(), *o)), want) {
-                    Ok(chunk) => {
-                        let n = chunk.len();
-                        for m in chunk {
-                            if over(bytes, max_bytes) {
-                                break;
-                            }
-                            bytes += m.json.len();
-                            at = Some((m.channel.clone(), m.offset));
-                            all.push(m);
-                        }
-                        if n < want {
-                            break Ok(());
-                        }
-                    }
-                    Err(e) => break Err(err(e)),
-                }
-            };
-            Completion::Messages {
-                token,
-                result: result.map(|()| all),
-            }
-        }
+        } => Completion::Messages {
+            token,
+            // In pages after the last entry read (a store's offline read lists the whole queue's ids, so pages
+            // are larger than for channel reads), cut at the byte budget.
+            result: paged(limit, max_bytes, OFFLINE_CHUNK, |want, last| {
+                let at = match last {
+                    Some(m) => Some((m.channel.as_str(), m.offset)),
+                    None => after.as_ref().map(|(c, o)| (c.as_str(), *o)),
+                };
+                store.offline_after(&user, at, want)
+            })
+            .map_err(err),
+        },
         Request::LastOffset { token, channel } => Completion::Offset {
             token,
             result: store.last_offset(&channel).map_err(err),

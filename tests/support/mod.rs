@@ -626,3 +626,42 @@ impl Drop for RssSampler {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Every message of a conversation through `/api/history` (paged, 200 a page), oldest first.
+pub fn history(node: &Node, conversation: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let path = match before {
+            Some(b) => format!("/api/history?conversation={conversation}&limit=200&before={b}"),
+            None => format!("/api/history?conversation={conversation}&limit=200"),
+        };
+        let (st, text) = http(
+            node.addr,
+            &format!(
+                "GET {path} HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(st, 200, "{text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+        let msgs = v["messages"].as_array().unwrap().clone();
+        if let Some(last) = msgs.last() {
+            before = last["offset"].as_u64();
+        }
+        out.extend(msgs);
+        if v["more"] != true {
+            out.reverse();
+            return out;
+        }
+    }
+}
+
+/// The sum of a metric's samples (all labels) in `/metrics`.
+pub fn metric(node: &Node, name: &str) -> u64 {
+    let (_, m) = node.get("/metrics");
+    m.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
