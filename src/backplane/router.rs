@@ -919,20 +919,14 @@ impl Router {
                     conversation,
                     before,
                     limit,
-                } => {
-                    let member = self
-                        .conversations
-                        .get(&conversation)
-                        .is_some_and(|c| c.members.contains(&*user));
-                    if !member {
-                        let m = format!("not a member of {conversation}");
-                        http(out, conn, 403, msg::error("not_member", &m, None));
-                    } else if self.store_busy() {
-                        http(out, conn, 503, busy_error());
-                    } else {
-                        self.history(ReplyTo::Http(conn), conversation, before, limit);
-                    }
-                }
+                } => self.client_history(
+                    ReplyTo::Http(conn),
+                    &user,
+                    conversation,
+                    before,
+                    limit,
+                    out,
+                ),
                 _ => http(
                     out,
                     conn,
@@ -1332,26 +1326,7 @@ impl Router {
                 conversation,
                 before,
                 limit,
-            } => {
-                let member = self
-                    .conversations
-                    .get(&conversation)
-                    .is_some_and(|c| c.members.contains(&*user));
-                if member {
-                    if self.store_busy() {
-                        reply(out, conn, &busy_error());
-                    } else {
-                        self.history(ReplyTo::Ws(conn), conversation, before, limit);
-                    }
-                } else {
-                    let e = msg::error(
-                        "not_member",
-                        &format!("not a member of {conversation}"),
-                        None,
-                    );
-                    reply(out, conn, &e);
-                }
-            }
+            } => self.client_history(ReplyTo::Ws(conn), &user, conversation, before, limit, out),
             // Answered on the loop, which owns the connection's token state.
             ClientMsg::Refresh { .. } => {}
         }
@@ -1383,6 +1358,30 @@ impl Router {
                 limit,
             },
         );
+    }
+
+    /// A `history` request from either transport: members only, refused while the store is busy.
+    fn client_history(
+        &mut self,
+        to: ReplyTo,
+        user: &Arc<str>,
+        conversation: String,
+        before: Option<u64>,
+        limit: Option<usize>,
+        out: &mut Vec<Out>,
+    ) {
+        let member = self
+            .conversations
+            .get(&conversation)
+            .is_some_and(|c| c.members.contains(&**user));
+        if !member {
+            let m = format!("not a member of {conversation}");
+            answer(out, to, 403, msg::error("not_member", &m, None));
+        } else if self.store_busy() {
+            answer(out, to, 503, busy_error());
+        } else {
+            self.history(to, conversation, before, limit);
+        }
     }
 
     /// A `send` from either transport: queued for the store, or refused at once with an error answer.
