@@ -218,3 +218,39 @@ fn an_sse_stream_subscribes_and_refreshes_by_its_stream_id() {
     let ev = sse.next_event(Duration::from_secs(5));
     assert!(ev.data.contains("\"late\":1"), "{ev:?}");
 }
+
+#[test]
+fn a_conversation_joined_mid_session_arrives_on_polls_and_streams_from_the_join() {
+    let node = Node::start(&[]);
+    // Frank polls (first poll: where he stands) and streams, before he is in any conversation.
+    let (st, first) = poll(&node, "frank", "timeout=0");
+    assert_eq!(st, 200);
+    let cursor = first["cursor"].as_str().unwrap().to_string();
+    assert!(!cursor.contains("conversation:"), "{cursor}");
+    let sse = Sse::open(&node, &format!("/sse?token={}", token("frank")), None);
+    assert_eq!(sse.status(), 200);
+    // Then he is added to a conversation, and a message is sent in it.
+    node.create_conversation("late", &["alice", "frank"]);
+    let _alice = alice_sends(&node, "late", 1);
+    // The poll that continues his session gets it (from where he joined), once.
+    let (st, v) = poll(
+        &node,
+        "frank",
+        &format!("cursor={}&timeout=0", enc(&cursor)),
+    );
+    assert_eq!(st, 200, "{v}");
+    let msgs = v["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1, "{v}");
+    assert_eq!(msgs[0]["channel"], "conversation:late");
+    let next = v["cursor"].as_str().unwrap().to_string();
+    assert!(next.contains("conversation:late=1"), "{next}");
+    let (st, _) = poll(&node, "frank", &format!("cursor={}&timeout=0", enc(&next)));
+    assert_eq!(st, 204, "nothing twice");
+    // The stream gets it live.
+    let ev = sse.next_event(Duration::from_secs(5));
+    let m: Value = serde_json::from_str(&ev.data).unwrap();
+    assert_eq!(
+        (m["channel"].as_str(), m["offset"].as_u64()),
+        (Some("conversation:late"), Some(1))
+    );
+}

@@ -155,6 +155,10 @@ struct Conversation {
     members: BTreeSet<Arc<str>>,
     /// The recent window (the store has everything).
     log: Log,
+    /// Members added while this node was running → the conversation's last offset (as this node knew it)
+    /// when they were added. A poll that meets the conversation for the first time mid-session starts there
+    /// (unknown, e.g. after a restart: from the start).
+    joined: HashMap<Arc<str>, u64>,
 }
 
 /// Where an answer goes: a WebSocket frame, or the HTTP response of a one-way client.
@@ -235,6 +239,7 @@ enum Pending {
     /// A poll's first part: the user's offline queue, for the durable channels it had no position on.
     PollFlush {
         conn: ConnRef,
+        user: Arc<str>,
         channels: Vec<String>,
         given: BTreeMap<String, u64>,
         fresh: BTreeSet<String>,
@@ -593,6 +598,7 @@ impl Router {
                     Conversation {
                         members: members.clone(),
                         log: Log::default(),
+                        joined: HashMap::new(),
                     },
                 );
                 BTreeSet::new()
@@ -605,6 +611,15 @@ impl Router {
             }
             if self.presence.contains_key(m) {
                 self.interest(&channel, -1);
+            }
+        }
+        if let Some(c) = self.conversations.get_mut(id) {
+            let at = c.log.last_offset;
+            for m in members.difference(&old) {
+                c.joined.insert(m.clone(), at);
+            }
+            for m in old.difference(&members) {
+                c.joined.remove(m);
             }
         }
         for m in members.difference(&old) {
@@ -671,7 +686,14 @@ impl Router {
                     .or_default()
                     .insert(id.clone());
             }
-            self.conversations.insert(id, Conversation { members, log });
+            self.conversations.insert(
+                id,
+                Conversation {
+                    members,
+                    log,
+                    joined: HashMap::new(),
+                },
+            );
         }
         Ok(())
     }
@@ -1360,6 +1382,14 @@ impl Router {
         );
     }
 
+    /// Where `user` joined a conversation channel (0 when unknown), or None for other channels.
+    fn joined_at(&self, channel: &str, user: &str) -> Option<u64> {
+        let c = self
+            .conversations
+            .get(channel.strip_prefix("conversation:")?)?;
+        Some(c.joined.get(user).copied().unwrap_or(0))
+    }
+
     /// A `history` request from either transport: members only, refused while the store is busy.
     fn client_history(
         &mut self,
@@ -1808,6 +1838,7 @@ impl Router {
             (
                 Pending::PollFlush {
                     conn,
+                    user,
                     channels,
                     mut given,
                     fresh,
@@ -1838,7 +1869,14 @@ impl Router {
                     let mut channels = channels;
                     for ch in &fresh {
                         let reached = last.as_ref().is_some_and(|l| ch <= l);
-                        if !cut || (reached && Some(ch) != last.as_ref()) {
+                        if !first
+                            && !given.contains_key(ch)
+                            && let Some(at) = self.joined_at(ch, &user)
+                        {
+                            // Mid-session, a conversation the client has not seen yet (joined since its
+                            // last poll, or learned late from another node): from where the user joined.
+                            given.insert(ch.clone(), at);
+                        } else if !cut || (reached && Some(ch) != last.as_ref()) {
                             let now = self.last_offset(ch);
                             let e = given.entry(ch.clone()).or_insert(now);
                             *e = (*e).max(now);
@@ -2334,6 +2372,7 @@ impl Router {
                 },
                 Pending::PollFlush {
                     conn,
+                    user: user.clone(),
                     channels: all.into_iter().collect(),
                     given,
                     fresh,
