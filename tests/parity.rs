@@ -254,3 +254,46 @@ fn a_conversation_joined_mid_session_arrives_on_polls_and_streams_from_the_join(
         (Some("conversation:late"), Some(1))
     );
 }
+
+#[test]
+fn devices_are_registered_and_unregistered_over_post_send_and_websocket() {
+    let dir = fresh_dir();
+    let mut node = Node::start_in(&dir, &[]);
+    let (st, v) = post_send(
+        &node,
+        "gina",
+        json!({"type":"register_device","platform":"apns","token":"a1b2c3"}),
+    );
+    assert_eq!(
+        (st, v["op"].as_str()),
+        (200, Some("register_device")),
+        "{v}"
+    );
+    let (st, _) = post_send(
+        &node,
+        "gina",
+        json!({"type":"register_device","platform":"pager","token":"x"}),
+    );
+    assert_eq!(st, 400, "unknown platform");
+    let mut ws = connect(&node, "gina");
+    send_json(
+        &mut ws,
+        json!({"type":"register_device","platform":"fcm","token":"f-9"}),
+    );
+    assert_eq!(next_json(&mut ws)["op"], "register_device");
+    send_json(
+        &mut ws,
+        json!({"type":"unregister_device","platform":"apns","token":"a1b2c3"}),
+    );
+    assert_eq!(next_json(&mut ws)["op"], "unregister_device");
+    drop(ws);
+    node.kill9();
+    // What the store holds, read with the store itself.
+    let mut store =
+        corelay::store::embedded::Embedded::open(&dir, corelay::store::embedded::Fsync::Always)
+            .unwrap();
+    let devs = corelay::store::Store::devices(&mut store, "gina").unwrap();
+    assert_eq!(devs, [("fcm".to_string(), "f-9".to_string())]);
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -228,6 +228,8 @@ enum Pending {
         /// Found in memory already (topics of a single node).
         items: Vec<Arc<Delivery>>,
     },
+    /// A write whose success is answered with `json` (device registration).
+    Done { reply: ReplyTo, json: String },
     /// The senders of a receipt's range, read from the store.
     Senders {
         conversation: String,
@@ -949,13 +951,19 @@ impl Router {
                     limit,
                     out,
                 ),
+                ClientMsg::RegisterDevice { platform, token } => {
+                    self.device(ReplyTo::Http(conn), &user, true, platform, token, out)
+                }
+                ClientMsg::UnregisterDevice { platform, token } => {
+                    self.device(ReplyTo::Http(conn), &user, false, platform, token, out)
+                }
                 _ => http(
                     out,
                     conn,
                     400,
                     msg::error(
                         "bad_request",
-                        "POST /send takes send, ack, read or history (subscribe and unsubscribe name a stream)",
+                        "POST /send takes send, ack, read, history, register_device or unregister_device (subscribe, unsubscribe and refresh name a stream)",
                         None,
                     ),
                 ),
@@ -1351,6 +1359,12 @@ impl Router {
             } => self.client_history(ReplyTo::Ws(conn), &user, conversation, before, limit, out),
             // Answered on the loop, which owns the connection's token state.
             ClientMsg::Refresh { .. } => {}
+            ClientMsg::RegisterDevice { platform, token } => {
+                self.device(ReplyTo::Ws(conn), &user, true, platform, token, out)
+            }
+            ClientMsg::UnregisterDevice { platform, token } => {
+                self.device(ReplyTo::Ws(conn), &user, false, platform, token, out)
+            }
         }
     }
 
@@ -1388,6 +1402,42 @@ impl Router {
             .conversations
             .get(channel.strip_prefix("conversation:")?)?;
         Some(c.joined.get(user).copied().unwrap_or(0))
+    }
+
+    /// `register_device` / `unregister_device` from either transport: stored, then answered `ok`.
+    fn device(
+        &mut self,
+        to: ReplyTo,
+        user: &Arc<str>,
+        register: bool,
+        platform: String,
+        token: String,
+        out: &mut Vec<Out>,
+    ) {
+        if self.store_busy() {
+            return answer(out, to, 503, busy_error());
+        }
+        let op = if register {
+            "register_device"
+        } else {
+            "unregister_device"
+        };
+        let json = serde_json::json!({"type": "ok", "op": op, "platform": platform}).to_string();
+        let user = user.to_string();
+        let write = if register {
+            Write::PutDevice {
+                user,
+                platform,
+                token,
+            }
+        } else {
+            Write::DeleteDevice {
+                user,
+                platform,
+                token,
+            }
+        };
+        self.commit(vec![write], Pending::Done { reply: to, json });
     }
 
     /// A `history` request from either transport: members only, refused while the store is busy.
@@ -1736,6 +1786,14 @@ impl Router {
                 Err(e) => {
                     tracing::debug!(error = %e, "receipt not stored");
                     let err = msg::error("store_unavailable", "receipt not stored; retry", None);
+                    self::answer(out, reply, 503, err);
+                }
+            },
+            (Pending::Done { reply, json }, Ok(res)) => match res {
+                Ok(_) => self::answer(out, reply, 200, json),
+                Err(e) => {
+                    tracing::debug!(error = %e, "device not stored");
+                    let err = msg::error("store_unavailable", "not stored; retry", None);
                     self::answer(out, reply, 503, err);
                 }
             },

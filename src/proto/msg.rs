@@ -41,7 +41,19 @@ pub enum ClientMsg {
     Refresh {
         token: String,
     },
+    /// A push device of this user (`platform` is `apns` or `fcm`).
+    RegisterDevice {
+        platform: String,
+        token: String,
+    },
+    UnregisterDevice {
+        platform: String,
+        token: String,
+    },
 }
+
+/// Longest push device token accepted (APNs tokens are 64 hex digits, FCM registration tokens about 160).
+pub const MAX_DEVICE_TOKEN: usize = 512;
 
 /// Why a client frame could not be turned into a [`ClientMsg`]; each maps to an `error` code.
 #[derive(Debug, PartialEq, Eq)]
@@ -91,6 +103,7 @@ struct Wire {
     before: Option<u64>,
     limit: Option<usize>,
     token: Option<String>,
+    platform: Option<String>,
 }
 
 fn need<T>(v: Option<T>, field: &str, ty: &str) -> Result<T, ParseError> {
@@ -153,6 +166,28 @@ pub fn parse_client(bytes: &[u8]) -> Result<ClientMsg, (ParseError, Option<Strin
             "refresh" => ClientMsg::Refresh {
                 token: need(w.token, "token", ty)?,
             },
+            "register_device" | "unregister_device" => {
+                let platform = need(w.platform, "platform", ty)?;
+                if platform != "apns" && platform != "fcm" {
+                    return Err(ParseError::BadRequest(format!(
+                        "{ty}: platform is \"apns\" or \"fcm\""
+                    )));
+                }
+                let token = need(w.token, "token", ty)?;
+                if token.is_empty()
+                    || token.len() > MAX_DEVICE_TOKEN
+                    || !token.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(ParseError::BadRequest(format!(
+                        "{ty}: token is 1..={MAX_DEVICE_TOKEN} printable ASCII bytes"
+                    )));
+                }
+                if ty == "register_device" {
+                    ClientMsg::RegisterDevice { platform, token }
+                } else {
+                    ClientMsg::UnregisterDevice { platform, token }
+                }
+            }
             _ => return Err(ParseError::UnknownType),
         })
     })();

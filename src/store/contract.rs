@@ -205,6 +205,19 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Store>) {
             ("fcm".to_string(), "tok2".to_string())
         ]
     );
+    // A device is forgotten (twice is harmless).
+    for _ in 0..2 {
+        s.commit(&[Write::DeleteDevice {
+            user: alice.clone(),
+            platform: "fcm".into(),
+            token: "tok2".into(),
+        }])
+        .unwrap();
+    }
+    assert_eq!(
+        s.devices(&alice).unwrap(),
+        [("apns".to_string(), "tok1".to_string())]
+    );
 
     // Everything survives closing and reopening.
     drop(s);

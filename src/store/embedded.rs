@@ -245,6 +245,16 @@ impl Store for Embedded {
                             .map_err(backend)?;
                         WriteResult::Done
                     }
+                    Write::DeleteDevice {
+                        user,
+                        platform,
+                        token,
+                    } => {
+                        devices
+                            .remove((user.as_str(), platform.as_str(), token.as_str()))
+                            .map_err(backend)?;
+                        WriteResult::Done
+                    }
                 };
                 results.push(r);
             }

@@ -86,6 +86,12 @@ pub enum Write {
         platform: String,
         token: String,
     },
+    /// Forgets one of the user's devices (absent: nothing happens).
+    DeleteDevice {
+        user: String,
+        platform: String,
+        token: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -363,6 +363,15 @@ impl Store for RedisStore {
                         .arg(format!("devices:{user}"))
                         .arg(format!("{platform}\t{token}"));
                 }
+                Write::DeleteDevice {
+                    user,
+                    platform,
+                    token,
+                } => {
+                    pipe.cmd("SREM")
+                        .arg(format!("devices:{user}"))
+                        .arg(format!("{platform}\t{token}"));
+                }
             }
         }
         let values: Vec<Value> = match self.with(|c| pipe.query(c)) {

@@ -122,6 +122,7 @@ pub struct Cql {
     pub get_conversation: String,
     pub conversations: String,
     pub put_device: String,
+    pub delete_device: String,
     pub devices: String,
 }
 
@@ -178,6 +179,9 @@ impl Cql {
             conversations: format!("SELECT id, members FROM {ks}.conversations"),
             put_device: format!(
                 "INSERT INTO {ks}.devices (user_id, platform, token) VALUES (?, ?, ?)"
+            ),
+            delete_device: format!(
+                "DELETE FROM {ks}.devices WHERE user_id = ? AND platform = ? AND token = ?"
             ),
             devices: format!("SELECT platform, token FROM {ks}.devices WHERE user_id = ?"),
         }
@@ -337,6 +341,7 @@ struct Prepared {
     get_conversation: PreparedStatement,
     conversations: PreparedStatement,
     put_device: PreparedStatement,
+    delete_device: PreparedStatement,
     devices: PreparedStatement,
 }
 
@@ -400,6 +405,7 @@ impl Scylla {
                 get_conversation: p(q.get_conversation).await?,
                 conversations: p(q.conversations).await?,
                 put_device: p(q.put_device).await?,
+                delete_device: p(q.delete_device).await?,
                 devices: p(q.devices).await?,
             };
             Ok::<_, StoreError>((session, st))
@@ -612,6 +618,7 @@ enum Insert {
     Receipt(String, String, i64, i64),
     Conversation(String, Vec<String>),
     Device(String, String, String),
+    DeleteDevice(String, String, String),
 }
 
 impl Scylla {
@@ -742,6 +749,18 @@ impl Scylla {
                 ));
                 WriteResult::Done
             }
+            Write::DeleteDevice {
+                user,
+                platform,
+                token,
+            } => {
+                plan.inserts.push(Insert::DeleteDevice(
+                    user.clone(),
+                    platform.clone(),
+                    token.clone(),
+                ));
+                WriteResult::Done
+            }
         })
     }
 
@@ -803,6 +822,9 @@ impl Scylla {
                             run(session, &st.put_conversation, (id, m)).await
                         }
                         Insert::Device(u, p, t) => run(session, &st.put_device, (u, p, t)).await,
+                        Insert::DeleteDevice(u, p, t) => {
+                            run(session, &st.delete_device, (u, p, t)).await
+                        }
                     }
                 });
                 for r in join_all(futs).await {
@@ -1269,6 +1291,7 @@ mod tests {
             &q.get_conversation,
             &q.conversations,
             &q.put_device,
+            &q.delete_device,
             &q.devices,
         ];
         for stmt in all {
