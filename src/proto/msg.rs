@@ -52,6 +52,19 @@ pub enum ClientMsg {
     },
 }
 
+/// The request types a client may send.
+const KNOWN_TYPES: [&str; 9] = [
+    "subscribe",
+    "unsubscribe",
+    "send",
+    "ack",
+    "read",
+    "history",
+    "refresh",
+    "register_device",
+    "unregister_device",
+];
+
 /// Longest push device token accepted (APNs tokens are 64 hex digits, FCM registration tokens about 160).
 pub const MAX_DEVICE_TOKEN: usize = 512;
 
@@ -120,7 +133,13 @@ pub fn parse_client(bytes: &[u8]) -> Result<ClientMsg, (ParseError, Option<Strin
             return Err(match serde_json::from_slice::<serde_json::Value>(bytes) {
                 Ok(v) if v.is_object() => {
                     let cid = v["client_id"].as_str().map(str::to_string);
-                    (ParseError::BadRequest(e.to_string()), cid)
+                    // An unknown type is that, whatever its other fields hold.
+                    let known = v["type"].as_str().is_some_and(|t| KNOWN_TYPES.contains(&t));
+                    if known {
+                        (ParseError::BadRequest(e.to_string()), cid)
+                    } else {
+                        (ParseError::UnknownType, cid)
+                    }
                 }
                 _ => (ParseError::BadJson, None),
             });
@@ -255,6 +274,15 @@ pub struct Receipt<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_type_is_unknown_whatever_its_other_fields() {
+        // Found by the client_msg fuzz target: a mistyped known field used to win over the unknown type.
+        let e = parse_client(br#"{"type":"nope","offset":"k1","client_id":"c"}"#).unwrap_err();
+        assert_eq!(e, (ParseError::UnknownType, Some("c".to_string())));
+        let e = parse_client(br#"{"type":"ack","offset":"k1"}"#).unwrap_err();
+        assert!(matches!(e.0, ParseError::BadRequest(_)), "{e:?}");
+    }
 
     #[test]
     fn parses_every_type() {

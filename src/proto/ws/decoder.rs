@@ -178,10 +178,13 @@ impl Decoder {
         self.msg_buf.capacity() + self.delivered.capacity() + self.ctrl.capacity()
     }
 
+    /// After an error nothing more is decoded: every buffer goes (a partial control payload too).
     fn fail(&mut self, e: WsError) {
         self.state = State::Failed(e);
         self.msg_text = None;
         self.msg_buf = Vec::new();
+        self.ctrl = Vec::new();
+        self.delivered = Vec::new();
         self.hdr_len = 0;
     }
 
@@ -449,6 +452,24 @@ mod tests {
         max_frame_len: 1 << 24,
         max_message_len: 1 << 24,
     };
+
+    #[test]
+    fn an_error_releases_a_partial_control_payload() {
+        // Found by the ws_decode fuzz target: a close frame whose payload arrives in pieces and then turns
+        // out invalid (close code 999) left its partial payload on the heap after the error.
+        let mut d = Decoder::new(BIG);
+        let mask = [1u8, 2, 3, 4];
+        let payload = [0x03u8, 0xE7, b'a', b'b'];
+        let mut frame = vec![0x88, 0x80 | 4];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        let (head, tail) = frame.split_at_mut(8);
+        let (n, ev) = d.decode(head).unwrap();
+        assert!(ev.is_none() && n == 8);
+        assert!(d.heap_bytes() > 0, "the partial payload is buffered");
+        assert!(d.decode(tail).is_err());
+        assert_eq!(d.heap_bytes(), 0, "released on error");
+    }
 
     /// An owned copy of an event, for comparisons.
     #[derive(Clone, Debug, PartialEq, Eq)]
