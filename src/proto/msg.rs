@@ -126,6 +126,11 @@ fn need<T>(v: Option<T>, field: &str, ty: &str) -> Result<T, ParseError> {
 /// Parses one client request. On failure it also returns the request's `client_id` when it can find one,
 /// so the error can carry `ref`.
 pub fn parse_client(bytes: &[u8]) -> Result<ClientMsg, (ParseError, Option<String>)> {
+    // Only an object is a request: serde would also read a JSON array positionally into `Wire`, an
+    // undocumented second format tied to the order of its fields (found by the client_msg fuzz target).
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err((ParseError::BadJson, None));
+    }
     let w: Wire = match serde_json::from_slice(bytes) {
         Ok(w) => w,
         Err(e) if e.is_data() => {
@@ -274,6 +279,13 @@ pub struct Receipt<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_object_is_a_request() {
+        let e = parse_client(br#"["history",null,null,"c1",null,null,null,7,null,null,null]"#);
+        assert_eq!(e.unwrap_err().0, ParseError::BadJson);
+        assert!(parse_client(b"  \n{\"type\":\"history\",\"conversation\":\"c1\"}").is_ok());
+    }
 
     #[test]
     fn an_unknown_type_is_unknown_whatever_its_other_fields() {
