@@ -2,7 +2,8 @@
 //! Properties: never panics; a complete head never claims more bytes than it was given; feeding the same
 //! bytes in two pieces (a partial prefix first) gives the same result as feeding them at once.
 //! Seeds: `tests/fuzz/seeds/http1_parse/`; run with
-//! `cargo fuzz run --fuzz-dir tests/fuzz http1_parse tests/fuzz/seeds/http1_parse`.
+//! `cargo fuzz run --fuzz-dir tests/fuzz http1_parse tests/fuzz/corpus/http1_parse tests/fuzz/seeds/http1_parse`
+//! (the first directory receives new inputs: keep it the git-ignored corpus; see `docs/FUZZING.md`).
 #![no_main]
 
 use corelay::proto::http1::{HeadLimits, parse_request, validate_upgrade};

@@ -4,7 +4,8 @@
 //! errors are final (a prefix that fails makes the whole input fail the same way); the encoders' output for
 //! the parsed addresses parses back to the same header.
 //! Seeds: `tests/fuzz/seeds/proxy_parse/`; run with
-//! `cargo fuzz run --fuzz-dir tests/fuzz proxy_parse tests/fuzz/seeds/proxy_parse`.
+//! `cargo fuzz run --fuzz-dir tests/fuzz proxy_parse tests/fuzz/corpus/proxy_parse tests/fuzz/seeds/proxy_parse`
+//! (the first directory receives new inputs: keep it the git-ignored corpus; see `docs/FUZZING.md`).
 #![no_main]
 
 use corelay::cluster::proxy::{ProxyHeader, encode_v1, encode_v2, parse};

@@ -1,7 +1,13 @@
 //! Arbitrary bytes into the WebSocket decoder, split in two at a fuzzer-chosen point.
 //! Input: byte 0 picks the split (mod len + 1), the rest is the stream.
+//! Properties: never panics; never consumes more than it was given and buffers what it cannot use yet;
+//! text events are UTF-8 and data events within the message limit, control payloads at most 125 bytes;
+//! close codes are valid on the wire; an error releases every heap buffer (`heap_bytes() == 0`);
+//! splitting the stream may only make a failure come earlier, and the events before it agree.
+//! Regression input: `tests/fuzz/regressions/ws_decode/` (see `docs/FUZZING.md`).
 //! Seeds: `tests/fuzz/seeds/ws_decode/`; run with
-//! `cargo fuzz run --fuzz-dir tests/fuzz ws_decode tests/fuzz/seeds/ws_decode`.
+//! `cargo fuzz run --fuzz-dir tests/fuzz ws_decode tests/fuzz/corpus/ws_decode tests/fuzz/seeds/ws_decode`
+//! (the first directory receives new inputs: keep it the git-ignored corpus; see `docs/FUZZING.md`).
 #![no_main]
 
 use corelay::proto::ws::{CloseCode, Decoder, Event, Limits, WsError};

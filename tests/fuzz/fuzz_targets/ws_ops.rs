@@ -1,6 +1,8 @@
 //! A fuzzer-driven sequence of client operations (fragmented text/binary messages with random
 //! masks, pings and pongs interleaved, an optional close) encoded as valid masked client frames,
 //! fed to the decoder in fuzzer-chosen pieces: the decoder must give back exactly what was sent.
+//! No seeds (any bytes are a valid choice sequence); run with
+//! `cargo fuzz run --fuzz-dir tests/fuzz ws_ops tests/fuzz/corpus/ws_ops` (see `docs/FUZZING.md`).
 #![no_main]
 
 use corelay::proto::ws::{CloseCode, Decoder, Event, Limits, apply_mask};
