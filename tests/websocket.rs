@@ -289,3 +289,40 @@ fn metrics_count_connections_and_closes() {
         "two upgrades and the /metrics requests"
     );
 }
+
+/// Autobahn 9.3.x over our own socket: a 4 MiB message in 4 KiB fragments, each its own write, is echoed as
+/// one frame, and the close that follows is answered (not left unread behind the big write).
+#[test]
+fn close_after_a_large_fragmented_echo_is_answered() {
+    let node = Node::start(&[
+        "--echo-path",
+        "/echo",
+        "--max-message-bytes",
+        "16MiB",
+        "--max-write-queue-bytes",
+        "64MiB",
+    ]);
+    for _ in 0..3 {
+        let mut s = raw_upgrade(&node, "/echo");
+        const TOTAL: usize = 4 << 20;
+        const FRAG: usize = 4096;
+        let chunk = vec![b'*'; FRAG];
+        for k in 0..TOTAL / FRAG {
+            let op = if k == 0 { 1 } else { 0 };
+            s.write_all(&frame(k == TOTAL / FRAG - 1, op, &chunk, MASK))
+                .unwrap();
+        }
+        let mut head = [0u8; 10];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], 0x81, "one final text frame");
+        assert_eq!(head[1], 127);
+        let len = u64::from_be_bytes(head[2..10].try_into().unwrap()) as usize;
+        assert_eq!(len, TOTAL);
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        assert!(payload.iter().all(|&b| b == b'*'));
+        s.write_all(&frame(true, 8, &1000u16.to_be_bytes(), MASK))
+            .unwrap();
+        assert_eq!(read_close_code(&mut s), Some(1000));
+    }
+}
