@@ -19,6 +19,7 @@ fn batch(n: usize, seq: &mut u64) -> Vec<Write> {
                 ts: *seq,
                 json: r#"{"text":"a typical short chat message, about a hundred bytes of JSON body text"}"#.into(),
                 offline: vec!["bob".into()],
+                push: Vec::new(),
             })
         })
         .collect()

@@ -182,6 +182,7 @@ pub struct Config {
     /// CPU quota applies (see `worker::pinning`).
     pub pin: crate::worker::pinning::Pin,
     pub limits: Limits,
+    pub push: PushConfig,
 }
 
 impl Default for Config {
@@ -219,6 +220,7 @@ impl Default for Config {
             scylla_replication: None,
             pin: crate::worker::pinning::Pin::Auto,
             limits: Limits::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -282,6 +284,8 @@ pub struct FileConfig {
     /// Deprecated spelling: `true` = `pin = "on"`, `false` = `pin = "off"`.
     pub pin_threads: Option<bool>,
     pub pin: Option<String>,
+    /// The `[push]` table (see [`PushOptions`]).
+    pub push: Option<PushOptions>,
     pub max_header_bytes: Option<String>,
     pub max_headers: Option<usize>,
     pub max_body_bytes: Option<String>,
@@ -411,6 +415,9 @@ impl FileConfig {
         if let Some(v) = self.fsync {
             cfg.fsync_interval = parse_fsync(&v)?;
         }
+        if let Some(p) = self.push {
+            p.apply(&mut cfg.push)?;
+        }
         if let Some(on) = self.pin_threads {
             cfg.pin = if on {
                 crate::worker::pinning::Pin::On
@@ -484,6 +491,7 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 impl Config {
     /// Checks the relations between settings; called once after all layers are merged.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.push.validate()?;
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
         }
@@ -630,5 +638,189 @@ mod tests {
         assert!(cfg.validate().is_ok());
         cfg.limits.max_headers = 0;
         assert!(cfg.validate().is_err());
+    }
+}
+
+/// Mobile push (APNs / FCM; see `docs/PUSH.md`). Off unless an APNs key or FCM credentials are given.
+#[derive(Clone, Debug)]
+pub struct PushConfig {
+    /// An online member who has not acked a message within this delay is pushed anyway (escalation).
+    pub delay: Duration,
+    pub apns_key: Option<PathBuf>,
+    pub apns_key_id: String,
+    pub apns_team_id: String,
+    pub apns_topic: String,
+    pub apns_url: String,
+    pub fcm_credentials: Option<PathBuf>,
+    pub fcm_url: String,
+    /// An extra trusted CA (PEM) for the provider connections (staging, tests).
+    pub ca: Option<PathBuf>,
+    /// Put the message body's text in the notification (default: only who wrote, in which conversation).
+    pub include_body: bool,
+    /// Requests in flight per provider.
+    pub concurrency: usize,
+    /// Claimed obligations held by the push thread (queued or in flight); the rest stay in the store.
+    pub queue: usize,
+    /// How long a claimed obligation is reserved for the node that claimed it (then any node retries it).
+    pub lease: Duration,
+    /// One provider request, connection included.
+    pub timeout: Duration,
+    /// `apns-expiration`: how long the provider keeps trying an offline device.
+    pub ttl: Duration,
+    /// Ceiling of the exponential backoff between retries of one obligation.
+    pub max_backoff: Duration,
+}
+
+pub const DEFAULT_PUSH_DELAY: Duration = Duration::from_secs(10);
+pub const DEFAULT_APNS_URL: &str = "https://api.push.apple.com";
+pub const DEFAULT_FCM_URL: &str = "https://fcm.googleapis.com";
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            delay: DEFAULT_PUSH_DELAY,
+            apns_key: None,
+            apns_key_id: String::new(),
+            apns_team_id: String::new(),
+            apns_topic: String::new(),
+            apns_url: DEFAULT_APNS_URL.into(),
+            fcm_credentials: None,
+            fcm_url: DEFAULT_FCM_URL.into(),
+            ca: None,
+            include_body: false,
+            concurrency: 64,
+            queue: 1024,
+            lease: Duration::from_secs(60),
+            timeout: Duration::from_secs(10),
+            ttl: Duration::from_secs(24 * 3600),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+impl PushConfig {
+    pub fn enabled(&self) -> bool {
+        self.apns_key.is_some() || self.fcm_credentials.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.apns_key.is_some() {
+            for (key, v) in [
+                ("apns_key_id", &self.apns_key_id),
+                ("apns_team_id", &self.apns_team_id),
+                ("apns_topic", &self.apns_topic),
+            ] {
+                if v.is_empty() {
+                    return Err(invalid(key, "required with apns_key"));
+                }
+            }
+        }
+        if self.concurrency == 0 || self.queue == 0 {
+            return Err(invalid(
+                "push_queue",
+                "push_concurrency and push_queue must be at least 1",
+            ));
+        }
+        if self.lease <= self.timeout {
+            return Err(invalid(
+                "push_lease",
+                "must be longer than push_timeout (a claim must outlive its request)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The push settings as both flags and the `[push]` table of the config file: one struct, one merge
+/// ([`PushOptions::apply`]), so a key means the same in both places. Keys are the flag names with `_`.
+#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct PushOptions {
+    /// Escalation delay: an online member who has not acked within it is pushed [default: 10s].
+    #[arg(long)]
+    pub push_delay: Option<String>,
+    /// APNs provider key (.p8, PKCS#8 EC P-256): enables APNs.
+    #[arg(long)]
+    pub apns_key: Option<PathBuf>,
+    /// APNs key id (the JWT `kid`).
+    #[arg(long)]
+    pub apns_key_id: Option<String>,
+    /// Apple developer team id (the JWT `iss`).
+    #[arg(long)]
+    pub apns_team_id: Option<String>,
+    /// The app's bundle id (`apns-topic`).
+    #[arg(long)]
+    pub apns_topic: Option<String>,
+    /// APNs base URL [default: https://api.push.apple.com].
+    #[arg(long)]
+    pub apns_url: Option<String>,
+    /// FCM service-account JSON: enables FCM (HTTP v1).
+    #[arg(long)]
+    pub fcm_credentials: Option<PathBuf>,
+    /// FCM base URL [default: https://fcm.googleapis.com].
+    #[arg(long)]
+    pub fcm_url: Option<String>,
+    /// Extra trusted CA (PEM) for provider connections.
+    #[arg(long)]
+    pub push_ca: Option<PathBuf>,
+    /// Put the message text in notifications (default: sender and conversation only).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub push_include_body: Option<bool>,
+    /// Provider requests in flight per provider [default: 64].
+    #[arg(long)]
+    pub push_concurrency: Option<usize>,
+    /// Obligations held by the push thread at once [default: 1024].
+    #[arg(long)]
+    pub push_queue: Option<usize>,
+    /// How long a claimed obligation is reserved for this node [default: 60s].
+    #[arg(long)]
+    pub push_lease: Option<String>,
+    /// Timeout of one provider request [default: 10s].
+    #[arg(long)]
+    pub push_timeout: Option<String>,
+    /// How long providers keep trying an offline device (`apns-expiration`) [default: 24h].
+    #[arg(long)]
+    pub push_ttl: Option<String>,
+    /// Longest backoff between retries of one obligation [default: 5m].
+    #[arg(long)]
+    pub push_max_backoff: Option<String>,
+}
+
+impl PushOptions {
+    /// Applies the settings that are present (a later layer overrides an earlier one).
+    pub fn apply(self, p: &mut PushConfig) -> Result<(), ConfigError> {
+        for (key, value, slot) in [
+            ("push_delay", self.push_delay, &mut p.delay),
+            ("push_lease", self.push_lease, &mut p.lease),
+            ("push_timeout", self.push_timeout, &mut p.timeout),
+            ("push_ttl", self.push_ttl, &mut p.ttl),
+            (
+                "push_max_backoff",
+                self.push_max_backoff,
+                &mut p.max_backoff,
+            ),
+        ] {
+            if let Some(v) = value {
+                *slot = parse_duration(key, &v)?;
+            }
+        }
+        if self.apns_key.is_some() {
+            p.apns_key = self.apns_key;
+        }
+        set(&mut p.apns_key_id, self.apns_key_id);
+        set(&mut p.apns_team_id, self.apns_team_id);
+        set(&mut p.apns_topic, self.apns_topic);
+        set(&mut p.apns_url, self.apns_url);
+        if self.fcm_credentials.is_some() {
+            p.fcm_credentials = self.fcm_credentials;
+        }
+        set(&mut p.fcm_url, self.fcm_url);
+        if self.push_ca.is_some() {
+            p.ca = self.push_ca;
+        }
+        set(&mut p.include_body, self.push_include_body);
+        set(&mut p.concurrency, self.push_concurrency);
+        set(&mut p.queue, self.push_queue);
+        Ok(())
     }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn;
 pub mod metrics;
 pub mod proto;
+pub mod push;
 pub mod server;
 pub mod store;
 pub mod timer;

@@ -142,6 +142,8 @@ struct RunArgs {
     /// Replication map used when creating the keyspace, e.g. "{'class': 'SimpleStrategy', 'replication_factor': 1}".
     #[arg(long)]
     scylla_replication: Option<String>,
+    #[command(flatten)]
+    push: config::PushOptions,
     /// Allowed browser Origin (repeatable; none = any).
     #[arg(long = "allowed-origin")]
     allowed_origins: Vec<String>,
@@ -345,6 +347,7 @@ fn build_config(r: RunArgs) -> anyhow::Result<Config> {
     if let Some(v) = r.presence_ttl {
         cfg.presence_ttl = config::parse_duration("presence_ttl", &v)?;
     }
+    r.push.apply(&mut cfg.push)?;
     if !r.scylla.is_empty() {
         cfg.scylla = r.scylla;
     }

@@ -95,6 +95,33 @@ pub struct Metrics {
     pub subscriptions_refused: AtomicU64,
     /// Store commits and reads that failed (backend errors: disk, Redis, Scylla).
     pub store_errors: AtomicU64,
+    pub push: PushMetrics,
+}
+
+/// Mobile push (see `docs/PUSH.md`). Per provider where it says so: index 0 = APNs, 1 = FCM.
+#[derive(Default)]
+pub struct PushMetrics {
+    /// Provider requests accepted (200), by provider.
+    pub sent: [AtomicU64; 2],
+    /// Provider requests that failed (any non-200 or no answer), by provider.
+    pub failed: [AtomicU64; 2],
+    /// Messages folded into another message's alert (a burst of n messages counts n - 1).
+    pub collapsed: AtomicU64,
+    /// Alerts sent to a member who was online but had not acked within `--push-delay`.
+    pub escalated: AtomicU64,
+    /// Background (clear) pushes sent after a read on another device.
+    pub cleared: AtomicU64,
+    /// Obligations put back for a later retry (provider outage, 429, 5xx).
+    pub retried: AtomicU64,
+    /// Obligations given up (no device, permanent provider error).
+    pub dropped: AtomicU64,
+    /// Device tokens removed because the provider said they are dead.
+    pub tokens_removed: AtomicU64,
+    /// Provider request latency: sum in microseconds and count, by provider.
+    pub latency_us_sum: [AtomicU64; 2],
+    pub latency_count: [AtomicU64; 2],
+    /// Obligations claimed and not yet answered (queued or in flight in the push thread).
+    pub in_flight: AtomicU64,
 }
 
 impl Metrics {
@@ -110,6 +137,7 @@ impl Metrics {
             bus_dropped: AtomicU64::new(0),
             subscriptions_refused: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            push: PushMetrics::default(),
         }
     }
 
@@ -234,12 +262,91 @@ impl Metrics {
             "# HELP corelay_sequencer_resets_total Gaps in a channel that could not be filled from the store and were skipped with a reset.\n# TYPE corelay_sequencer_resets_total counter\ncorelay_sequencer_resets_total {}",
             self.sequencer_resets.load(Relaxed)
         );
+        self.push.render(&mut s);
         let _ = writeln!(
             s,
             "# HELP corelay_messages_routed_total Messages the backplane routed.\n# TYPE corelay_messages_routed_total counter\ncorelay_messages_routed_total {}",
             self.messages_routed.load(Relaxed)
         );
         s
+    }
+}
+
+impl PushMetrics {
+    fn render(&self, s: &mut String) {
+        for (name, help, v) in [
+            ("sent", "Provider requests accepted.", &self.sent),
+            (
+                "failed",
+                "Provider requests not accepted (error status, timeout, connection failure).",
+                &self.failed,
+            ),
+            (
+                "latency_us_sum",
+                "Provider request latency, sum in microseconds.",
+                &self.latency_us_sum,
+            ),
+            (
+                "latency_count",
+                "Provider requests timed.",
+                &self.latency_count,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "# HELP corelay_push_{name} {help}\n# TYPE corelay_push_{name} counter"
+            );
+            for (i, p) in ["apns", "fcm"].iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "corelay_push_{name}{{provider=\"{p}\"}} {}",
+                    v[i].load(Relaxed)
+                );
+            }
+        }
+        for (name, help, v) in [
+            (
+                "collapsed_total",
+                "Messages folded into another message's notification.",
+                &self.collapsed,
+            ),
+            (
+                "escalated_total",
+                "Alerts to online members who did not ack within the push delay.",
+                &self.escalated,
+            ),
+            (
+                "cleared_total",
+                "Background pushes after a read on another device.",
+                &self.cleared,
+            ),
+            (
+                "retried_total",
+                "Obligations put back for a later retry.",
+                &self.retried,
+            ),
+            (
+                "dropped_total",
+                "Obligations given up (no device, permanent provider error).",
+                &self.dropped,
+            ),
+            (
+                "tokens_removed_total",
+                "Device tokens removed because the provider said they are dead.",
+                &self.tokens_removed,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "# HELP corelay_push_{name} {help}\n# TYPE corelay_push_{name} counter\ncorelay_push_{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP corelay_push_in_flight Obligations claimed and not answered yet.\n# TYPE corelay_push_in_flight gauge\ncorelay_push_in_flight {}",
+            self.in_flight.load(Relaxed)
+        );
     }
 }
 

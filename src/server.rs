@@ -179,6 +179,24 @@ impl Server {
             }
             None => None,
         };
+        let push = if cfg.push.enabled() {
+            let h = crate::push::engine::start(&cfg.push, metrics.clone())
+                .context("starting mobile push")?;
+            router.enable_push(crate::backplane::router::PushLink::new(
+                h.jobs,
+                &cfg.push,
+                metrics.clone(),
+            ));
+            tracing::info!(
+                apns = cfg.push.apns_key.is_some(),
+                fcm = cfg.push.fcm_credentials.is_some(),
+                delay = ?cfg.push.delay,
+                "mobile push on"
+            );
+            Some(h.done)
+        } else {
+            None
+        };
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         let (store_tx, store_thread) =
             crate::store::thread::spawn(store, done_tx, metrics.clone(), read_bytes)?;
@@ -190,6 +208,7 @@ impl Server {
                     store: store_tx,
                     done: done_rx,
                     bus,
+                    push,
                 };
                 backplane::run(router, bp_rx, notify, bp_loops, metrics, links);
                 // The store thread ends once the backplane dropped its sender; wait so the last commit is on disk.

@@ -99,6 +99,7 @@ fn redis_store_survives_a_redis_restart_with_aof() {
             ts: 1,
             json: "1".into(),
             offline: vec![],
+            push: Vec::new(),
         })
     };
     s.commit(&[msg("a"), msg("b")]).unwrap();

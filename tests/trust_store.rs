@@ -26,6 +26,7 @@ fn append(channel: &str, n: u64, offline: &str) -> Write {
         ts: n,
         json: format!("{{\"n\":{n}}}"),
         offline: vec![offline.to_string()],
+        push: Vec::new(),
     })
 }
 

@@ -161,6 +161,13 @@ pub enum ApiRequest {
         before: Option<u64>,
         limit: Option<usize>,
     },
+    /// `POST` (register) / `DELETE` (unregister) `/api/devices`.
+    Device {
+        register: bool,
+        user: String,
+        platform: String,
+        token: String,
+    },
 }
 
 /// Backplane → loop.
@@ -285,6 +292,9 @@ pub struct Links {
     pub store: std::sync::mpsc::Sender<crate::store::thread::Request>,
     pub done: tokio::sync::mpsc::UnboundedReceiver<crate::store::thread::Completion>,
     pub bus: Option<(bus::BusHandle, tokio::sync::mpsc::Receiver<bus::BusEvent>)>,
+    /// Outcomes from the push thread (when mobile push is on). Bounded by `--push-queue`: the router never
+    /// has more jobs out than that.
+    pub push: Option<tokio::sync::mpsc::UnboundedReceiver<crate::push::engine::Done>>,
 }
 
 /// Runs the backplane on the current thread until every loop has hung up and the store has answered every
@@ -301,6 +311,7 @@ pub fn run(
         store: store_tx,
         done: mut done_rx,
         bus,
+        push: mut push_rx,
     } = links;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -347,8 +358,17 @@ pub fn run(
                     }
                 }
             }
+            if let Some(rx) = push_rx.as_mut() {
+                while let Ok(d) = rx.try_recv() {
+                    got_any = true;
+                    router.on_push_done(d);
+                }
+            }
             if bus_tx.is_some() {
                 router.tick(router::unix_ms());
+            }
+            if !loops_gone {
+                router.push_tick(router::unix_ms());
             }
             for req in router.take_requests() {
                 if store_tx.send(req).is_err() {
@@ -380,11 +400,19 @@ pub fn run(
                         None => std::future::pending().await,
                     }
                 };
+                let push_next = async {
+                    match push_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let ticking = bus_tx.is_some() || router.push_enabled();
                 tokio::select! {
                     _ = notify.notified() => {}
                     Some(c) = done_rx.recv() => router.on_completion(c, router::unix_ms(), &mut out),
                     Some(ev) = bus_next => router.on_bus(ev, router::unix_ms(), &mut out),
-                    _ = tick.tick(), if bus_tx.is_some() => {}
+                    Some(d) = push_next => router.on_push_done(d),
+                    _ = tick.tick(), if ticking => {}
                     // Notice that the loops hung up (the channel disconnects) even when nobody sends.
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }

@@ -14,6 +14,9 @@
 //! for every channel the connections that follow it explicitly (topic subscribers, held long polls). The two
 //! sets never overlap: a connection in presence never follows a conversation or user channel explicitly.
 
+mod push;
+pub use push::PushLink;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use indexmap::IndexSet;
@@ -230,6 +233,11 @@ enum Pending {
     },
     /// A write whose success is answered with `json` (device registration).
     Done { reply: ReplyTo, json: String },
+    /// Claiming due push obligations.
+    PushClaim,
+    /// Writing back push outcomes (nothing to answer; a failed write leaves the row to be retried after
+    /// its lease).
+    PushWrite,
     /// The senders of a receipt's range, read from the store.
     Senders {
         conversation: String,
@@ -329,6 +337,8 @@ pub struct Router {
     flushing: HashMap<ConnRef, Hold>,
     /// Cluster mode (Redis): bus, sequencer, subscriptions, presence.
     cluster: Option<Cluster>,
+    /// Mobile push (APNs/FCM) when configured.
+    push: Option<PushLink>,
 }
 
 /// A connection whose catch-up reads (offline queue, resume from a cursor) are running: live deliveries wait
@@ -391,6 +401,7 @@ impl Router {
             max_pending: DEFAULT_MAX_PENDING,
             flushing: HashMap::new(),
             cluster: None,
+            push: None,
         }
     }
 
@@ -1537,6 +1548,7 @@ impl Router {
             ts: now_ms,
             json: body.get().to_string(),
             offline,
+            push: self.push_for(c.members.iter(), user, now_ms, body.get()),
         });
         self.commit(
             vec![write],
@@ -1663,6 +1675,11 @@ impl Router {
 
     pub fn on_completion(&mut self, c: Completion, now_ms: u64, out: &mut Vec<Out>) {
         let (token, result) = match c {
+            Completion::PushJobs { token, result } => {
+                self.pending.remove(&token);
+                self.on_push_jobs(result, now_ms);
+                return;
+            }
             Completion::Committed { token, result } => (token, Ok(result)),
             Completion::Messages { token, result } => (token, Err(result)),
             Completion::Conversations { token, result } => {
@@ -2025,6 +2042,11 @@ impl Router {
                     self.route_local_parsed(d, out);
                 }
             }
+            (Pending::PushWrite, Ok(Err(e))) => {
+                // The rows stay as they were; a claimed one is retried when its lease runs out.
+                tracing::warn!(error = %e, "writing push outcomes failed");
+            }
+            (Pending::PushWrite, Ok(Ok(_))) => {}
             _ => tracing::error!("store completion of the wrong kind"),
         }
     }
@@ -2127,6 +2149,7 @@ impl Router {
                     ts: now_ms,
                     json: json.clone(),
                     offline,
+                    push: Vec::new(),
                 }));
                 items.push((Arc::from(channel.as_str()), json, now_ms));
             }
@@ -2541,6 +2564,23 @@ impl Router {
 
     fn on_api(&mut self, conn: ConnRef, req: ApiRequest, now_ms: u64, out: &mut Vec<Out>) {
         match req {
+            ApiRequest::Device {
+                register,
+                user,
+                platform,
+                token,
+            } => {
+                if !valid_id(&user) {
+                    let e =
+                        msg::error("bad_request", "user must be an id of [A-Za-z0-9_.@-]", None);
+                    return http(out, conn, 400, e);
+                }
+                if let Err(e) = msg::check_device(&platform, &token) {
+                    return http(out, conn, 400, msg::error("bad_request", &e, None));
+                }
+                let user: Arc<str> = Arc::from(user.as_str());
+                self.device(ReplyTo::Http(conn), &user, register, platform, token, out);
+            }
             ApiRequest::CreateConversation { id, members } => {
                 if !valid_id(&id) || members.is_empty() || !members.iter().all(|m| valid_id(m)) {
                     let e =
@@ -2622,6 +2662,7 @@ impl Router {
                         ts: now_ms,
                         json: payload.clone(),
                         offline,
+                        push: Vec::new(),
                     });
                     let pending = Pending::Publish {
                         conn,

@@ -344,6 +344,14 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
         "/send" | "/api/conversations" | "/api/publish" if !post => {
             fail(conn, cx, wrong_method("use POST"), &["Allow: POST"]);
         }
+        "/api/devices" if !post && method != Method::Delete => {
+            fail(
+                conn,
+                cx,
+                wrong_method("use POST or DELETE"),
+                &["Allow: POST, DELETE"],
+            );
+        }
         "/healthz" => {
             let body: &[u8] = if cx.shared.metrics.bus_up.load(Relaxed) {
                 b"ok\n"
@@ -419,7 +427,7 @@ fn route(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Ctx, me: Conn
                 }
             },
         },
-        "/api/conversations" | "/api/publish" | "/api/history" => {
+        "/api/conversations" | "/api/publish" | "/api/history" | "/api/devices" => {
             if let Err(e) = check_api_key(&head, cx) {
                 fail(conn, cx, e, &["WWW-Authenticate: Bearer"]);
             } else if get {
@@ -550,8 +558,39 @@ fn post(conn: &mut Conn, head: &RequestHead, body: &[u8], served: u32, cx: &mut 
         channel: String,
         body: Box<serde_json::value::RawValue>,
     }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Device {
+        user: String,
+        platform: String,
+        token: String,
+        /// Accepted for the documented shape; one app (`--apns-topic`) per gateway for now.
+        #[allow(dead_code)]
+        app: Option<String>,
+    }
     let bad = |reason: &'static str| HttpError::new(400, reason);
     let ev = match head.path.as_str() {
+        "/api/devices" => match serde_json::from_slice::<Device>(body) {
+            Ok(d) => Event::Api {
+                conn: me,
+                req: ApiRequest::Device {
+                    register: head.method() == Method::Post,
+                    user: d.user,
+                    platform: d.platform,
+                    token: d.token,
+                },
+            },
+            Err(_) => {
+                return fail(
+                    conn,
+                    cx,
+                    bad(
+                        "body must be {\"user\": \"…\", \"platform\": \"apns\"|\"fcm\", \"token\": \"…\"}",
+                    ),
+                    &[],
+                );
+            }
+        },
         "/api/conversations" => match serde_json::from_slice::<NewConversation>(body) {
             Ok(c) => Event::Api {
                 conn: me,

@@ -35,6 +35,7 @@ pub enum Method {
     Head,
     Post,
     Options,
+    Delete,
     Other,
 }
 
@@ -162,6 +163,7 @@ pub fn parse_request(
             "HEAD" => Method::Head,
             "POST" => Method::Post,
             "OPTIONS" => Method::Options,
+            "DELETE" => Method::Delete,
             _ => Method::Other,
         }),
         minor_version: req.version.unwrap_or(1),

@@ -68,6 +68,22 @@ const KNOWN_TYPES: [&str; 9] = [
 /// Longest push device token accepted (APNs tokens are 64 hex digits, FCM registration tokens about 160).
 pub const MAX_DEVICE_TOKEN: usize = 512;
 
+/// A device registration's platform and token, as every entry point accepts them.
+pub fn check_device(platform: &str, token: &str) -> Result<(), String> {
+    if platform != "apns" && platform != "fcm" {
+        return Err("platform is \"apns\" or \"fcm\"".into());
+    }
+    if token.is_empty()
+        || token.len() > MAX_DEVICE_TOKEN
+        || !token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(format!(
+            "token is 1..={MAX_DEVICE_TOKEN} printable ASCII bytes"
+        ));
+    }
+    Ok(())
+}
+
 /// Why a client frame could not be turned into a [`ClientMsg`]; each maps to an `error` code.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ParseError {
@@ -192,20 +208,9 @@ pub fn parse_client(bytes: &[u8]) -> Result<ClientMsg, (ParseError, Option<Strin
             },
             "register_device" | "unregister_device" => {
                 let platform = need(w.platform, "platform", ty)?;
-                if platform != "apns" && platform != "fcm" {
-                    return Err(ParseError::BadRequest(format!(
-                        "{ty}: platform is \"apns\" or \"fcm\""
-                    )));
-                }
                 let token = need(w.token, "token", ty)?;
-                if token.is_empty()
-                    || token.len() > MAX_DEVICE_TOKEN
-                    || !token.bytes().all(|b| b.is_ascii_graphic())
-                {
-                    return Err(ParseError::BadRequest(format!(
-                        "{ty}: token is 1..={MAX_DEVICE_TOKEN} printable ASCII bytes"
-                    )));
-                }
+                check_device(&platform, &token)
+                    .map_err(|e| ParseError::BadRequest(format!("{ty}: {e}")))?;
                 if ty == "register_device" {
                     ClientMsg::RegisterDevice { platform, token }
                 } else {

@@ -2,7 +2,9 @@
 //! `SCYLLA_NODES` is set). Each run uses a fresh namespace of channel and user names, so it can share a
 //! database.
 
-use super::{Appended, NewMessage, ReceiptState, Store, Write, WriteResult};
+use super::{
+    Appended, NewMessage, PushFor, PushKind, PushRow, ReceiptState, Store, Write, WriteResult,
+};
 
 fn msg(channel: &str, from: Option<&str>, cid: Option<&str>, ts: u64, offline: &[&str]) -> Write {
     Write::Append(NewMessage {
@@ -12,6 +14,7 @@ fn msg(channel: &str, from: Option<&str>, cid: Option<&str>, ts: u64, offline: &
         ts,
         json: format!("{{\"n\":{ts}}}"),
         offline: offline.iter().map(|s| s.to_string()).collect(),
+        push: Vec::new(),
     })
 }
 
@@ -249,8 +252,18 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Store>) {
 
     long_offline_queue(&mut *s, &ns);
     removed_member_loses_offline_entries(&mut *s, &ns);
+    push_obligations(&mut *s, &ns);
+    device_tokens_move(&mut *s, &ns);
     drop(s);
     let mut s = make();
+    let rows = ns_rows(&mut *s, &ns);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.kind, r.user.as_str(), r.upto))
+            .collect::<Vec<_>>(),
+        [(PushKind::Alert, format!("{ns}dan").as_str(), 5)],
+        "push rows survive a reopen"
+    );
     let carol = format!("{ns}carol");
     assert_eq!(
         s.offline(&carol, 10)
@@ -260,6 +273,263 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Store>) {
             .collect::<Vec<_>>(),
         [(format!("conversation:{ns}r2").as_str(), 1)],
         "a removal's dropped entries stay dropped after a reopen"
+    );
+}
+
+/// A conversation message with push obligations: (user, due_ms).
+fn pushed(channel: &str, from: &str, cid: &str, push: &[(&str, u64)]) -> Write {
+    Write::Append(NewMessage {
+        channel: channel.to_string(),
+        from: Some(from.to_string()),
+        client_id: Some(cid.to_string()),
+        ts: 1,
+        json: "{}".into(),
+        offline: Vec::new(),
+        push: push
+            .iter()
+            .map(|(u, d)| PushFor {
+                user: u.to_string(),
+                due_ms: *d,
+                online_due_ms: *d,
+                preview: None,
+            })
+            .collect(),
+    })
+}
+
+/// This namespace's push rows, sorted (the store may hold other runs' rows).
+fn ns_rows(s: &mut dyn Store, ns: &str) -> Vec<PushRow> {
+    let mut v: Vec<PushRow> = s
+        .push_rows()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.user.starts_with(ns))
+        .collect();
+    v.sort_by(|a, b| (a.kind, &a.user).cmp(&(b.kind, &b.user)));
+    v
+}
+
+/// Claims at `now` and keeps this namespace's jobs: (kind, user, upto, count, attempts, devices).
+fn claim(s: &mut dyn Store, ns: &str, now: u64) -> Vec<(PushKind, String, u64, u32, u32, usize)> {
+    let mut v: Vec<_> = s
+        .push_claim(now, 10_000, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|j| j.row.user.starts_with(ns))
+        .map(|j| {
+            (
+                j.row.kind,
+                j.row.user,
+                j.row.upto,
+                j.row.count,
+                j.row.attempts,
+                j.devices.len(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Push obligations: created with the message, collapsed per (member, conversation), claimed once per lease,
+/// fulfilled by an ack on any device, left with the rest when newer messages came during a push, retried at
+/// a later due time, dropped; a read of an alerted conversation creates the background (clear) push.
+fn push_obligations(s: &mut dyn Store, ns: &str) {
+    let conv_id = format!("{ns}p1");
+    let conv = format!("conversation:{conv_id}");
+    let (alice, bob, carol) = (
+        format!("{ns}alice"),
+        format!("{ns}bob"),
+        format!("{ns}carol"),
+    );
+    // Times far in the future of any other run's rows would be claimed by them too; these are small.
+    s.commit(&[Write::PutDevice {
+        user: bob.clone(),
+        platform: "apns".into(),
+        token: format!("{ns}bobphone"),
+    }])
+    .unwrap();
+    s.commit(&[pushed(&conv, &alice, "m1", &[(&bob, 1000), (&carol, 5000)])])
+        .unwrap();
+    let r = s
+        .commit(&[
+            pushed(&conv, &alice, "m2", &[(&bob, 2000), (&carol, 6000)]),
+            // A retried send changes nothing.
+            pushed(&conv, &alice, "m1", &[(&bob, 0), (&carol, 0)]),
+        ])
+        .unwrap();
+    assert_eq!(appended(&r[1]), Appended::Duplicate { offset: 1, ts: 1 });
+    let rows = ns_rows(s, ns);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.user.as_str(), r.upto, r.count, r.due_ms, r.from.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (bob.as_str(), 2, 2, 1000, alice.as_str()),
+            (carol.as_str(), 2, 2, 5000, alice.as_str())
+        ],
+        "one row per member, collapsed, the earliest due time kept"
+    );
+    // Only what is due is claimed, once per lease, with the user's devices.
+    assert_eq!(
+        claim(s, ns, 1500),
+        [(PushKind::Alert, bob.clone(), 2, 2, 1, 1)]
+    );
+    assert_eq!(claim(s, ns, 1500), [], "leased");
+    // Carol acks on one of her devices: a partial ack keeps the row, a full one fulfils it.
+    for (offset, left) in [(1, 2), (2, 1)] {
+        s.commit(&[Write::Receipt {
+            conversation: conv_id.clone(),
+            member: carol.clone(),
+            state: ReceiptState::Delivered,
+            offset,
+        }])
+        .unwrap();
+        assert_eq!(ns_rows(s, ns).len(), left);
+    }
+    // Bob's push went out up to 2.
+    s.commit(&[Write::PushDone {
+        kind: PushKind::Alert,
+        user: bob.clone(),
+        conversation: conv_id.clone(),
+        upto: 2,
+        count: 2,
+    }])
+    .unwrap();
+    assert_eq!(ns_rows(s, ns), []);
+    // A message while the next push is out stays due after it.
+    s.commit(&[pushed(&conv, &alice, "m3", &[(&bob, 0)])])
+        .unwrap();
+    assert_eq!(
+        claim(s, ns, 100),
+        [(PushKind::Alert, bob.clone(), 3, 1, 1, 1)]
+    );
+    s.commit(&[pushed(&conv, &alice, "m4", &[(&bob, 50)])])
+        .unwrap();
+    s.commit(&[Write::PushDone {
+        kind: PushKind::Alert,
+        user: bob.clone(),
+        conversation: conv_id.clone(),
+        upto: 3,
+        count: 1,
+    }])
+    .unwrap();
+    assert_eq!(
+        claim(s, ns, 100),
+        [(PushKind::Alert, bob.clone(), 4, 1, 1, 1)],
+        "the rest is due at once, attempts start over"
+    );
+    // A retry later, then dropped.
+    s.commit(&[Write::PushRetry {
+        kind: PushKind::Alert,
+        user: bob.clone(),
+        conversation: conv_id.clone(),
+        due_ms: 90_000,
+    }])
+    .unwrap();
+    assert_eq!(claim(s, ns, 50_000), []);
+    assert_eq!(
+        claim(s, ns, 90_000),
+        [(PushKind::Alert, bob.clone(), 4, 1, 2, 1)]
+    );
+    s.commit(&[Write::PushDrop {
+        kind: PushKind::Alert,
+        user: bob.clone(),
+        conversation: conv_id.clone(),
+        upto: 4,
+    }])
+    .unwrap();
+    assert_eq!(ns_rows(s, ns), []);
+    // Bob reads on one device: the conversation was alerted (up to 3), so the others get a clear push.
+    // Carol was never alerted: her read creates nothing.
+    for who in [&bob, &carol] {
+        s.commit(&[Write::Receipt {
+            conversation: conv_id.clone(),
+            member: who.clone(),
+            state: ReceiptState::Read,
+            offset: 4,
+        }])
+        .unwrap();
+    }
+    assert_eq!(
+        claim(s, ns, 100_000),
+        [(PushKind::Clear, bob.clone(), 4, 1, 1, 1)]
+    );
+    s.commit(&[Write::PushDone {
+        kind: PushKind::Clear,
+        user: bob.clone(),
+        conversation: conv_id.clone(),
+        upto: 4,
+        count: 1,
+    }])
+    .unwrap();
+    // Read again (nothing new) and nothing is queued; the alert mark was cleared by the read.
+    s.commit(&[Write::Receipt {
+        conversation: conv_id.clone(),
+        member: bob.clone(),
+        state: ReceiptState::Read,
+        offset: 4,
+    }])
+    .unwrap();
+    assert_eq!(ns_rows(s, ns), []);
+    // One row left for the reopen check.
+    s.commit(&[pushed(&conv, &alice, "m5", &[(&format!("{ns}dan"), 7)])])
+        .unwrap();
+    let rows = ns_rows(s, ns);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].upto, 5, "offsets are the conversation's");
+    // Bob reads on another device while an alert is out: when the alert is done, the clear follows.
+    s.commit(&[pushed(&conv, &alice, "m6", &[(&bob, 0)])])
+        .unwrap();
+    assert_eq!(
+        claim(s, ns, 3),
+        [(PushKind::Alert, bob.clone(), 6, 1, 1, 1)]
+    );
+    s.commit(&[Write::Receipt {
+        conversation: conv_id.clone(),
+        member: bob.clone(),
+        state: ReceiptState::Read,
+        offset: 6,
+    }])
+    .unwrap();
+    s.commit(&[Write::PushDone {
+        kind: PushKind::Alert,
+        user: bob.clone(),
+        conversation: conv_id.clone(),
+        upto: 6,
+        count: 1,
+    }])
+    .unwrap();
+    assert_eq!(
+        claim(s, ns, 3),
+        [(PushKind::Clear, bob.clone(), 6, 1, 1, 1)]
+    );
+    s.commit(&[Write::PushDone {
+        kind: PushKind::Clear,
+        user: bob.clone(),
+        conversation: conv_id.clone(),
+        upto: 6,
+        count: 1,
+    }])
+    .unwrap();
+    assert_eq!(ns_rows(s, ns).len(), 1, "only dan's row is left");
+}
+
+/// A token belongs to one user: registering it for another moves it.
+fn device_tokens_move(s: &mut dyn Store, ns: &str) {
+    let (erin, fay) = (format!("{ns}erin"), format!("{ns}fay"));
+    for u in [&erin, &fay] {
+        s.commit(&[Write::PutDevice {
+            user: u.clone(),
+            platform: "fcm".into(),
+            token: format!("{ns}shared"),
+        }])
+        .unwrap();
+    }
+    assert_eq!(s.devices(&erin).unwrap(), []);
+    assert_eq!(
+        s.devices(&fay).unwrap(),
+        [("fcm".to_string(), format!("{ns}shared"))]
     );
 }
 

@@ -17,8 +17,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Appended, Receipts, Result, Store, StoreError, StoredMessage, Write, WriteResult,
-    conversation_of, still_member,
+    Appended, PushJob, PushKind, PushRow, Receipts, Result, Store, StoreError, StoredMessage,
+    Write, WriteResult, conversation_of, still_member,
 };
 
 /// (channel, offset) → message record.
@@ -35,6 +35,15 @@ const RECEIPTS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new
 const CONVERSATIONS: TableDefinition<&str, &str> = TableDefinition::new("conversations");
 /// (user, platform, token) → ().
 const DEVICES: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("devices");
+
+/// (platform, token) → user: a token belongs to one user.
+const TOKENS: TableDefinition<(&str, &str), &str> = TableDefinition::new("device_tokens");
+/// (kind, user, conversation) → push row (JSON [`PushRecord`]).
+const PUSH: TableDefinition<(u8, &str, &str), &[u8]> = TableDefinition::new("push");
+/// (due_ms, kind, user, conversation) → (): the claim index over [`PUSH`].
+const PUSH_DUE: TableDefinition<(u64, u8, &str, &str), ()> = TableDefinition::new("push_due");
+/// (user, conversation) → highest offset an alert was pushed for (cleared by a read).
+const ALERTED: TableDefinition<(&str, &str), u64> = TableDefinition::new("push_alerted");
 
 /// Sorts after every valid id (ids are ASCII), for prefix ranges over tuple keys.
 const MAX_STR: &str = "\u{10FFFF}";
@@ -53,6 +62,65 @@ struct Record {
     from: Option<String>,
     ts: u64,
     json: String,
+}
+
+/// The stored part of a [`PushRow`] (the key holds kind, user and conversation).
+#[derive(Serialize, Deserialize)]
+struct PushRecord {
+    upto: u64,
+    from: String,
+    count: u32,
+    due: u64,
+    attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    preview: Option<String>,
+}
+
+type PushTable<'t> = redb::Table<'t, (u8, &'static str, &'static str), &'static [u8]>;
+type DueTable<'t> = redb::Table<'t, (u64, u8, &'static str, &'static str), ()>;
+
+fn push_get(t: &PushTable, kind: PushKind, user: &str, conv: &str) -> Result<Option<PushRecord>> {
+    match t.get((kind as u8, user, conv)).map_err(backend)? {
+        Some(v) => serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("push row {user}/{conv}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// Writes (or replaces) a row and keeps the due index in step.
+fn push_put(
+    t: &mut PushTable,
+    due: &mut DueTable,
+    kind: PushKind,
+    user: &str,
+    conv: &str,
+    old_due: Option<u64>,
+    rec: &PushRecord,
+) -> Result<()> {
+    if let Some(d) = old_due {
+        due.remove((d, kind as u8, user, conv)).map_err(backend)?;
+    }
+    let v = serde_json::to_vec(rec).map_err(backend)?;
+    t.insert((kind as u8, user, conv), v.as_slice())
+        .map_err(backend)?;
+    due.insert((rec.due, kind as u8, user, conv), ())
+        .map_err(backend)?;
+    Ok(())
+}
+
+fn push_remove(
+    t: &mut PushTable,
+    due: &mut DueTable,
+    kind: PushKind,
+    user: &str,
+    conv: &str,
+    rec: &PushRecord,
+) -> Result<()> {
+    due.remove((rec.due, kind as u8, user, conv))
+        .map_err(backend)?;
+    t.remove((kind as u8, user, conv)).map_err(backend)?;
+    Ok(())
 }
 
 pub struct Embedded {
@@ -90,6 +158,10 @@ impl Embedded {
         txn.open_table(RECEIPTS).map_err(backend)?;
         txn.open_table(CONVERSATIONS).map_err(backend)?;
         txn.open_table(DEVICES).map_err(backend)?;
+        txn.open_table(TOKENS).map_err(backend)?;
+        txn.open_table(PUSH).map_err(backend)?;
+        txn.open_table(PUSH_DUE).map_err(backend)?;
+        txn.open_table(ALERTED).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Embedded {
             db,
@@ -138,6 +210,10 @@ impl Store for Embedded {
             let mut receipts = txn.open_table(RECEIPTS).map_err(backend)?;
             let mut conversations = txn.open_table(CONVERSATIONS).map_err(backend)?;
             let mut devices = txn.open_table(DEVICES).map_err(backend)?;
+            let mut tokens = txn.open_table(TOKENS).map_err(backend)?;
+            let mut push = txn.open_table(PUSH).map_err(backend)?;
+            let mut push_due = txn.open_table(PUSH_DUE).map_err(backend)?;
+            let mut alerted = txn.open_table(ALERTED).map_err(backend)?;
             for w in batch {
                 let r = match w {
                     Write::Append(m) => {
@@ -177,6 +253,45 @@ impl Store for Embedded {
                                     .insert((u.as_str(), m.channel.as_str(), offset), ())
                                     .map_err(backend)?;
                             }
+                            if let Some(conv) = conversation_of(&m.channel) {
+                                let from = m.from.clone().unwrap_or_default();
+                                for p in &m.push {
+                                    let old = push_get(&push, PushKind::Alert, &p.user, conv)?;
+                                    let rec = match &old {
+                                        // Collapse: one row per (member, conversation). A claimed
+                                        // row keeps its lease (its push is out; the rest follows).
+                                        Some(o) => PushRecord {
+                                            upto: offset,
+                                            from: from.clone(),
+                                            count: o.count.saturating_add(1),
+                                            due: if o.attempts > 0 {
+                                                o.due
+                                            } else {
+                                                o.due.min(p.due_ms)
+                                            },
+                                            attempts: o.attempts,
+                                            preview: p.preview.clone(),
+                                        },
+                                        None => PushRecord {
+                                            upto: offset,
+                                            from: from.clone(),
+                                            count: 1,
+                                            due: p.due_ms,
+                                            attempts: 0,
+                                            preview: p.preview.clone(),
+                                        },
+                                    };
+                                    push_put(
+                                        &mut push,
+                                        &mut push_due,
+                                        PushKind::Alert,
+                                        &p.user,
+                                        conv,
+                                        old.map(|o| o.due),
+                                        &rec,
+                                    )?;
+                                }
+                            }
                             WriteResult::Appended(Appended::New { offset })
                         }
                     }
@@ -199,6 +314,52 @@ impl Store for Embedded {
                         };
                         if (nd, nr) != (d, rd) {
                             receipts.insert(k, (nd, nr)).map_err(backend)?;
+                        }
+                        // An ack on any device fulfils the alert it covers.
+                        if let Some(o) = push_get(&push, PushKind::Alert, member, conversation)?
+                            && o.upto <= nd
+                        {
+                            push_remove(
+                                &mut push,
+                                &mut push_due,
+                                PushKind::Alert,
+                                member,
+                                conversation,
+                                &o,
+                            )?;
+                        }
+                        // A read of an alerted conversation: tell the other devices to clear it.
+                        let was_alerted = alerted
+                            .get((member.as_str(), conversation.as_str()))
+                            .map_err(backend)?
+                            .map(|v| v.value());
+                        if *state == super::ReceiptState::Read
+                            && let Some(a) = was_alerted
+                            && nr > rd
+                        {
+                            let old = push_get(&push, PushKind::Clear, member, conversation)?;
+                            let rec = PushRecord {
+                                upto: nr,
+                                from: String::new(),
+                                count: 1,
+                                due: 0,
+                                attempts: 0,
+                                preview: None,
+                            };
+                            push_put(
+                                &mut push,
+                                &mut push_due,
+                                PushKind::Clear,
+                                member,
+                                conversation,
+                                old.map(|o| o.due),
+                                &rec,
+                            )?;
+                            if nr >= a {
+                                alerted
+                                    .remove((member.as_str(), conversation.as_str()))
+                                    .map_err(backend)?;
+                            }
                         }
                         WriteResult::Receipt {
                             prev_delivered: d,
@@ -240,6 +401,19 @@ impl Store for Embedded {
                         platform,
                         token,
                     } => {
+                        let owner = tokens
+                            .get((platform.as_str(), token.as_str()))
+                            .map_err(backend)?
+                            .map(|v| v.value().to_string());
+                        if let Some(o) = owner.filter(|o| o != user) {
+                            // The token moved to another user (a shared phone, a new login).
+                            devices
+                                .remove((o.as_str(), platform.as_str(), token.as_str()))
+                                .map_err(backend)?;
+                        }
+                        tokens
+                            .insert((platform.as_str(), token.as_str()), user.as_str())
+                            .map_err(backend)?;
                         devices
                             .insert((user.as_str(), platform.as_str(), token.as_str()), ())
                             .map_err(backend)?;
@@ -250,9 +424,118 @@ impl Store for Embedded {
                         platform,
                         token,
                     } => {
-                        devices
+                        let removed = devices
                             .remove((user.as_str(), platform.as_str(), token.as_str()))
-                            .map_err(backend)?;
+                            .map_err(backend)?
+                            .is_some();
+                        if removed {
+                            tokens
+                                .remove((platform.as_str(), token.as_str()))
+                                .map_err(backend)?;
+                        }
+                        WriteResult::Done
+                    }
+                    Write::PushDone {
+                        kind,
+                        user,
+                        conversation,
+                        upto,
+                        count,
+                    } => {
+                        if let Some(o) = push_get(&push, *kind, user, conversation)? {
+                            if o.upto <= *upto {
+                                push_remove(
+                                    &mut push,
+                                    &mut push_due,
+                                    *kind,
+                                    user,
+                                    conversation,
+                                    &o,
+                                )?;
+                            } else {
+                                // Newer messages arrived while this push was out: they are due now.
+                                let rest = PushRecord {
+                                    count: o.count.saturating_sub(*count).max(1),
+                                    due: 0,
+                                    attempts: 0,
+                                    ..o
+                                };
+                                push_put(
+                                    &mut push,
+                                    &mut push_due,
+                                    *kind,
+                                    user,
+                                    conversation,
+                                    Some(o.due),
+                                    &rest,
+                                )?;
+                            }
+                        }
+                        if *kind == PushKind::Alert {
+                            let read = receipts
+                                .get((conversation.as_str(), user.as_str()))
+                                .map_err(backend)?
+                                .map_or(0, |v| v.value().1);
+                            if read >= *upto {
+                                // Read on another device while this alert was out: clear it at once.
+                                let old = push_get(&push, PushKind::Clear, user, conversation)?;
+                                let rec = PushRecord {
+                                    upto: read,
+                                    from: String::new(),
+                                    count: 1,
+                                    due: 0,
+                                    attempts: 0,
+                                    preview: None,
+                                };
+                                push_put(
+                                    &mut push,
+                                    &mut push_due,
+                                    PushKind::Clear,
+                                    user,
+                                    conversation,
+                                    old.map(|o| o.due),
+                                    &rec,
+                                )?;
+                            } else {
+                                let k = (user.as_str(), conversation.as_str());
+                                let a = alerted.get(k).map_err(backend)?.map_or(0, |v| v.value());
+                                alerted.insert(k, a.max(*upto)).map_err(backend)?;
+                            }
+                        }
+                        WriteResult::Done
+                    }
+                    Write::PushRetry {
+                        kind,
+                        user,
+                        conversation,
+                        due_ms,
+                    } => {
+                        if let Some(o) = push_get(&push, *kind, user, conversation)? {
+                            let old_due = o.due;
+                            let rec = PushRecord { due: *due_ms, ..o };
+                            push_put(
+                                &mut push,
+                                &mut push_due,
+                                *kind,
+                                user,
+                                conversation,
+                                Some(old_due),
+                                &rec,
+                            )?;
+                        }
+                        WriteResult::Done
+                    }
+                    Write::PushDrop {
+                        kind,
+                        user,
+                        conversation,
+                        upto,
+                    } => {
+                        if let Some(o) = push_get(&push, *kind, user, conversation)?
+                            && o.upto <= *upto
+                        {
+                            push_remove(&mut push, &mut push_due, *kind, user, conversation, &o)?;
+                        }
                         WriteResult::Done
                     }
                 };
@@ -442,6 +725,113 @@ impl Store for Embedded {
             out.push((p.to_string(), tok.to_string()));
         }
         Ok(out)
+    }
+
+    fn push_claim(&mut self, now_ms: u64, lease_ms: u64, limit: usize) -> Result<Vec<PushJob>> {
+        // Most polls find nothing due: look first in a read transaction.
+        let due: Vec<(u64, u8, String, String)> = {
+            let txn = self.db.begin_read().map_err(backend)?;
+            let t = txn.open_table(PUSH_DUE).map_err(backend)?;
+            let mut v = Vec::new();
+            for item in t
+                .range((0u64, 0u8, "", "")..=(now_ms, u8::MAX, MAX_STR, MAX_STR))
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (k, _) = item.map_err(backend)?;
+                let (d, kind, u, c) = k.value();
+                v.push((d, kind, u.to_string(), c.to_string()));
+            }
+            v
+        };
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut jobs = Vec::with_capacity(due.len());
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        // A lost claim only means an earlier retry; no fsync for it.
+        txn.set_durability(Durability::None).map_err(backend)?;
+        {
+            let mut push = txn.open_table(PUSH).map_err(backend)?;
+            let mut push_due = txn.open_table(PUSH_DUE).map_err(backend)?;
+            let devices = txn.open_table(DEVICES).map_err(backend)?;
+            for (_, kind_u8, user, conv) in due {
+                let Some(kind) = PushKind::from_u8(kind_u8) else {
+                    continue;
+                };
+                let Some(o) = push_get(&push, kind, &user, &conv)? else {
+                    continue;
+                };
+                if o.due > now_ms {
+                    continue;
+                }
+                let old_due = o.due;
+                let rec = PushRecord {
+                    due: now_ms.saturating_add(lease_ms),
+                    attempts: o.attempts.saturating_add(1),
+                    ..o
+                };
+                push_put(
+                    &mut push,
+                    &mut push_due,
+                    kind,
+                    &user,
+                    &conv,
+                    Some(old_due),
+                    &rec,
+                )?;
+                let mut devs = Vec::new();
+                for item in devices
+                    .range((user.as_str(), "", "")..=(user.as_str(), MAX_STR, MAX_STR))
+                    .map_err(backend)?
+                {
+                    let (k, _) = item.map_err(backend)?;
+                    let (_, p, tok) = k.value();
+                    devs.push((p.to_string(), tok.to_string()));
+                }
+                let raw = serde_json::to_vec(&rec).map_err(backend)?;
+                jobs.push(PushJob {
+                    row: Self::row_of(kind_u8, &user, &conv, &raw)?,
+                    devices: devs,
+                });
+            }
+        }
+        txn.commit().map_err(backend)?;
+        if self.unsynced_since.is_none() {
+            self.unsynced_since = Some(Instant::now());
+        }
+        Ok(jobs)
+    }
+
+    fn push_rows(&mut self) -> Result<Vec<PushRow>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(PUSH).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(backend)? {
+            let (k, v) = item.map_err(backend)?;
+            let (kind, u, c) = k.value();
+            out.push(Self::row_of(kind, u, c, v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+impl Embedded {
+    fn row_of(kind: u8, user: &str, conv: &str, raw: &[u8]) -> Result<PushRow> {
+        let r: PushRecord = serde_json::from_slice(raw)
+            .map_err(|e| StoreError::Corrupt(format!("push row {user}/{conv}: {e}")))?;
+        Ok(PushRow {
+            kind: PushKind::from_u8(kind)
+                .ok_or_else(|| StoreError::Corrupt(format!("push kind {kind}")))?,
+            user: user.to_string(),
+            conversation: conv.to_string(),
+            upto: r.upto,
+            from: r.from,
+            count: r.count,
+            due_ms: r.due,
+            attempts: r.attempts,
+            preview: r.preview,
+        })
     }
 }
 

@@ -29,6 +29,70 @@ pub struct NewMessage {
     pub json: String,
     /// Users whose offline queue gets `(channel, offset)` in the same transaction.
     pub offline: Vec<String>,
+    /// Push obligations created by this message (conversation messages only; none for a duplicate): each
+    /// member's alert row for the conversation is raised to this message's offset, in the same transaction.
+    pub push: Vec<PushFor>,
+}
+
+/// One member's push obligation for a new message (see [`PushRow`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushFor {
+    pub user: String,
+    /// When to push unless a delivery ack comes first: now for an offline member, now + `--push-delay` for
+    /// an online one, as the router sees presence. Collapsing keeps the earliest due time of the burst,
+    /// except that a row already claimed (attempts > 0) keeps its due time: its push is out or backing off.
+    pub due_ms: u64,
+    /// The due time for a member who is live on any node. A store that sees cluster-wide presence (Redis)
+    /// uses it instead of `due_ms` when the member is live somewhere; others ignore it.
+    pub online_due_ms: u64,
+    /// The body's text for the notification (only with `--push-include-body`; bounded by the router).
+    pub preview: Option<String>,
+}
+
+/// What a push row asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PushKind {
+    /// A visible alert for unacknowledged messages up to `upto`.
+    Alert = 1,
+    /// A background push telling the user's devices that the conversation was read up to `upto`.
+    Clear = 2,
+}
+
+impl PushKind {
+    pub fn from_u8(v: u8) -> Option<PushKind> {
+        match v {
+            1 => Some(PushKind::Alert),
+            2 => Some(PushKind::Clear),
+            _ => None,
+        }
+    }
+}
+
+/// A durable push obligation: at most one per (kind, user, conversation); a burst of messages raises
+/// `upto` and `count` of the one alert row (collapse). Created with the message in one transaction, removed
+/// by a delivery receipt that covers `upto` (an ack on any device), by [`Write::PushDone`] or
+/// [`Write::PushDrop`]. A read receipt on a conversation that was alerted creates the `Clear` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushRow {
+    pub kind: PushKind,
+    pub user: String,
+    pub conversation: String,
+    pub upto: u64,
+    /// The sender of the latest message (alerts).
+    pub from: String,
+    /// Messages collapsed into this row since it was created (or last pushed).
+    pub count: u32,
+    pub due_ms: u64,
+    /// Claims so far (for backoff).
+    pub attempts: u32,
+    pub preview: Option<String>,
+}
+
+/// A claimed row with the user's devices (platform, token) at claim time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushJob {
+    pub row: PushRow,
+    pub devices: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +145,8 @@ pub enum Write {
         id: String,
         members: Vec<String>,
     },
+    /// Registers a device token for `user`. A token belongs to one user: registering it for another user
+    /// moves it (the previous owner loses it).
     PutDevice {
         user: String,
         platform: String,
@@ -91,6 +157,31 @@ pub enum Write {
         user: String,
         platform: String,
         token: String,
+    },
+    /// A push for the row went out up to `upto` with `count` messages: the row is removed, or, when newer
+    /// messages raised it meanwhile, left with the rest and due now. An alert marks the conversation alerted
+    /// (so that a later read sends the background push); if the member has already read up to `upto` (a
+    /// read on another device while the alert was out), the background push is queued at once instead.
+    PushDone {
+        kind: PushKind,
+        user: String,
+        conversation: String,
+        upto: u64,
+        count: u32,
+    },
+    /// Try the row again at `due_ms` (provider outage, rate limit).
+    PushRetry {
+        kind: PushKind,
+        user: String,
+        conversation: String,
+        due_ms: u64,
+    },
+    /// Give up on the row up to `upto` (no devices, permanent provider error).
+    PushDrop {
+        kind: PushKind,
+        user: String,
+        conversation: String,
+        upto: u64,
     },
 }
 
@@ -170,6 +261,13 @@ pub trait Store: Send {
     fn conversations(&mut self) -> Result<Vec<(String, Vec<String>)>>;
     fn receipts(&mut self, conversation: &str) -> Result<Vec<Receipts>>;
     fn devices(&mut self, user: &str) -> Result<Vec<(String, String)>>;
+    /// Claims up to `limit` push rows due at `now_ms`: each is returned with the user's devices, its
+    /// `attempts` counted, and its due time moved to `now_ms + lease_ms` so that no other node (or this one)
+    /// claims it again before the lease runs out. Atomic per row: in a cluster exactly one node gets a row
+    /// per lease.
+    fn push_claim(&mut self, now_ms: u64, lease_ms: u64, limit: usize) -> Result<Vec<PushJob>>;
+    /// Every push row (tests and the admin view; bounded by the number of (user, conversation) pairs).
+    fn push_rows(&mut self) -> Result<Vec<PushRow>>;
     /// A short name for logs ("embedded", "scylla").
     fn name(&self) -> &'static str;
     /// When acknowledged writes are not durable yet (interval fsync): the moment by which [`Store::sync`]

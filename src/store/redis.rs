@@ -11,12 +11,24 @@
 //! | conversations | `conversations`, a hash id → members (JSON) |
 //! | devices | `devices:{user}`, a set of `platform\ttoken` |
 //! | presence | `presence:user:{id}`, a hash node → expiry (ms), refreshed by the node |
+//! | device owners | `device_owner:{platform}\t{token}` = user (a token belongs to one user) |
+//! | push rows | `push:row:{kind}:{user}\t{conversation}`, a hash `upto`, `from`, `count`, `due`, `attempts` and `preview` (absent: none); kind `1` alert, `2` clear |
+//! | push due index | `push:due`, a sorted set of `{kind}\t{user}\t{conversation}` scored by the row's due time (ms): every row is in it |
+//! | alerted conversations | `push:alerted`, a hash `{user}\t{conversation}` → highest offset an alert was pushed for |
 //!
 //! Each append is one Lua script (dedupe check, `INCR`, `XADD`, dedupe record, offline queueing for members
-//! with no live presence on any node), so it is atomic however many nodes append to one conversation. A group
-//! commit sends all of its scripts in one pipeline: one round trip. Durability is Redis's: run it with
-//! `appendonly yes` and `appendfsync always` for "sent = on disk", or `everysec` to trade up to a second of
-//! acknowledged messages for throughput (docs/OPERATIONS.md).
+//! with no live presence on any node, the members' push rows), so it is atomic however many nodes append to one
+//! conversation. A receipt's script also fulfils the alert row it covers and creates the clear row of a read
+//! of an alerted conversation; push writes (`PushDone`, `PushRetry`, `PushDrop`) and device registrations (with
+//! the token's owner) are one script each. A group commit sends all of its scripts in one pipeline: one round
+//! trip. A claim ([`Store::push_claim`]) is one script too: the due rows off `push:due`, each re-checked and
+//! leased, so whichever nodes claim at once, a row goes to exactly one of them per lease. A new message's due
+//! time is the member's `online_due_ms` when the script finds them live on any node, else `due_ms`. Ids and
+//! tokens never hold a tab (ids are `[A-Za-z0-9_.@-]`, tokens printable ASCII), so it separates the parts of
+//! push keys. Device tokens registered before `device_owner` existed have no owner entry: they move only once
+//! registered again. Durability is Redis's: run it with `appendonly yes` and `appendfsync always` for "sent =
+//! on disk", or `everysec` to trade up to a second of acknowledged messages for throughput
+//! (docs/OPERATIONS.md).
 //!
 //! Redis Cluster: every key of a channel would carry the channel in a hash tag (`log:{conversation:c1}`) so the
 //! script's keys land in one slot; the offline queue and presence keys are per user and touched by separate
@@ -28,13 +40,51 @@ use std::time::Duration;
 use redis::{Client, Connection, Value};
 
 use super::{
-    Appended, ReceiptState, Receipts, Result, Store, StoreError, StoredMessage, Write, WriteResult,
-    conversation_of, still_member,
+    Appended, PushJob, PushKind, PushRow, ReceiptState, Receipts, Result, Store, StoreError,
+    StoredMessage, Write, WriteResult, conversation_of, still_member,
 };
 
-const APPEND: &str = r#"
+/// Lua helpers for push rows (see the key table): `num(n)` formats a number as an integer (Lua's own `..` would
+/// write large ones in exponent form), `push_get(kind, u, c)` reads a row (nil when absent), `push_put` writes
+/// one and its due index entry, `push_remove` deletes both.
+macro_rules! push_lua {
+    () => {
+        r#"
+local function num(n) return string.format('%.0f', n) end
+local function push_member(kind, u, c) return kind .. '\t' .. u .. '\t' .. c end
+local function push_key(kind, u, c) return 'push:row:' .. kind .. ':' .. u .. '\t' .. c end
+local function push_get(kind, u, c)
+  local h = redis.call('HGETALL', push_key(kind, u, c))
+  if #h == 0 then return nil end
+  local r = {}
+  for i = 1, #h, 2 do r[h[i]] = h[i + 1] end
+  return {upto = tonumber(r.upto) or 0, from = r.from or '', count = tonumber(r.count) or 0,
+          due = tonumber(r.due) or 0, attempts = tonumber(r.attempts) or 0, preview = r.preview}
+end
+local function push_put(kind, u, c, row)
+  local key = push_key(kind, u, c)
+  redis.call('HSET', key, 'upto', num(row.upto), 'from', row.from, 'count', num(row.count),
+             'due', num(row.due), 'attempts', num(row.attempts))
+  if row.preview then redis.call('HSET', key, 'preview', row.preview) else redis.call('HDEL', key, 'preview') end
+  redis.call('ZADD', 'push:due', num(row.due), push_member(kind, u, c))
+end
+local function push_remove(kind, u, c)
+  redis.call('DEL', push_key(kind, u, c))
+  redis.call('ZREM', 'push:due', push_member(kind, u, c))
+end
+"#
+    };
+}
+
+/// One append. `ARGV`: channel, sender, client id, ts, JSON, dedupe TTL, stream cap, the conversation id ('' for
+/// other channels), the number of offline users, those users, then five per push obligation: user, due, due when
+/// live on some node, whether there is a preview ('1' or '0'), the preview.
+const APPEND: &str = concat!(
+    push_lua!(),
+    r#"
 local ch, from, cid, ts, json = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local ttl, maxlen = tonumber(ARGV[6]), tonumber(ARGV[7])
+local conv, noff = ARGV[8], tonumber(ARGV[9])
 local dkey = nil
 if from ~= '' and cid ~= '' then
   dkey = 'dedupe:' .. from .. ':' .. ch .. ':' .. cid
@@ -50,20 +100,50 @@ end
 if dkey then redis.call('SET', dkey, off .. ',' .. ts, 'EX', ttl) end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-for i = 8, #ARGV do
-  local u = ARGV[i]
-  local live = false
+local function live(u)
   local p = redis.call('HGETALL', 'presence:user:' .. u)
   for j = 2, #p, 2 do
-    if tonumber(p[j]) > now_ms then live = true; break end
+    if tonumber(p[j]) > now_ms then return true end
   end
-  if not live then redis.call('RPUSH', 'user:' .. u .. ':offline_messages', ch .. '\t' .. off) end
+  return false
+end
+for i = 10, 9 + noff do
+  local u = ARGV[i]
+  if not live(u) then redis.call('RPUSH', 'user:' .. u .. ':offline_messages', ch .. '\t' .. off) end
+end
+if conv ~= '' then
+  for i = 10 + noff, #ARGV - 4, 5 do
+    local u = ARGV[i]
+    local due = tonumber(ARGV[i + 1])
+    if live(u) then due = tonumber(ARGV[i + 2]) end
+    local preview = nil
+    if ARGV[i + 3] == '1' then preview = ARGV[i + 4] end
+    -- Collapse: one row per (member, conversation). A claimed row keeps its lease (its push is out; the
+    -- rest follows).
+    local old = push_get('1', u, conv)
+    local row
+    if old then
+      local d = old.due
+      if old.attempts == 0 then d = math.min(d, due) end
+      row = {upto = off, from = from, count = math.min(old.count + 1, 4294967295), due = d,
+             attempts = old.attempts, preview = preview}
+    else
+      row = {upto = off, from = from, count = 1, due = due, attempts = 0, preview = preview}
+    end
+    push_put('1', u, conv, row)
+  end
 end
 return {1, tostring(off)}
-"#;
+"#
+);
 
-const RECEIPT: &str = r#"
-local key, member, state, off = 'receipts:' .. ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+/// One receipt (`ARGV`: conversation id, member, 'read' or 'delivered', offset): moves the receipt forward,
+/// removes the alert row it covers, and a read of an alerted conversation creates the clear row.
+const RECEIPT: &str = concat!(
+    push_lua!(),
+    r#"
+local conv, member, state, off = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local key = 'receipts:' .. conv
 local cur = redis.call('HGET', key, member)
 local d, r = 0, 0
 if cur then
@@ -72,8 +152,124 @@ if cur then
 end
 local nd, nr = math.max(d, off), r
 if state == 'read' then nr = math.max(r, off) end
-if nd ~= d or nr ~= r then redis.call('HSET', key, member, nd .. ',' .. nr) end
+if nd ~= d or nr ~= r then redis.call('HSET', key, member, num(nd) .. ',' .. num(nr)) end
+-- An ack on any device fulfils the alert it covers.
+local alert = push_get('1', member, conv)
+if alert and alert.upto <= nd then push_remove('1', member, conv) end
+-- A read of an alerted conversation: tell the other devices to clear it.
+if state == 'read' and nr > r then
+  local mk = member .. '\t' .. conv
+  local a = redis.call('HGET', 'push:alerted', mk)
+  if a then
+    push_put('2', member, conv, {upto = nr, from = '', count = 1, due = 0, attempts = 0, preview = nil})
+    if nr >= (tonumber(a) or 0) then redis.call('HDEL', 'push:alerted', mk) end
+  end
+end
 return {d, r}
+"#
+);
+
+/// A push write (`ARGV`: 'done', 'retry' or 'drop', kind, user, conversation id, then `upto` (done, drop) or
+/// the due time (retry), and for done the count pushed). A done alert marks the conversation alerted, or, when
+/// the member has already read up to it (on another device), creates the clear row at once.
+const PUSH_WRITE: &str = concat!(
+    push_lua!(),
+    r#"
+local op, kind, u, c, a = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local row = push_get(kind, u, c)
+if op == 'done' then
+  if row then
+    if row.upto <= a then
+      push_remove(kind, u, c)
+    else
+      -- Newer messages arrived while this push was out: they are due now.
+      row.count = math.max(1, row.count - tonumber(ARGV[6]))
+      row.due = 0
+      row.attempts = 0
+      push_put(kind, u, c, row)
+    end
+  end
+  if kind == '1' then
+    local read = 0
+    local cur = redis.call('HGET', 'receipts:' .. c, u)
+    if cur then
+      local comma = string.find(cur, ',')
+      read = tonumber(string.sub(cur, comma + 1)) or 0
+    end
+    if read >= a then
+      -- Read on another device while this alert was out: clear it at once.
+      push_put('2', u, c, {upto = read, from = '', count = 1, due = 0, attempts = 0, preview = nil})
+    else
+      local mk = u .. '\t' .. c
+      local old = tonumber(redis.call('HGET', 'push:alerted', mk) or '0') or 0
+      redis.call('HSET', 'push:alerted', mk, num(math.max(old, a)))
+    end
+  end
+elseif op == 'retry' then
+  if row then
+    row.due = a
+    push_put(kind, u, c, row)
+  end
+elseif op == 'drop' then
+  if row and row.upto <= a then push_remove(kind, u, c) end
+end
+return 0
+"#
+);
+
+/// Claims the rows due at `ARGV[1]` (ms) for `ARGV[2]` ms, at most `ARGV[3]` of them: each comes back as
+/// kind, user, conversation, upto, from, count, due, attempts, '1'/'0' (preview or not), preview, and the
+/// user's devices (`platform\ttoken`).
+const PUSH_CLAIM: &str = concat!(
+    push_lua!(),
+    r#"
+local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', 'push:due', '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, m in ipairs(due) do
+  local t1 = string.find(m, '\t', 1, true)
+  local t2 = t1 and string.find(m, '\t', t1 + 1, true)
+  if t2 then
+    local kind, u, c = string.sub(m, 1, t1 - 1), string.sub(m, t1 + 1, t2 - 1), string.sub(m, t2 + 1)
+    local row = push_get(kind, u, c)
+    if not row then
+      redis.call('ZREM', 'push:due', m)
+    elseif row.due <= now then
+      row.due = now + lease
+      row.attempts = row.attempts + 1
+      push_put(kind, u, c, row)
+      local has, preview = '0', ''
+      if row.preview then has, preview = '1', row.preview end
+      out[#out + 1] = {kind, u, c, num(row.upto), row.from, num(row.count), num(row.due),
+                       num(row.attempts), has, preview, redis.call('SMEMBERS', 'devices:' .. u)}
+    end
+  else
+    redis.call('ZREM', 'push:due', m)
+  end
+end
+return out
+"#
+);
+
+/// Registers a device (`ARGV`: user, platform, token); a token registered to another user moves.
+const PUT_DEVICE: &str = r#"
+local u, dev = ARGV[1], ARGV[2] .. '\t' .. ARGV[3]
+local okey = 'device_owner:' .. dev
+local o = redis.call('GET', okey)
+if o and o ~= u then redis.call('SREM', 'devices:' .. o, dev) end
+redis.call('SET', okey, u)
+redis.call('SADD', 'devices:' .. u, dev)
+return 0
+"#;
+
+/// Forgets a device (`ARGV`: user, platform, token), and its owner entry when it was this user's.
+const DELETE_DEVICE: &str = r#"
+local u, dev = ARGV[1], ARGV[2] .. '\t' .. ARGV[3]
+local okey = 'device_owner:' .. dev
+if redis.call('SREM', 'devices:' .. u, dev) == 1 and redis.call('GET', okey) == u then
+  redis.call('DEL', okey)
+end
+return 0
 "#;
 
 /// Lua: `filter_list(key, drop)` removes the entries of the list at `key` for which `drop(entry)` is true,
@@ -169,6 +365,10 @@ pub struct RedisStore {
     receipt: redis::Script,
     trim: redis::Script,
     put_conversation: redis::Script,
+    push_write: redis::Script,
+    push_claim: redis::Script,
+    put_device: redis::Script,
+    delete_device: redis::Script,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -188,6 +388,94 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
+/// A push row's hash key (see the key table).
+fn row_key(kind: PushKind, user: &str, conversation: &str) -> String {
+    format!("push:row:{}:{user}\t{conversation}", kind as u8)
+}
+
+/// (kind, user, conversation) of a `push:due` member.
+fn parse_member(m: &str) -> Option<(PushKind, String, String)> {
+    let (kind, rest) = m.split_once('\t')?;
+    let (u, c) = rest.split_once('\t')?;
+    Some((
+        PushKind::from_u8(kind.parse().ok()?)?,
+        u.to_string(),
+        c.to_string(),
+    ))
+}
+
+/// A number as the scripts write it (`%.0f`): an integer, saturating past `u64::MAX`.
+fn number(s: &str) -> Result<u64> {
+    s.parse::<u64>().or_else(|_| {
+        s.parse::<f64>()
+            .ok()
+            .filter(|f| *f >= 0.0)
+            .map(|f| f as u64)
+            .ok_or_else(|| StoreError::Corrupt(format!("push row number {s:?}")))
+    })
+}
+
+fn row_of(
+    kind: PushKind,
+    user: String,
+    conversation: String,
+    h: &HashMap<String, String>,
+) -> Result<PushRow> {
+    let n = |f: &str| h.get(f).map_or(Ok(0), |v| number(v));
+    Ok(PushRow {
+        kind,
+        upto: n("upto")?,
+        from: h.get("from").cloned().unwrap_or_default(),
+        count: n("count")?.min(u32::MAX as u64) as u32,
+        due_ms: n("due")?,
+        attempts: n("attempts")?.min(u32::MAX as u64) as u32,
+        preview: h.get("preview").cloned(),
+        user,
+        conversation,
+    })
+}
+
+/// One job of the claim script's reply (see [`PUSH_CLAIM`]).
+fn parse_job(v: &Value) -> Result<PushJob> {
+    let bad = || StoreError::Corrupt(format!("push claim job {v:?}"));
+    let Value::Array(f) = v else {
+        return Err(bad());
+    };
+    if f.len() != 11 {
+        return Err(bad());
+    }
+    let t = |i: usize| text(&f[i]).ok_or_else(bad);
+    let kind = PushKind::from_u8(t(0)?.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    let mut h = HashMap::new();
+    for (i, name) in [
+        (3, "upto"),
+        (4, "from"),
+        (5, "count"),
+        (6, "due"),
+        (7, "attempts"),
+    ] {
+        h.insert(name.to_string(), t(i)?);
+    }
+    if t(8)? == "1" {
+        h.insert("preview".to_string(), t(9)?);
+    }
+    let devices = match &f[10] {
+        Value::Array(d) => d
+            .iter()
+            .filter_map(|e| {
+                let e = text(e)?;
+                let (p, tok) = e.split_once('\t')?;
+                Some((p.to_string(), tok.to_string()))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(PushJob {
+        row: row_of(kind, t(1)?, t(2)?, &h)?,
+        devices,
+    })
+}
+
 impl RedisStore {
     pub fn connect(cfg: RedisConfig) -> Result<Self> {
         let client = Client::open(cfg.url.as_str()).map_err(backend)?;
@@ -199,6 +487,10 @@ impl RedisStore {
             receipt: redis::Script::new(RECEIPT),
             trim: redis::Script::new(TRIM),
             put_conversation: redis::Script::new(PUT_CONVERSATION),
+            push_write: redis::Script::new(PUSH_WRITE),
+            push_claim: redis::Script::new(PUSH_CLAIM),
+            put_device: redis::Script::new(PUT_DEVICE),
+            delete_device: redis::Script::new(DELETE_DEVICE),
         };
         s.conn()?;
         Ok(s)
@@ -220,6 +512,10 @@ impl RedisStore {
                 &self.receipt,
                 &self.trim,
                 &self.put_conversation,
+                &self.push_write,
+                &self.push_claim,
+                &self.put_device,
+                &self.delete_device,
             ] {
                 s.prepare_invoke().load(&mut c).map_err(unavailable)?;
             }
@@ -303,6 +599,50 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         for w in batch {
             match w {
+                Write::PushDone {
+                    kind,
+                    user,
+                    conversation,
+                    upto,
+                    count,
+                } => {
+                    let mut inv = self.push_write.prepare_invoke();
+                    inv.arg("done")
+                        .arg(*kind as u8)
+                        .arg(user)
+                        .arg(conversation)
+                        .arg(*upto)
+                        .arg(*count);
+                    pipe.invoke_script(&inv);
+                }
+                Write::PushRetry {
+                    kind,
+                    user,
+                    conversation,
+                    due_ms,
+                } => {
+                    let mut inv = self.push_write.prepare_invoke();
+                    inv.arg("retry")
+                        .arg(*kind as u8)
+                        .arg(user)
+                        .arg(conversation)
+                        .arg(*due_ms);
+                    pipe.invoke_script(&inv);
+                }
+                Write::PushDrop {
+                    kind,
+                    user,
+                    conversation,
+                    upto,
+                } => {
+                    let mut inv = self.push_write.prepare_invoke();
+                    inv.arg("drop")
+                        .arg(*kind as u8)
+                        .arg(user)
+                        .arg(conversation)
+                        .arg(*upto);
+                    pipe.invoke_script(&inv);
+                }
                 Write::Append(m) => {
                     let is_topic =
                         !m.channel.starts_with("conversation:") && !m.channel.starts_with("user:");
@@ -314,8 +654,20 @@ impl Store for RedisStore {
                         .arg(&m.json)
                         .arg(ttl)
                         .arg(if is_topic { maxlen } else { 0 });
+                    // Push obligations are a conversation message's only.
+                    let conv = conversation_of(&m.channel).unwrap_or("");
+                    inv.arg(conv).arg(m.offline.len());
                     for u in &m.offline {
                         inv.arg(u);
+                    }
+                    if !conv.is_empty() {
+                        for p in &m.push {
+                            inv.arg(&p.user)
+                                .arg(p.due_ms)
+                                .arg(p.online_due_ms)
+                                .arg(if p.preview.is_some() { "1" } else { "0" })
+                                .arg(p.preview.as_deref().unwrap_or(""));
+                        }
                     }
                     pipe.invoke_script(&inv);
                 }
@@ -359,24 +711,24 @@ impl Store for RedisStore {
                     platform,
                     token,
                 } => {
-                    pipe.cmd("SADD")
-                        .arg(format!("devices:{user}"))
-                        .arg(format!("{platform}\t{token}"));
+                    let mut inv = self.put_device.prepare_invoke();
+                    inv.arg(user).arg(platform).arg(token);
+                    pipe.invoke_script(&inv);
                 }
                 Write::DeleteDevice {
                     user,
                     platform,
                     token,
                 } => {
-                    pipe.cmd("SREM")
-                        .arg(format!("devices:{user}"))
-                        .arg(format!("{platform}\t{token}"));
+                    let mut inv = self.delete_device.prepare_invoke();
+                    inv.arg(user).arg(platform).arg(token);
+                    pipe.invoke_script(&inv);
                 }
             }
         }
         let values: Vec<Value> = match self.with(|c| pipe.query(c)) {
-            // Redis restarted and lost its script cache: reconnect (which reloads them) and retry once. The
-            // failed pipeline ran none of its scripts; its plain SADD writes are idempotent.
+            // Redis restarted and lost its script cache: reconnect (which reloads them) and retry once. Every
+            // write is a script, so the failed pipeline ran none of them.
             Err(StoreError::Unavailable(e))
                 if e.contains("NOSCRIPT") || e.to_lowercase().contains("no script") =>
             {
@@ -592,6 +944,75 @@ impl Store for RedisStore {
             .collect())
     }
 
+    fn push_claim(&mut self, now_ms: u64, lease_ms: u64, limit: usize) -> Result<Vec<PushJob>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        let mut inv = self.push_claim.prepare_invoke();
+        inv.arg(now_ms).arg(lease_ms).arg(limit);
+        pipe.invoke_script(&inv);
+        drop(inv);
+        let (v,): (Value,) = match self.with(|c| pipe.query(c)) {
+            // Redis lost its script cache: reconnect (which reloads the scripts) and retry once.
+            Err(StoreError::Unavailable(e))
+                if e.contains("NOSCRIPT") || e.to_lowercase().contains("no script") =>
+            {
+                self.conn = None;
+                self.with(|c| pipe.query(c))?
+            }
+            other => other?,
+        };
+        let Value::Array(jobs) = v else {
+            return Err(StoreError::Corrupt(format!("push claim reply {v:?}")));
+        };
+        jobs.iter().map(parse_job).collect()
+    }
+
+    fn push_rows(&mut self) -> Result<Vec<PushRow>> {
+        // ZSCAN, not ranks: claims move rows within `push:due` meanwhile, and a scan still returns every member
+        // that stays in the set throughout (perhaps twice: deduplicated).
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, flat): (u64, Vec<String>) = self.with(|c| {
+                redis::cmd("ZSCAN")
+                    .arg("push:due")
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(c)
+            })?;
+            // Member, score, member, score…
+            let ids: Vec<(PushKind, String, String)> = flat
+                .iter()
+                .step_by(2)
+                .filter(|m| seen.insert((*m).clone()))
+                .filter_map(|m| parse_member(m))
+                .collect();
+            if !ids.is_empty() {
+                let mut pipe = redis::pipe();
+                for (kind, u, c) in &ids {
+                    pipe.cmd("HGETALL").arg(row_key(*kind, u, c));
+                }
+                let got: Vec<HashMap<String, String>> = self.with(|c| pipe.query(c))?;
+                for ((kind, u, c), h) in ids.into_iter().zip(got) {
+                    // Removed since the index was read.
+                    if h.is_empty() {
+                        continue;
+                    }
+                    out.push(row_of(kind, u, c, &h)?);
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(out)
+    }
+
     fn devices(&mut self, user: &str) -> Result<Vec<(String, String)>> {
         let all: Vec<String> = self.with(|c| {
             redis::cmd("SMEMBERS")
@@ -605,5 +1026,244 @@ impl Store for RedisStore {
                     .map(|(p, t)| (p.to_string(), t.to_string()))
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewMessage, PushFor};
+    use std::process::{Child, Command, Stdio};
+
+    /// A throwaway `redis-server` (none installed: the test says it was skipped).
+    struct Server {
+        child: Child,
+        port: u16,
+        dir: std::path::PathBuf,
+    }
+
+    impl Server {
+        fn start(name: &str) -> Option<Server> {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .ok()?
+                .local_addr()
+                .ok()?
+                .port();
+            let dir = std::env::temp_dir()
+                .join(format!("corelay-redis-unit-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).ok()?;
+            let child = match Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("skipped: no redis-server ({e})");
+                    return None;
+                }
+            };
+            Some(Server { child, port, dir })
+        }
+
+        fn store(&self) -> RedisStore {
+            let cfg = RedisConfig {
+                url: format!("redis://127.0.0.1:{}", self.port),
+                dedupe_ttl: Duration::from_secs(3600),
+                topic_maxlen: 1000,
+            };
+            for _ in 0..200 {
+                if let Ok(s) = RedisStore::connect(cfg.clone()) {
+                    return s;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            panic!("redis-server did not come up");
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn message(conv: &str, cid: &str, push: Vec<PushFor>) -> Write {
+        Write::Append(NewMessage {
+            channel: format!("conversation:{conv}"),
+            from: Some("alice".into()),
+            client_id: Some(cid.into()),
+            ts: 1,
+            json: "{}".into(),
+            offline: Vec::new(),
+            push,
+        })
+    }
+
+    fn push_for(user: &str, due_ms: u64, online_due_ms: u64, preview: Option<&str>) -> PushFor {
+        PushFor {
+            user: user.into(),
+            due_ms,
+            online_due_ms,
+            preview: preview.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_member_live_on_any_node_gets_the_online_due_time() {
+        let Some(server) = Server::start("presence") else {
+            return;
+        };
+        let mut s = server.store();
+        // Bob is live on some node (until far in the future), carol's presence has expired.
+        let _: () = s
+            .with(|c| {
+                redis::pipe()
+                    .cmd("HSET")
+                    .arg(RedisStore::presence_key("bob"))
+                    .arg("node-b")
+                    .arg(u64::MAX / 2)
+                    .ignore()
+                    .cmd("HSET")
+                    .arg(RedisStore::presence_key("carol"))
+                    .arg("node-c")
+                    .arg(1)
+                    .ignore()
+                    .query(c)
+            })
+            .unwrap();
+        let big_due = 1_700_000_000_123_u64;
+        s.commit(&[message(
+            "c1",
+            "m1",
+            vec![
+                push_for("bob", 1000, big_due, Some("hi\tthere")),
+                push_for("carol", 1000, big_due, None),
+            ],
+        )])
+        .unwrap();
+        let mut rows = s.push_rows().unwrap();
+        rows.sort_by(|a, b| a.user.cmp(&b.user));
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.user.as_str(), r.due_ms, r.preview.as_deref()))
+                .collect::<Vec<_>>(),
+            [("bob", big_due, Some("hi\tthere")), ("carol", 1000, None)],
+            "large times are kept exactly; a preview may hold any text"
+        );
+        // A later message for the live member keeps the earlier due time, and its preview.
+        s.commit(&[message(
+            "c1",
+            "m2",
+            vec![push_for("bob", 1000, big_due + 5, Some("second"))],
+        )])
+        .unwrap();
+        let bob = s
+            .push_rows()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.user == "bob")
+            .unwrap();
+        assert_eq!(
+            (bob.upto, bob.count, bob.due_ms, bob.preview.as_deref()),
+            (2, 2, big_due, Some("second"))
+        );
+        // Claimed with the preview and the user's devices.
+        s.commit(&[Write::PutDevice {
+            user: "bob".into(),
+            platform: "apns".into(),
+            token: "phone".into(),
+        }])
+        .unwrap();
+        let jobs = s.push_claim(big_due, 30_000, 10).unwrap();
+        let job = jobs.iter().find(|j| j.row.user == "bob").unwrap();
+        assert_eq!(job.row.preview.as_deref(), Some("second"));
+        assert_eq!(job.row.due_ms, big_due + 30_000);
+        assert_eq!(job.devices, [("apns".to_string(), "phone".to_string())]);
+        assert_eq!(s.push_claim(big_due, 30_000, 0).unwrap(), []);
+    }
+
+    #[test]
+    fn nodes_claiming_at_once_get_each_row_exactly_once() {
+        let Some(server) = Server::start("claim") else {
+            return;
+        };
+        let mut s = server.store();
+        let n = 300;
+        let writes: Vec<Write> = (0..n)
+            .map(|i| {
+                message(
+                    &format!("c{i}"),
+                    "m",
+                    vec![push_for(&format!("u{i}"), i as u64, i as u64, None)],
+                )
+            })
+            .collect();
+        s.commit(&writes).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let mut s = server.store();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    loop {
+                        let jobs = s.push_claim(10_000, 60_000, 7).unwrap();
+                        if jobs.is_empty() {
+                            return got;
+                        }
+                        assert!(jobs.len() <= 7, "at most the limit");
+                        got.extend(jobs.into_iter().map(|j| j.row.user));
+                    }
+                })
+            })
+            .collect();
+        let mut all: Vec<String> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        all.sort();
+        let mut want: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
+        want.sort();
+        assert_eq!(all, want, "every row claimed, none twice");
+        assert!(s.push_rows().unwrap().iter().all(|r| r.attempts == 1));
+        assert_eq!(s.push_claim(69_999, 60_000, 1000).unwrap(), [], "leased");
+        assert_eq!(s.push_claim(70_000, 60_000, 1000).unwrap().len(), n);
+    }
+
+    #[test]
+    fn forgetting_a_token_leaves_its_new_owner_alone() {
+        let Some(server) = Server::start("owner") else {
+            return;
+        };
+        let mut s = server.store();
+        let put = |u: &str| Write::PutDevice {
+            user: u.into(),
+            platform: "fcm".into(),
+            token: "t".into(),
+        };
+        let delete = |u: &str| Write::DeleteDevice {
+            user: u.into(),
+            platform: "fcm".into(),
+            token: "t".into(),
+        };
+        s.commit(&[put("erin"), put("fay"), delete("erin")])
+            .unwrap();
+        assert_eq!(s.devices("erin").unwrap(), []);
+        assert_eq!(s.devices("fay").unwrap().len(), 1);
+        // Still fay's: registering it for gus moves it from her.
+        s.commit(&[put("gus")]).unwrap();
+        assert_eq!(s.devices("fay").unwrap(), []);
+        assert_eq!(s.devices("gus").unwrap().len(), 1);
+        s.commit(&[delete("gus")]).unwrap();
+        let owner: Option<String> = s
+            .with(|c| redis::cmd("GET").arg("device_owner:fcm\tt").query(c))
+            .unwrap();
+        assert_eq!(owner, None, "the owner entry goes with its device");
     }
 }

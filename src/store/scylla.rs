@@ -22,11 +22,36 @@
 //! store it: a duplicate, never a loss) and receipts (two nodes moving one member's receipt at once can keep the
 //! smaller step).
 //!
+//! Push obligations ([`super::PushRow`]): `push_rows` holds one row per (user, kind, conversation), partitioned by
+//! user; `push_alerted` the conversations a user was alerted for; `device_owner` the user a (platform, token)
+//! belongs to, so registering a token for another user moves it. A group commit reads the rows it touches once
+//! (concurrently), applies its writes to them in order in memory ([`PushOp`]) and writes each touched row once,
+//! with its final value, like the embedded store's transaction would leave it.
+//!
+//! The claim index is `push_due`, keyed by ((bucket), due, kind, user, conversation) with [`PUSH_BUCKETS`]
+//! buckets (a stable hash of user and conversation, [`push_bucket`]), so no single partition takes every
+//! row's churn. A claim reads every bucket's entries due by now (one query per bucket, concurrently), and for
+//! each candidate re-reads the row and moves its due time with a lightweight transaction,
+//! `UPDATE … SET due = now + lease, attempts = attempts + 1 IF due = <read due>`: of several nodes claiming at
+//! once exactly one wins a row per lease. An unanswered claim counts as lost (if it was applied, the row
+//! waits out its lease: a late push, not a lost one). The index is a hint, never the truth: a new entry is
+//! written before the row it points to and the old one deleted after, so a failure leaves a stale entry, never
+//! a row that no entry points to; a claim skips entries whose row is gone or due at another time, and deletes
+//! those written more than [`PUSH_INDEX_GRACE`] ago (younger ones may belong to a write in flight). Limits:
+//! deleted index entries are tombstones that claims scan past until compaction (`push_due` has
+//! `gc_grace_seconds = 3600`: a delete lost on a replica and resurrected is harmless, the claim re-checks the
+//! row); rows are written with plain writes, so two nodes collapsing messages into one row at the same instant
+//! can lose a count increment, and a collapse racing a claim of the same row can undo the lease (the row is
+//! pushed twice); both are read-then-write across nodes, like receipts. A claim reads at most `limit` entries
+//! per bucket, so young stale entries at the head of a bucket can hold back the rows behind them for up to
+//! the grace. Device tokens registered before the owner table existed have no owner and move only once
+//! registered again.
+//!
 //! No Scylla server can run on the development machines: the contract suite runs against a real cluster
 //! whenever `SCYLLA_NODES` is set (`tests/store_contract.rs`) and says it was skipped otherwise.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use futures_util::future::join_all;
@@ -38,8 +63,8 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, Row};
 
 use super::{
-    Appended, NewMessage, ReceiptState, Receipts, Result, Store, StoreError, StoredMessage, Write,
-    WriteResult, conversation_of, still_member,
+    Appended, NewMessage, PushJob, PushKind, PushRow, ReceiptState, Receipts, Result, Store,
+    StoreError, StoredMessage, Write, WriteResult, conversation_of, still_member,
 };
 
 /// Concurrent statements per group commit.
@@ -49,6 +74,11 @@ pub const BATCH_MAX: usize = 100;
 const RETRIES: u32 = 3;
 /// Offsets found taken by other writers before one append gives up (the client retries with its client id).
 pub const CLAIM_CONFLICTS: u32 = 64;
+/// Partitions of the push claim index (`push_due`); a claim reads each of them.
+pub const PUSH_BUCKETS: i32 = 16;
+/// How old a stale push index entry must be before a claim deletes it (a younger one may be a write's first
+/// step, with the row still to come).
+pub const PUSH_INDEX_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct ScyllaConfig {
@@ -95,6 +125,18 @@ pub fn schema(ks: &str, replication: &str, dedupe_ttl: Duration) -> Vec<String> 
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.devices (user_id text, platform text, token text, PRIMARY KEY ((user_id), platform, token))"
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.device_owner (platform text, token text, user_id text, PRIMARY KEY ((platform, token)))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.push_rows (user_id text, kind int, conversation_id text, upto bigint, sender text, msg_count int, due bigint, attempts int, preview text, PRIMARY KEY ((user_id), kind, conversation_id))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.push_due (bucket int, due bigint, kind int, user_id text, conversation_id text, written bigint, PRIMARY KEY ((bucket), due, kind, user_id, conversation_id)) WITH gc_grace_seconds = 3600"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.push_alerted (user_id text, conversation_id text, upto bigint, PRIMARY KEY ((user_id), conversation_id))"
+        ),
     ]
 }
 
@@ -124,11 +166,28 @@ pub struct Cql {
     pub put_device: String,
     pub delete_device: String,
     pub devices: String,
+    pub get_device_owner: String,
+    pub put_device_owner: String,
+    pub delete_device_owner: String,
+    pub get_push: String,
+    pub put_push: String,
+    pub delete_push: String,
+    /// Conditional: a claim moves the row's due time only if it is still the one read.
+    pub claim_push: String,
+    pub push_rows: String,
+    pub put_push_due: String,
+    pub delete_push_due: String,
+    /// One bucket's index entries due by a time, earliest first.
+    pub push_due: String,
+    pub get_alerted: String,
+    pub put_alerted: String,
+    pub delete_alerted: String,
 }
 
 impl Cql {
     pub fn new(ks: &str) -> Cql {
         let cols = "\"offset\", sender, ts, json";
+        let push_cols = "upto, sender, msg_count, due, attempts, preview";
         Cql {
             insert_message: format!(
                 "INSERT INTO {ks}.messages (conversation_id, \"offset\", sender, ts, json) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS"
@@ -184,6 +243,48 @@ impl Cql {
                 "DELETE FROM {ks}.devices WHERE user_id = ? AND platform = ? AND token = ?"
             ),
             devices: format!("SELECT platform, token FROM {ks}.devices WHERE user_id = ?"),
+            get_device_owner: format!(
+                "SELECT user_id FROM {ks}.device_owner WHERE platform = ? AND token = ?"
+            ),
+            put_device_owner: format!(
+                "INSERT INTO {ks}.device_owner (platform, token, user_id) VALUES (?, ?, ?)"
+            ),
+            delete_device_owner: format!(
+                "DELETE FROM {ks}.device_owner WHERE platform = ? AND token = ?"
+            ),
+            get_push: format!(
+                "SELECT {push_cols} FROM {ks}.push_rows WHERE user_id = ? AND kind = ? AND conversation_id = ?"
+            ),
+            put_push: format!(
+                "INSERT INTO {ks}.push_rows (user_id, kind, conversation_id, {push_cols}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            delete_push: format!(
+                "DELETE FROM {ks}.push_rows WHERE user_id = ? AND kind = ? AND conversation_id = ?"
+            ),
+            claim_push: format!(
+                "UPDATE {ks}.push_rows SET due = ?, attempts = ? WHERE user_id = ? AND kind = ? AND conversation_id = ? IF due = ?"
+            ),
+            push_rows: format!(
+                "SELECT user_id, kind, conversation_id, {push_cols} FROM {ks}.push_rows"
+            ),
+            put_push_due: format!(
+                "INSERT INTO {ks}.push_due (bucket, due, kind, user_id, conversation_id, written) VALUES (?, ?, ?, ?, ?, ?)"
+            ),
+            delete_push_due: format!(
+                "DELETE FROM {ks}.push_due WHERE bucket = ? AND due = ? AND kind = ? AND user_id = ? AND conversation_id = ?"
+            ),
+            push_due: format!(
+                "SELECT due, kind, user_id, conversation_id, written FROM {ks}.push_due WHERE bucket = ? AND due <= ? LIMIT ?"
+            ),
+            get_alerted: format!(
+                "SELECT upto FROM {ks}.push_alerted WHERE user_id = ? AND conversation_id = ?"
+            ),
+            put_alerted: format!(
+                "INSERT INTO {ks}.push_alerted (user_id, conversation_id, upto) VALUES (?, ?, ?)"
+            ),
+            delete_alerted: format!(
+                "DELETE FROM {ks}.push_alerted WHERE user_id = ? AND conversation_id = ?"
+            ),
         }
     }
 }
@@ -321,6 +422,170 @@ impl OffsetClaim {
     }
 }
 
+/// The stored part of a push row (the key holds kind, user and conversation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushRecord {
+    pub upto: u64,
+    pub from: String,
+    pub count: u32,
+    pub due: u64,
+    pub attempts: u32,
+    pub preview: Option<String>,
+}
+
+impl PushRecord {
+    pub fn row(&self, kind: PushKind, user: &str, conversation: &str) -> PushRow {
+        PushRow {
+            kind,
+            user: user.to_string(),
+            conversation: conversation.to_string(),
+            upto: self.upto,
+            from: self.from.clone(),
+            count: self.count,
+            due_ms: self.due,
+            attempts: self.attempts,
+            preview: self.preview.clone(),
+        }
+    }
+}
+
+/// One change a write makes to a push row, with the embedded store's semantics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushOp {
+    /// A new message for the member (alert rows): raises `upto`, counts it, keeps the earliest due time
+    /// unless the row is claimed (its push is out or backing off: it keeps its due time).
+    Collapse {
+        upto: u64,
+        from: String,
+        due: u64,
+        preview: Option<String>,
+    },
+    /// The member's delivered offset is now this (alert rows): a row it covers is fulfilled.
+    Delivered(u64),
+    /// A read of an alerted conversation up to this offset (clear rows): the row is (re)set, due now.
+    Read(u64),
+    /// See [`Write::PushDone`].
+    Done { upto: u64, count: u32 },
+    /// See [`Write::PushRetry`].
+    Retry(u64),
+    /// See [`Write::PushDrop`].
+    Drop(u64),
+}
+
+impl PushOp {
+    /// The row after this change (`None`: no row).
+    pub fn apply(&self, row: Option<PushRecord>) -> Option<PushRecord> {
+        match (self, row) {
+            (
+                PushOp::Collapse {
+                    upto,
+                    from,
+                    due,
+                    preview,
+                },
+                old,
+            ) => Some(match old {
+                Some(o) => PushRecord {
+                    upto: *upto,
+                    from: from.clone(),
+                    count: o.count.saturating_add(1),
+                    due: if o.attempts > 0 {
+                        o.due
+                    } else {
+                        o.due.min(*due)
+                    },
+                    attempts: o.attempts,
+                    preview: preview.clone(),
+                },
+                None => PushRecord {
+                    upto: *upto,
+                    from: from.clone(),
+                    count: 1,
+                    due: *due,
+                    attempts: 0,
+                    preview: preview.clone(),
+                },
+            }),
+            (PushOp::Delivered(d), Some(o)) if o.upto <= *d => None,
+            (PushOp::Read(upto), _) => Some(PushRecord {
+                upto: *upto,
+                from: String::new(),
+                count: 1,
+                due: 0,
+                attempts: 0,
+                preview: None,
+            }),
+            (PushOp::Done { upto, .. }, Some(o)) if o.upto <= *upto => None,
+            // Newer messages arrived while this push was out: they are due now.
+            (PushOp::Done { count, .. }, Some(o)) => Some(PushRecord {
+                count: o.count.saturating_sub(*count).max(1),
+                due: 0,
+                attempts: 0,
+                ..o
+            }),
+            (PushOp::Retry(due), Some(o)) => Some(PushRecord { due: *due, ..o }),
+            (PushOp::Drop(upto), Some(o)) if o.upto <= *upto => None,
+            (_, row) => row,
+        }
+    }
+}
+
+/// The claim index bucket of a (user, conversation): FNV-1a, stable across processes and versions.
+pub fn push_bucket(user: &str, conversation: &str) -> i32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in user
+        .bytes()
+        .chain(std::iter::once(b'\t'))
+        .chain(conversation.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % PUSH_BUCKETS as u64) as i32
+}
+
+/// A time or offset as a CQL `bigint` (saturating: a due time past `i64::MAX` is "never" either way).
+fn big(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn now_wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// What a claim does with one index entry, given the row it points to as read now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Candidate {
+    /// The row is due at the entry's time: try to lease it.
+    Claim(PushRecord),
+    /// The entry is stale (the row is gone or due at another time, with its own entry) and old enough to go.
+    DeleteStale,
+    /// Stale but young (perhaps a write's first step): leave it.
+    Skip,
+}
+
+impl Candidate {
+    /// `entry_due` and `written_ms` are the entry's, `now_ms` the claim's time, `wall_ms` the clock's now.
+    pub fn of(
+        entry_due: u64,
+        written_ms: i64,
+        row: Option<PushRecord>,
+        now_ms: u64,
+        wall_ms: i64,
+    ) -> Candidate {
+        match row {
+            Some(r) if r.due == entry_due && r.due <= now_ms => Candidate::Claim(r),
+            Some(r) if r.due == entry_due => Candidate::Skip,
+            _ if wall_ms.saturating_sub(written_ms) > PUSH_INDEX_GRACE.as_millis() as i64 => {
+                Candidate::DeleteStale
+            }
+            _ => Candidate::Skip,
+        }
+    }
+}
+
 struct Prepared {
     insert_message: PreparedStatement,
     last_offset: PreparedStatement,
@@ -343,6 +608,20 @@ struct Prepared {
     put_device: PreparedStatement,
     delete_device: PreparedStatement,
     devices: PreparedStatement,
+    get_device_owner: PreparedStatement,
+    put_device_owner: PreparedStatement,
+    delete_device_owner: PreparedStatement,
+    get_push: PreparedStatement,
+    put_push: PreparedStatement,
+    delete_push: PreparedStatement,
+    claim_push: PreparedStatement,
+    push_rows: PreparedStatement,
+    put_push_due: PreparedStatement,
+    delete_push_due: PreparedStatement,
+    push_due: PreparedStatement,
+    get_alerted: PreparedStatement,
+    put_alerted: PreparedStatement,
+    delete_alerted: PreparedStatement,
 }
 
 pub struct Scylla {
@@ -385,6 +664,8 @@ impl Scylla {
             let q = Cql::new(&cfg.keyspace);
             let mut offline = p(q.offline).await?;
             offline.set_page_size(1000);
+            let mut push_rows = p(q.push_rows).await?;
+            push_rows.set_page_size(1000);
             let st = Prepared {
                 insert_message: p(q.insert_message).await?,
                 last_offset: p(q.last_offset).await?,
@@ -407,6 +688,20 @@ impl Scylla {
                 put_device: p(q.put_device).await?,
                 delete_device: p(q.delete_device).await?,
                 devices: p(q.devices).await?,
+                get_device_owner: p(q.get_device_owner).await?,
+                put_device_owner: p(q.put_device_owner).await?,
+                delete_device_owner: p(q.delete_device_owner).await?,
+                get_push: p(q.get_push).await?,
+                put_push: p(q.put_push).await?,
+                delete_push: p(q.delete_push).await?,
+                claim_push: p(q.claim_push).await?,
+                push_rows,
+                put_push_due: p(q.put_push_due).await?,
+                delete_push_due: p(q.delete_push_due).await?,
+                push_due: p(q.push_due).await?,
+                get_alerted: p(q.get_alerted).await?,
+                put_alerted: p(q.put_alerted).await?,
+                delete_alerted: p(q.delete_alerted).await?,
             };
             Ok::<_, StoreError>((session, st))
         })?;
@@ -554,6 +849,218 @@ async fn read_last(session: &Session, st: &Prepared, channel: &str) -> Result<u6
     Ok(row.map_or(0, |(o,)| o as u64))
 }
 
+/// A push row's stored columns, as `get_push` reads them.
+type PushColumns = (i64, Option<String>, i32, i64, i32, Option<String>);
+/// A whole push row, as `push_rows` reads it.
+type PushRowColumns = (
+    String,
+    i32,
+    String,
+    i64,
+    Option<String>,
+    i32,
+    i64,
+    i32,
+    Option<String>,
+);
+
+fn record((upto, from, count, due, attempts, preview): PushColumns) -> PushRecord {
+    PushRecord {
+        upto: upto.max(0) as u64,
+        from: from.unwrap_or_default(),
+        count: count.max(0) as u32,
+        due: due.max(0) as u64,
+        attempts: attempts.max(0) as u32,
+        preview,
+    }
+}
+
+/// One push row, or none.
+async fn read_push(
+    session: &Session,
+    st: &Prepared,
+    kind: PushKind,
+    user: &str,
+    conversation: &str,
+) -> Result<Option<PushRecord>> {
+    let r = session
+        .execute_unpaged(&st.get_push, (user, kind as i32, conversation))
+        .await
+        .map_err(unavailable)?;
+    let row: Option<PushColumns> = r
+        .into_rows_result()
+        .map_err(backend)?
+        .maybe_first_row()
+        .map_err(backend)?;
+    Ok(row.map(record))
+}
+
+/// A user's devices (platform, token).
+async fn devices_of(session: &Session, st: &Prepared, user: &str) -> Result<Vec<(String, String)>> {
+    let r = session
+        .execute_unpaged(&st.devices, (user,))
+        .await
+        .map_err(unavailable)?;
+    let rows = r.into_rows_result().map_err(backend)?;
+    rows.rows::<(String, String)>()
+        .map_err(backend)?
+        .map(|r| r.map_err(backend))
+        .collect()
+}
+
+/// A claim index entry: (due, kind, user, conversation, written at (ms)).
+type DueEntry = (u64, PushKind, String, String, i64);
+
+/// One bucket's index entries due by `now_ms`, earliest first.
+async fn due_entries(
+    session: &Session,
+    st: &Prepared,
+    bucket: i32,
+    now_ms: u64,
+    limit: i32,
+) -> Result<Vec<DueEntry>> {
+    let r = session
+        .execute_unpaged(&st.push_due, (bucket, big(now_ms), limit))
+        .await
+        .map_err(unavailable)?;
+    let rows = r.into_rows_result().map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows
+        .rows::<(i64, i32, String, String, Option<i64>)>()
+        .map_err(backend)?
+    {
+        let (due, kind, user, conversation, written) = row.map_err(backend)?;
+        // An unknown kind (a newer version's) is not this node's to claim.
+        if let Some(kind) = u8::try_from(kind).ok().and_then(PushKind::from_u8) {
+            out.push((
+                due.max(0) as u64,
+                kind,
+                user,
+                conversation,
+                written.unwrap_or(0),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a push row's final value and keeps its index entry in step: the new entry before the row, the old
+/// one deleted after it (see the module doc).
+async fn write_push(
+    session: &Session,
+    st: &Prepared,
+    kind: PushKind,
+    user: &str,
+    conversation: &str,
+    old_due: Option<u64>,
+    row: &Option<PushRecord>,
+) -> Result<()> {
+    let (k, b) = (kind as i32, push_bucket(user, conversation));
+    let new_due = row.as_ref().map(|r| r.due);
+    if let Some(r) = row {
+        if old_due != new_due {
+            let entry = (b, big(r.due), k, user, conversation, now_wall_ms());
+            run(session, &st.put_push_due, entry).await?;
+        }
+        let values = (
+            user,
+            k,
+            conversation,
+            big(r.upto),
+            &r.from,
+            r.count.min(i32::MAX as u32) as i32,
+            big(r.due),
+            r.attempts.min(i32::MAX as u32) as i32,
+            &r.preview,
+        );
+        run(session, &st.put_push, values).await?;
+    } else {
+        run(session, &st.delete_push, (user, k, conversation)).await?;
+    }
+    if let Some(d) = old_due
+        && old_due != new_due
+    {
+        run(
+            session,
+            &st.delete_push_due,
+            (b, big(d), k, user, conversation),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Tries to lease the row one index entry points to (see [`Candidate`]): the job when this call won it.
+async fn claim_one(
+    session: &Session,
+    st: &Prepared,
+    entry: &DueEntry,
+    now_ms: u64,
+    lease_ms: u64,
+    wall_ms: i64,
+) -> Result<Option<PushJob>> {
+    let (due, kind, user, conversation, written) = entry;
+    let (k, b) = (*kind as i32, push_bucket(user, conversation));
+    let row = read_push(session, st, *kind, user, conversation).await?;
+    let r = match Candidate::of(*due, *written, row, now_ms, wall_ms) {
+        Candidate::Skip => return Ok(None),
+        Candidate::DeleteStale => {
+            run(
+                session,
+                &st.delete_push_due,
+                (b, big(*due), k, user, conversation),
+            )
+            .await?;
+            return Ok(None);
+        }
+        Candidate::Claim(r) => r,
+    };
+    let leased = PushRecord {
+        due: now_ms.saturating_add(lease_ms),
+        attempts: r.attempts.saturating_add(1),
+        ..r
+    };
+    // The new entry first: a failure from here on leaves a stale entry, never a row no entry points to.
+    let entry_new = (b, big(leased.due), k, user, conversation, wall_ms);
+    run(session, &st.put_push_due, entry_new).await?;
+    let values = (
+        big(leased.due),
+        leased.attempts.min(i32::MAX as u32) as i32,
+        user,
+        k,
+        conversation,
+        big(*due),
+    );
+    let applied = match session.execute_unpaged(&st.claim_push, values).await {
+        Ok(res) => lwt_reply(res)? == Reply::Applied,
+        Err(e) => {
+            // Applied or not, unknown: if it was, the row waits out its lease and is claimed again.
+            tracing::warn!(error = %e, user = %user, conversation = %conversation, "scylla push claim got no answer");
+            false
+        }
+    };
+    // Not applied: another node leased (or a write moved) the row. The entry written above may be that node's
+    // own (same time, same lease): it stays.
+    if !applied {
+        return Ok(None);
+    }
+    if big(*due) != big(leased.due)
+        && let Err(e) = run(
+            session,
+            &st.delete_push_due,
+            (b, big(*due), k, user, conversation),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "scylla push index entry left stale");
+    }
+    let devices = devices_of(session, st, user).await?;
+    Ok(Some(PushJob {
+        row: leased.row(*kind, user, conversation),
+        devices,
+    }))
+}
+
 /// A conditional insert's answer (see [`Reply::from_columns`]).
 fn lwt_reply(r: QueryResult) -> Result<Reply> {
     let rows = r.into_rows_result().map_err(backend)?;
@@ -605,6 +1112,7 @@ async fn run_batch(session: &Session, batch: &Batch, values: &[Vec<CqlValue>]) -
 }
 
 /// One write of a group commit once its values are decided, owned so the batch can run concurrently.
+#[derive(Debug, PartialEq, Eq)]
 enum Insert {
     /// A stored message's dedupe record and offline entries: a logged batch.
     Appended {
@@ -619,13 +1127,78 @@ enum Insert {
     Conversation(String, Vec<String>),
     Device(String, String, String),
     DeleteDevice(String, String, String),
+    /// A push row's final value (`None`: deleted), and the due time of its index entry as read (none: no row
+    /// was there).
+    Push {
+        kind: PushKind,
+        user: String,
+        conversation: String,
+        old_due: Option<u64>,
+        row: Option<PushRecord>,
+    },
+    /// (user, conversation) alerted up to this offset (`None`: not alerted).
+    Alerted(String, String, Option<u64>),
+    /// (platform, token) belongs to this user (`None`: to nobody).
+    Owner(String, String, Option<String>),
 }
+
+/// (kind, user, conversation): one push row.
+type PushKey = (PushKind, String, String);
 
 impl Scylla {
     /// Decides one write of a group commit (dedupe, offset claim, receipt values, removed members) and queues
     /// what remains to be written.
     fn plan(&mut self, w: &Write, plan: &mut Plan) -> Result<WriteResult> {
         Ok(match w {
+            Write::PushDone {
+                kind,
+                user,
+                conversation,
+                upto,
+                count,
+            } => {
+                let mut keys = vec![(*kind, user.clone(), conversation.clone())];
+                let mut marks = Vec::new();
+                let mut read = 0;
+                if *kind == PushKind::Alert {
+                    keys.push((PushKind::Clear, user.clone(), conversation.clone()));
+                    marks.push((user.clone(), conversation.clone()));
+                    read = self.receipt_of(plan, conversation, user)?.1;
+                }
+                self.load(plan, keys, marks, Vec::new())?;
+                plan.push_done(*kind, user, conversation, *upto, *count, read);
+                WriteResult::Done
+            }
+            Write::PushRetry {
+                kind,
+                user,
+                conversation,
+                due_ms,
+            } => {
+                self.load(
+                    plan,
+                    vec![(*kind, user.clone(), conversation.clone())],
+                    Vec::new(),
+                    Vec::new(),
+                )?;
+                plan.push_op(*kind, user, conversation, &PushOp::Retry(*due_ms));
+                WriteResult::Done
+            }
+            Write::PushDrop {
+                kind,
+                user,
+                conversation,
+                upto,
+            } => {
+                self.load(
+                    plan,
+                    vec![(*kind, user.clone(), conversation.clone())],
+                    Vec::new(),
+                    Vec::new(),
+                )?;
+                plan.push_op(*kind, user, conversation, &PushOp::Drop(*upto));
+                WriteResult::Done
+            }
             Write::Append(m) => {
                 let key = match (&m.from, &m.client_id) {
                     (Some(f), Some(c)) => Some((f.clone(), m.channel.clone(), c.clone())),
@@ -652,7 +1225,30 @@ impl Scylla {
                 if let Some((offset, ts)) = dup {
                     return Ok(WriteResult::Appended(Appended::Duplicate { offset, ts }));
                 }
+                // The push rows are read before the message is stored: a failure here stores nothing, so the
+                // client's retry is not taken for a duplicate and gets its rows.
+                let conv = conversation_of(&m.channel).filter(|_| !m.push.is_empty());
+                if let Some(conv) = conv {
+                    let keys = m
+                        .push
+                        .iter()
+                        .map(|p| (PushKind::Alert, p.user.clone(), conv.to_string()))
+                        .collect();
+                    self.load(plan, keys, Vec::new(), Vec::new())?;
+                }
                 let offset = self.claim(m)?;
+                if let Some(conv) = conv {
+                    let from = m.from.clone().unwrap_or_default();
+                    for p in &m.push {
+                        let op = PushOp::Collapse {
+                            upto: offset,
+                            from: from.clone(),
+                            due: p.due_ms,
+                            preview: p.preview.clone(),
+                        };
+                        plan.push_op(PushKind::Alert, &p.user, conv, &op);
+                    }
+                }
                 if let Some(k) = &key {
                     plan.seen.insert(k.clone(), (offset, m.ts));
                 }
@@ -671,39 +1267,27 @@ impl Scylla {
                 offset,
             } => {
                 let k = (conversation.clone(), member.clone());
-                let (d, r) = match plan.receipts.get(&k) {
-                    Some(v) => *v,
-                    None => {
-                        let (session, st) = (&self.session, &self.st);
-                        self.rt.block_on(async {
-                            let res = session
-                                .execute_unpaged(&st.get_receipt, (conversation, member))
-                                .await
-                                .map_err(unavailable)?;
-                            let row: Option<(i64, i64)> = res
-                                .into_rows_result()
-                                .map_err(backend)?
-                                .maybe_first_row()
-                                .map_err(backend)?;
-                            Ok::<_, StoreError>(row.map_or((0, 0), |(d, r)| (d as u64, r as u64)))
-                        })?
-                    }
-                };
+                let (d, r) = self.receipt_of(plan, conversation, member)?;
                 let nd = d.max(*offset);
                 let nr = if *state == ReceiptState::Read {
                     r.max(*offset)
                 } else {
                     r
                 };
-                plan.receipts.insert(k, (nd, nr));
-                if (nd, nr) != (d, r) {
-                    plan.inserts.push(Insert::Receipt(
-                        conversation.clone(),
-                        member.clone(),
-                        nd as i64,
-                        nr as i64,
-                    ));
+                let mut keys = vec![(PushKind::Alert, member.clone(), conversation.clone())];
+                let mut marks = Vec::new();
+                if *state == ReceiptState::Read && nr > r {
+                    keys.push((PushKind::Clear, member.clone(), conversation.clone()));
+                    marks.push((member.clone(), conversation.clone()));
                 }
+                self.load(plan, keys, marks, Vec::new())?;
+                plan.receipt_push(conversation, member, *state, r, nd, nr);
+                if (nd, nr) != (d, r) {
+                    // Written once, with the batch's last value, by `Plan::flush` (the inserts of a batch run
+                    // concurrently: two writes of one row could land in either order).
+                    plan.receipts_changed.insert(k.clone());
+                }
+                plan.receipts.insert(k, (nd, nr));
                 WriteResult::Receipt {
                     prev_delivered: d,
                     prev_read: r,
@@ -742,11 +1326,9 @@ impl Scylla {
                 platform,
                 token,
             } => {
-                plan.inserts.push(Insert::Device(
-                    user.clone(),
-                    platform.clone(),
-                    token.clone(),
-                ));
+                let owner = vec![(platform.clone(), token.clone())];
+                self.load(plan, Vec::new(), Vec::new(), owner)?;
+                plan.put_device(user, platform, token);
                 WriteResult::Done
             }
             Write::DeleteDevice {
@@ -754,13 +1336,101 @@ impl Scylla {
                 platform,
                 token,
             } => {
-                plan.inserts.push(Insert::DeleteDevice(
-                    user.clone(),
-                    platform.clone(),
-                    token.clone(),
-                ));
+                let owner = vec![(platform.clone(), token.clone())];
+                self.load(plan, Vec::new(), Vec::new(), owner)?;
+                plan.delete_device(user, platform, token);
                 WriteResult::Done
             }
+        })
+    }
+
+    /// A member's (delivered, read) offsets: as the batch left them, else as stored.
+    fn receipt_of(&self, plan: &Plan, conversation: &str, member: &str) -> Result<(u64, u64)> {
+        if let Some(v) = plan
+            .receipts
+            .get(&(conversation.to_string(), member.to_string()))
+        {
+            return Ok(*v);
+        }
+        let (session, st) = (&self.session, &self.st);
+        self.rt.block_on(async {
+            let res = session
+                .execute_unpaged(&st.get_receipt, (conversation, member))
+                .await
+                .map_err(unavailable)?;
+            let row: Option<(i64, i64)> = res
+                .into_rows_result()
+                .map_err(backend)?
+                .maybe_first_row()
+                .map_err(backend)?;
+            Ok(row.map_or((0, 0), |(d, r)| (d as u64, r as u64)))
+        })
+    }
+
+    /// Reads into the plan the push rows, alert marks (user, conversation) and token owners (platform, token)
+    /// it does not hold yet, concurrently.
+    fn load(
+        &self,
+        plan: &mut Plan,
+        push: Vec<PushKey>,
+        marks: Vec<(String, String)>,
+        owners: Vec<(String, String)>,
+    ) -> Result<()> {
+        let mut push: Vec<PushKey> = push
+            .into_iter()
+            .filter(|k| !plan.push.contains_key(k))
+            .collect();
+        push.sort();
+        push.dedup();
+        let marks: Vec<(String, String)> = marks
+            .into_iter()
+            .filter(|k| !plan.alerted.contains_key(k))
+            .collect();
+        let owners: Vec<(String, String)> = owners
+            .into_iter()
+            .filter(|k| !plan.owners.contains_key(k))
+            .collect();
+        if push.is_empty() && marks.is_empty() && owners.is_empty() {
+            return Ok(());
+        }
+        let (session, st) = (&self.session, &self.st);
+        self.rt.block_on(async {
+            for chunk in push.chunks(MAX_IN_FLIGHT) {
+                let futs = chunk
+                    .iter()
+                    .map(|(k, u, c)| read_push(session, st, *k, u, c));
+                for (key, r) in chunk.iter().zip(join_all(futs).await) {
+                    let r = r?;
+                    plan.push.insert(key.clone(), (r.clone(), r));
+                }
+            }
+            for (u, c) in marks {
+                let r = session
+                    .execute_unpaged(&st.get_alerted, (&u, &c))
+                    .await
+                    .map_err(unavailable)?;
+                let row: Option<(i64,)> = r
+                    .into_rows_result()
+                    .map_err(backend)?
+                    .maybe_first_row()
+                    .map_err(backend)?;
+                let a = row.map(|(a,)| a as u64);
+                plan.alerted.insert((u, c), (a, a));
+            }
+            for (p, t) in owners {
+                let r = session
+                    .execute_unpaged(&st.get_device_owner, (&p, &t))
+                    .await
+                    .map_err(unavailable)?;
+                let row: Option<(String,)> = r
+                    .into_rows_result()
+                    .map_err(backend)?
+                    .maybe_first_row()
+                    .map_err(backend)?;
+                let o = row.map(|(o,)| o);
+                plan.owners.insert((p, t), (o.clone(), o));
+            }
+            Ok(())
         })
     }
 
@@ -825,6 +1495,27 @@ impl Scylla {
                         Insert::DeleteDevice(u, p, t) => {
                             run(session, &st.delete_device, (u, p, t)).await
                         }
+                        Insert::Push {
+                            kind,
+                            user,
+                            conversation,
+                            old_due,
+                            row,
+                        } => {
+                            write_push(session, st, *kind, user, conversation, *old_due, row).await
+                        }
+                        Insert::Alerted(u, c, Some(a)) => {
+                            run(session, &st.put_alerted, (u, c, big(*a))).await
+                        }
+                        Insert::Alerted(u, c, None) => {
+                            run(session, &st.delete_alerted, (u, c)).await
+                        }
+                        Insert::Owner(p, t, Some(u)) => {
+                            run(session, &st.put_device_owner, (p, t, u)).await
+                        }
+                        Insert::Owner(p, t, None) => {
+                            run(session, &st.delete_device_owner, (p, t)).await
+                        }
                     }
                 });
                 for r in join_all(futs).await {
@@ -842,7 +1533,164 @@ struct Plan {
     inserts: Vec<Insert>,
     seen: HashMap<(String, String, String), (u64, u64)>,
     receipts: HashMap<(String, String), (u64, u64)>,
+    /// Receipts the batch moved (their final values are in `receipts`).
+    receipts_changed: std::collections::BTreeSet<(String, String)>,
     members: HashMap<String, Vec<String>>,
+    /// Push rows the batch reads or writes: (as read, as the batch leaves it). Each is written once, by
+    /// [`Plan::flush`].
+    push: BTreeMap<PushKey, (Option<PushRecord>, Option<PushRecord>)>,
+    /// Alert marks of (user, conversation): (as read, now).
+    alerted: BTreeMap<(String, String), (Option<u64>, Option<u64>)>,
+    /// Owners of (platform, token): (as read, now).
+    owners: BTreeMap<(String, String), (Option<String>, Option<String>)>,
+    /// (user, platform, token) registered (true) or forgotten (false) by the batch, last write wins.
+    devices: BTreeMap<(String, String, String), bool>,
+}
+
+impl Plan {
+    /// Applies `op` to a row loaded into the plan.
+    fn push_op(&mut self, kind: PushKind, user: &str, conversation: &str, op: &PushOp) {
+        let e = self
+            .push
+            .get_mut(&(kind, user.to_string(), conversation.to_string()))
+            .expect("push row loaded before it is changed");
+        e.1 = op.apply(e.1.take());
+    }
+
+    fn alerted_mut(&mut self, user: &str, conversation: &str) -> &mut Option<u64> {
+        &mut self
+            .alerted
+            .get_mut(&(user.to_string(), conversation.to_string()))
+            .expect("alert mark loaded before it is used")
+            .1
+    }
+
+    /// A receipt's push side effects (rows loaded: the alert row; with a new read, the clear row and the mark).
+    fn receipt_push(
+        &mut self,
+        conversation: &str,
+        member: &str,
+        state: ReceiptState,
+        prev_read: u64,
+        delivered: u64,
+        read: u64,
+    ) {
+        // An ack on any device fulfils the alert it covers.
+        self.push_op(
+            PushKind::Alert,
+            member,
+            conversation,
+            &PushOp::Delivered(delivered),
+        );
+        // A read of an alerted conversation: tell the other devices to clear it.
+        if state == ReceiptState::Read
+            && read > prev_read
+            && let Some(a) = *self.alerted_mut(member, conversation)
+        {
+            self.push_op(PushKind::Clear, member, conversation, &PushOp::Read(read));
+            if read >= a {
+                *self.alerted_mut(member, conversation) = None;
+            }
+        }
+    }
+
+    /// A push went out (rows loaded: the row; for an alert, the clear row and the mark; `read` is the user's
+    /// read offset in the conversation).
+    fn push_done(
+        &mut self,
+        kind: PushKind,
+        user: &str,
+        conversation: &str,
+        upto: u64,
+        count: u32,
+        read: u64,
+    ) {
+        self.push_op(kind, user, conversation, &PushOp::Done { upto, count });
+        if kind == PushKind::Alert {
+            if read >= upto {
+                // Read on another device while this alert was out: clear it at once.
+                self.push_op(PushKind::Clear, user, conversation, &PushOp::Read(read));
+            } else {
+                let a = self.alerted_mut(user, conversation);
+                *a = Some(a.unwrap_or(0).max(upto));
+            }
+        }
+    }
+
+    /// Registers a device (owner loaded): a token another user had moves.
+    fn put_device(&mut self, user: &str, platform: &str, token: &str) {
+        let owner = &mut self
+            .owners
+            .get_mut(&(platform.to_string(), token.to_string()))
+            .expect("owner loaded before a device is registered")
+            .1;
+        if let Some(o) = owner.as_deref()
+            && o != user
+        {
+            // The token moved to another user (a shared phone, a new login).
+            self.devices.insert(
+                (o.to_string(), platform.to_string(), token.to_string()),
+                false,
+            );
+        }
+        *owner = Some(user.to_string());
+        self.devices.insert(
+            (user.to_string(), platform.to_string(), token.to_string()),
+            true,
+        );
+    }
+
+    /// Forgets a device (owner loaded), and the token's owner when it was this user.
+    fn delete_device(&mut self, user: &str, platform: &str, token: &str) {
+        let owner = &mut self
+            .owners
+            .get_mut(&(platform.to_string(), token.to_string()))
+            .expect("owner loaded before a device is forgotten")
+            .1;
+        if owner.as_deref() == Some(user) {
+            *owner = None;
+        }
+        self.devices.insert(
+            (user.to_string(), platform.to_string(), token.to_string()),
+            false,
+        );
+    }
+
+    /// Queues the final value of every receipt, push row, mark, owner and device the batch changed.
+    fn flush(&mut self) {
+        for k in std::mem::take(&mut self.receipts_changed) {
+            let (d, r) = self.receipts[&k];
+            self.inserts.push(Insert::Receipt(k.0, k.1, big(d), big(r)));
+        }
+        for ((kind, user, conversation), (old, row)) in std::mem::take(&mut self.push) {
+            if old != row {
+                self.inserts.push(Insert::Push {
+                    kind,
+                    user,
+                    conversation,
+                    old_due: old.map(|o| o.due),
+                    row,
+                });
+            }
+        }
+        for ((user, conversation), (old, now)) in std::mem::take(&mut self.alerted) {
+            if old != now {
+                self.inserts.push(Insert::Alerted(user, conversation, now));
+            }
+        }
+        for ((platform, token), (old, now)) in std::mem::take(&mut self.owners) {
+            if old != now {
+                self.inserts.push(Insert::Owner(platform, token, now));
+            }
+        }
+        for ((user, platform, token), present) in std::mem::take(&mut self.devices) {
+            self.inserts.push(if present {
+                Insert::Device(user, platform, token)
+            } else {
+                Insert::DeleteDevice(user, platform, token)
+            });
+        }
+    }
 }
 
 impl Store for Scylla {
@@ -867,6 +1715,7 @@ impl Store for Scylla {
         }
         // Messages already stored get their dedupe records and offline entries even when a later write of the
         // batch failed, so that the client's retry finds them.
+        plan.flush();
         let written = self.write(&plan.inserts);
         if written.is_err() || failed.is_some() {
             // Offsets cached in this batch may be ahead of what was written: reload them.
@@ -1010,19 +1859,74 @@ impl Store for Scylla {
         })
     }
 
-    fn devices(&mut self, user: &str) -> Result<Vec<(String, String)>> {
+    fn push_claim(&mut self, now_ms: u64, lease_ms: u64, limit: usize) -> Result<Vec<PushJob>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (session, st) = (&self.session, &self.st);
         self.rt.block_on(async {
-            let r = self
-                .session
-                .execute_unpaged(&self.st.devices, (user,))
-                .await
-                .map_err(unavailable)?;
-            let rows = r.into_rows_result().map_err(backend)?;
-            rows.rows::<(String, String)>()
-                .map_err(backend)?
-                .map(|r| r.map_err(backend))
-                .collect()
+            let per_bucket = limit.min(i32::MAX as usize) as i32;
+            let futs = (0..PUSH_BUCKETS).map(|b| due_entries(session, st, b, now_ms, per_bucket));
+            let mut candidates = Vec::new();
+            for r in join_all(futs).await {
+                candidates.extend(r?);
+            }
+            candidates.sort();
+            let wall = now_wall_ms();
+            let (mut jobs, mut first_error) = (Vec::new(), None);
+            let mut rest = candidates.as_slice();
+            while jobs.len() < limit && !rest.is_empty() {
+                let n = (limit - jobs.len()).min(MAX_IN_FLIGHT).min(rest.len());
+                let (chunk, tail) = rest.split_at(n);
+                rest = tail;
+                let futs = chunk
+                    .iter()
+                    .map(|e| claim_one(session, st, e, now_ms, lease_ms, wall));
+                for r in join_all(futs).await {
+                    match r {
+                        Ok(Some(job)) => jobs.push(job),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "scylla push claim of one row failed");
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            // Rows already leased are handed out even when others failed (theirs would wait out the lease).
+            match first_error {
+                Some(e) if jobs.is_empty() => Err(e),
+                _ => Ok(jobs),
+            }
         })
+    }
+
+    fn push_rows(&mut self) -> Result<Vec<PushRow>> {
+        let (session, st) = (&self.session, &self.st);
+        self.rt.block_on(async {
+            let stream = session
+                .execute_iter(st.push_rows.clone(), ())
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<PushRowColumns>()
+                .map_err(backend)?;
+            let mut stream = std::pin::pin!(stream);
+            let mut out = Vec::new();
+            while let Some(row) = stream.next().await {
+                let (user, kind, conversation, upto, from, count, due, attempts, preview) =
+                    row.map_err(unavailable)?;
+                let Some(kind) = u8::try_from(kind).ok().and_then(PushKind::from_u8) else {
+                    return Err(StoreError::Corrupt(format!("push kind {kind}")));
+                };
+                let rec = record((upto, from, count, due, attempts, preview));
+                out.push(rec.row(kind, &user, &conversation));
+            }
+            Ok(out)
+        })
+    }
+
+    fn devices(&mut self, user: &str) -> Result<Vec<(String, String)>> {
+        self.rt.block_on(devices_of(&self.session, &self.st, user))
     }
 }
 
@@ -1293,15 +2197,52 @@ mod tests {
             &q.put_device,
             &q.delete_device,
             &q.devices,
+            &q.get_device_owner,
+            &q.put_device_owner,
+            &q.delete_device_owner,
+            &q.get_push,
+            &q.put_push,
+            &q.delete_push,
+            &q.claim_push,
+            &q.push_rows,
+            &q.put_push_due,
+            &q.delete_push_due,
+            &q.push_due,
+            &q.get_alerted,
+            &q.put_alerted,
+            &q.delete_alerted,
         ];
         for stmt in all {
             assert!(stmt.contains(" ks1."), "{stmt}");
             assert_eq!(
                 stmt.contains("IF NOT EXISTS"),
                 std::ptr::eq(stmt, &q.insert_message),
-                "only the claim is a lightweight transaction: {stmt}"
+                "only the offset claim is an insert-if-absent: {stmt}"
             );
+            assert_eq!(
+                stmt.contains(" IF "),
+                std::ptr::eq(stmt, &q.insert_message) || std::ptr::eq(stmt, &q.claim_push),
+                "the offset claim and the push claim are the only lightweight transactions: {stmt}"
+            );
+            // Every `?` of a statement is bound: as many as the values the store passes.
+            let binds = stmt.matches('?').count();
+            let expected = match stmt {
+                s if std::ptr::eq(s, &q.put_push) => 9,
+                s if std::ptr::eq(s, &q.claim_push) || std::ptr::eq(s, &q.put_push_due) => 6,
+                s if std::ptr::eq(s, &q.delete_push_due) => 5,
+                _ => binds,
+            };
+            assert_eq!(binds, expected, "{stmt}");
         }
+        assert_eq!(
+            q.claim_push,
+            "UPDATE ks1.push_rows SET due = ?, attempts = ? WHERE user_id = ? AND kind = ? AND conversation_id = ? IF due = ?"
+        );
+        assert_eq!(
+            q.push_due,
+            "SELECT due, kind, user_id, conversation_id, written FROM ks1.push_due WHERE bucket = ? AND due <= ? LIMIT ?"
+        );
+        assert!(!q.push_rows.contains("LIMIT"), "paged, not cut by a limit");
         let ddl = schema(
             "ks1",
             "{'class': 'SimpleStrategy', 'replication_factor': 1}",
@@ -1313,5 +2254,385 @@ mod tests {
         );
         assert!(ddl[2].contains("ks1.dedupe") && ddl[2].ends_with("default_time_to_live = 60"));
         assert!(ddl.iter().all(|d| d.contains("IF NOT EXISTS")));
+        for table in ["push_rows", "push_due", "push_alerted", "device_owner"] {
+            assert!(
+                ddl.iter()
+                    .any(|d| d.contains(&format!("TABLE IF NOT EXISTS ks1.{table} "))),
+                "{table}"
+            );
+        }
+        let due = ddl.iter().find(|d| d.contains("ks1.push_due ")).unwrap();
+        assert!(due.contains("PRIMARY KEY ((bucket), due, kind, user_id, conversation_id)"));
+    }
+
+    fn rec(upto: u64, count: u32, due: u64, attempts: u32) -> PushRecord {
+        PushRecord {
+            upto,
+            from: "alice".into(),
+            count,
+            due,
+            attempts,
+            preview: None,
+        }
+    }
+
+    fn collapse(upto: u64, due: u64) -> PushOp {
+        PushOp::Collapse {
+            upto,
+            from: "alice".into(),
+            due,
+            preview: Some(format!("m{upto}")),
+        }
+    }
+
+    #[test]
+    fn push_ops_follow_the_embedded_semantics() {
+        // A new row; a burst collapses into it, keeping the earliest due time.
+        let r = collapse(1, 1000).apply(None).unwrap();
+        assert_eq!((r.upto, r.count, r.due, r.attempts), (1, 1, 1000, 0));
+        assert_eq!(r.preview.as_deref(), Some("m1"));
+        let r = collapse(2, 2000).apply(Some(r)).unwrap();
+        assert_eq!(
+            (r.upto, r.count, r.due, r.preview.as_deref()),
+            (2, 2, 1000, Some("m2"))
+        );
+        let r = collapse(3, 10).apply(Some(r)).unwrap();
+        assert_eq!(r.due, 10, "an earlier due time wins");
+        // A claimed row keeps its lease.
+        let claimed = rec(3, 3, 50_000, 1);
+        let r = collapse(4, 0).apply(Some(claimed)).unwrap();
+        assert_eq!((r.upto, r.count, r.due, r.attempts), (4, 4, 50_000, 1));
+        // Delivery: a partial ack keeps the row, a covering one removes it; no row stays none.
+        assert_eq!(
+            PushOp::Delivered(3).apply(Some(rec(4, 2, 5, 0))),
+            Some(rec(4, 2, 5, 0))
+        );
+        assert_eq!(PushOp::Delivered(4).apply(Some(rec(4, 2, 5, 0))), None);
+        assert_eq!(PushOp::Delivered(4).apply(None), None);
+        // Done: covered → gone; newer messages meanwhile → the rest, due now, attempts over.
+        let done = PushOp::Done { upto: 3, count: 1 };
+        assert_eq!(done.apply(Some(rec(3, 1, 9, 1))), None);
+        assert_eq!(done.apply(Some(rec(4, 2, 9, 1))), Some(rec(4, 1, 0, 0)));
+        assert_eq!(
+            PushOp::Done { upto: 3, count: 5 }.apply(Some(rec(4, 2, 9, 1))),
+            Some(rec(4, 1, 0, 0)),
+            "at least one message left"
+        );
+        assert_eq!(done.apply(None), None);
+        // Retry moves the due time of an existing row only; drop removes a covered row only.
+        assert_eq!(
+            PushOp::Retry(90).apply(Some(rec(4, 1, 0, 2))),
+            Some(rec(4, 1, 90, 2))
+        );
+        assert_eq!(PushOp::Retry(90).apply(None), None);
+        assert_eq!(
+            PushOp::Drop(3).apply(Some(rec(4, 1, 0, 2))),
+            Some(rec(4, 1, 0, 2))
+        );
+        assert_eq!(PushOp::Drop(4).apply(Some(rec(4, 1, 0, 2))), None);
+        // A read of an alerted conversation (re)sets the clear row, due now.
+        let clear = PushOp::Read(7).apply(Some(rec(5, 1, 99, 3))).unwrap();
+        assert_eq!(
+            clear,
+            PushRecord {
+                upto: 7,
+                from: String::new(),
+                count: 1,
+                due: 0,
+                attempts: 0,
+                preview: None
+            }
+        );
+    }
+
+    /// A plan with these rows, marks and owners as read.
+    fn loaded(
+        push: &[(PushKind, Option<PushRecord>)],
+        alerted: Option<u64>,
+        owner: Option<&str>,
+    ) -> Plan {
+        let mut p = Plan::default();
+        for (k, r) in push {
+            p.push
+                .insert((*k, "bob".into(), "c1".into()), (r.clone(), r.clone()));
+        }
+        p.alerted
+            .insert(("bob".into(), "c1".into()), (alerted, alerted));
+        p.owners.insert(
+            ("fcm".into(), "t1".into()),
+            (owner.map(str::to_string), owner.map(str::to_string)),
+        );
+        p
+    }
+
+    #[test]
+    fn a_plan_writes_each_touched_row_once_with_its_final_value() {
+        let mut p = loaded(&[(PushKind::Alert, None)], None, None);
+        p.push_op(PushKind::Alert, "bob", "c1", &collapse(1, 1000));
+        p.push_op(PushKind::Alert, "bob", "c1", &collapse(2, 500));
+        p.flush();
+        let mut want = rec(2, 2, 500, 0);
+        want.preview = Some("m2".into());
+        assert_eq!(
+            p.inserts,
+            [Insert::Push {
+                kind: PushKind::Alert,
+                user: "bob".into(),
+                conversation: "c1".into(),
+                old_due: None,
+                row: Some(want)
+            }]
+        );
+        // Unchanged rows, marks and owners write nothing.
+        let mut p = loaded(
+            &[(PushKind::Alert, Some(rec(3, 1, 5, 0)))],
+            Some(2),
+            Some("bob"),
+        );
+        p.push_op(PushKind::Alert, "bob", "c1", &PushOp::Delivered(2));
+        p.flush();
+        assert_eq!(p.inserts, []);
+        // A removed row names the index entry to delete.
+        let mut p = loaded(&[(PushKind::Alert, Some(rec(3, 1, 5, 1)))], None, None);
+        p.push_op(PushKind::Alert, "bob", "c1", &PushOp::Drop(3));
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [Insert::Push {
+                kind: PushKind::Alert,
+                user: "bob".into(),
+                conversation: "c1".into(),
+                old_due: Some(5),
+                row: None
+            }]
+        );
+    }
+
+    #[test]
+    fn receipts_fulfil_alerts_and_a_read_of_an_alerted_conversation_clears() {
+        let both = [
+            (PushKind::Alert, Some(rec(4, 2, 5, 1))),
+            (PushKind::Clear, None),
+        ];
+        // A read up to 4 of a conversation alerted up to 3: the alert is fulfilled, the clear row created,
+        // the mark gone.
+        let mut p = loaded(&both, Some(3), None);
+        p.receipt_push("c1", "bob", ReceiptState::Read, 1, 4, 4);
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [
+                Insert::Push {
+                    kind: PushKind::Alert,
+                    user: "bob".into(),
+                    conversation: "c1".into(),
+                    old_due: Some(5),
+                    row: None
+                },
+                Insert::Push {
+                    kind: PushKind::Clear,
+                    user: "bob".into(),
+                    conversation: "c1".into(),
+                    old_due: None,
+                    row: Some(PushOp::Read(4).apply(None).unwrap())
+                },
+                Insert::Alerted("bob".into(), "c1".into(), None),
+            ]
+        );
+        // Alerted further than the read: the mark stays.
+        let mut p = loaded(&both, Some(9), None);
+        p.receipt_push("c1", "bob", ReceiptState::Read, 1, 4, 4);
+        assert_eq!(p.alerted[&("bob".into(), "c1".into())].1, Some(9));
+        assert!(
+            p.push[&(PushKind::Clear, "bob".into(), "c1".into())]
+                .1
+                .is_some()
+        );
+        // Never alerted, no new read, or only delivered: no clear row.
+        for (alerted, state, prev_read, read) in [
+            (None, ReceiptState::Read, 1, 4),
+            (Some(3), ReceiptState::Read, 4, 4),
+            (Some(3), ReceiptState::Delivered, 1, 1),
+        ] {
+            let mut p = loaded(&both, alerted, None);
+            p.receipt_push("c1", "bob", state, prev_read, 4, read);
+            assert_eq!(
+                p.push[&(PushKind::Clear, "bob".into(), "c1".into())].1,
+                None
+            );
+            assert_eq!(p.alerted[&("bob".into(), "c1".into())].1, alerted);
+        }
+        // A delivered ack short of the alert keeps it.
+        let mut p = loaded(&both, None, None);
+        p.receipt_push("c1", "bob", ReceiptState::Delivered, 0, 3, 0);
+        p.flush();
+        assert_eq!(p.inserts, []);
+    }
+
+    #[test]
+    fn a_batch_writes_a_receipt_once_with_its_last_value() {
+        let mut p = Plan::default();
+        let k = ("c1".to_string(), "bob".to_string());
+        for v in [(4, 0), (4, 2)] {
+            p.receipts.insert(k.clone(), v);
+            p.receipts_changed.insert(k.clone());
+        }
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [Insert::Receipt("c1".into(), "bob".into(), 4, 2)]
+        );
+    }
+
+    #[test]
+    fn a_done_alert_marks_the_conversation_alerted() {
+        let alert_and_clear = |alert| [(PushKind::Alert, alert), (PushKind::Clear, None)];
+        let mut p = loaded(&alert_and_clear(Some(rec(2, 2, 9, 1))), Some(5), None);
+        p.push_done(PushKind::Alert, "bob", "c1", 2, 2, 0);
+        assert_eq!(
+            p.alerted[&("bob".into(), "c1".into())].1,
+            Some(5),
+            "never lowered"
+        );
+        let mut p = loaded(&alert_and_clear(None), None, None);
+        p.push_done(PushKind::Alert, "bob", "c1", 3, 1, 2);
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [Insert::Alerted("bob".into(), "c1".into(), Some(3))],
+            "marked even when the row is gone"
+        );
+        // Read up to it on another device while it was out: the clear row at once, no mark.
+        let mut p = loaded(&alert_and_clear(Some(rec(6, 1, 9, 1))), None, None);
+        p.push_done(PushKind::Alert, "bob", "c1", 6, 1, 7);
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [
+                Insert::Push {
+                    kind: PushKind::Alert,
+                    user: "bob".into(),
+                    conversation: "c1".into(),
+                    old_due: Some(9),
+                    row: None
+                },
+                Insert::Push {
+                    kind: PushKind::Clear,
+                    user: "bob".into(),
+                    conversation: "c1".into(),
+                    old_due: None,
+                    row: Some(PushOp::Read(7).apply(None).unwrap())
+                },
+            ]
+        );
+        // A clear push does not mark.
+        let mut p = Plan::default();
+        p.push.insert(
+            (PushKind::Clear, "bob".into(), "c1".into()),
+            (Some(rec(4, 1, 9, 1)), Some(rec(4, 1, 9, 1))),
+        );
+        p.push_done(PushKind::Clear, "bob", "c1", 4, 1, 9);
+        p.flush();
+        assert!(matches!(p.inserts[..], [Insert::Push { row: None, .. }]));
+    }
+
+    #[test]
+    fn a_token_belongs_to_one_user() {
+        // Registered for bob while carol had it: it moves.
+        let mut p = loaded(&[], None, Some("carol"));
+        p.put_device("bob", "fcm", "t1");
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [
+                Insert::Owner("fcm".into(), "t1".into(), Some("bob".into())),
+                Insert::Device("bob".into(), "fcm".into(), "t1".into()),
+                Insert::DeleteDevice("carol".into(), "fcm".into(), "t1".into()),
+            ]
+        );
+        // Registered twice for one user: one owner, one device.
+        let mut p = loaded(&[], None, Some("bob"));
+        p.put_device("bob", "fcm", "t1");
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [Insert::Device("bob".into(), "fcm".into(), "t1".into())]
+        );
+        // In one batch: bob, then carol, then carol forgets it: nobody has it.
+        let mut p = loaded(&[], None, None);
+        p.put_device("bob", "fcm", "t1");
+        p.put_device("carol", "fcm", "t1");
+        p.delete_device("carol", "fcm", "t1");
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [
+                Insert::DeleteDevice("bob".into(), "fcm".into(), "t1".into()),
+                Insert::DeleteDevice("carol".into(), "fcm".into(), "t1".into()),
+            ]
+        );
+        // Forgetting another user's token leaves its owner alone.
+        let mut p = loaded(&[], None, Some("carol"));
+        p.delete_device("bob", "fcm", "t1");
+        p.flush();
+        assert_eq!(
+            p.inserts,
+            [Insert::DeleteDevice(
+                "bob".into(),
+                "fcm".into(),
+                "t1".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_claim_leases_due_rows_and_cleans_only_old_stale_entries() {
+        let wall = 10_000_000;
+        let young = wall - 1000;
+        let old = wall - PUSH_INDEX_GRACE.as_millis() as i64 - 1;
+        assert_eq!(
+            Candidate::of(100, young, Some(rec(1, 1, 100, 0)), 150, wall),
+            Candidate::Claim(rec(1, 1, 100, 0))
+        );
+        // The row is gone, or due at another time (with its own entry): stale.
+        assert_eq!(
+            Candidate::of(100, old, None, 150, wall),
+            Candidate::DeleteStale
+        );
+        assert_eq!(
+            Candidate::of(100, old, Some(rec(1, 1, 900, 1)), 150, wall),
+            Candidate::DeleteStale
+        );
+        // ...but a young entry may be a write's first step: left alone.
+        assert_eq!(Candidate::of(100, young, None, 150, wall), Candidate::Skip);
+        assert_eq!(
+            Candidate::of(0, young, Some(rec(1, 1, 900, 1)), 150, wall),
+            Candidate::Skip
+        );
+        // Not due yet.
+        assert_eq!(
+            Candidate::of(200, old, Some(rec(1, 1, 200, 0)), 150, wall),
+            Candidate::Skip
+        );
+    }
+
+    #[test]
+    fn push_buckets_are_stable_and_spread() {
+        let b = push_bucket("bob", "c1");
+        assert_eq!(b, push_bucket("bob", "c1"));
+        assert!((0..PUSH_BUCKETS).contains(&b));
+        // The separator keeps ("ab", "c") and ("a", "bc") apart, and the hash is FNV-1a (not per process).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for x in b"bob\tc1" {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        assert_eq!(b as u64, h % PUSH_BUCKETS as u64);
+        let used: std::collections::BTreeSet<i32> = (0..200)
+            .map(|i| push_bucket(&format!("u{i}"), "c1"))
+            .collect();
+        assert_eq!(used.len(), PUSH_BUCKETS as usize, "every bucket gets rows");
+        assert_eq!(big(u64::MAX), i64::MAX);
+        assert_eq!(big(7), 7);
     }
 }

@@ -53,6 +53,13 @@ pub enum Request {
         reads: Vec<(String, u64)>,
         limit: usize,
     },
+    /// Claims due push obligations ([`super::Store::push_claim`]).
+    PushClaim {
+        token: Token,
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -72,6 +79,10 @@ pub enum Completion {
     Conversations {
         token: Token,
         result: Result<Vec<(String, Vec<String>)>, String>,
+    },
+    PushJobs {
+        token: Token,
+        result: Result<Vec<super::PushJob>, String>,
     },
 }
 
@@ -211,6 +222,7 @@ pub fn spawn(
                         Completion::Messages { result: Err(_), .. }
                             | Completion::Offset { result: Err(_), .. }
                             | Completion::Conversations { result: Err(_), .. }
+                            | Completion::PushJobs { result: Err(_), .. }
                     ));
                     let _ = done.send(c);
                 }
@@ -225,6 +237,15 @@ pub fn spawn(
 pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion {
     let err = |e: super::StoreError| e.to_string();
     match r {
+        Request::PushClaim {
+            token,
+            now_ms,
+            lease_ms,
+            limit,
+        } => Completion::PushJobs {
+            token,
+            result: store.push_claim(now_ms, lease_ms, limit).map_err(err),
+        },
         Request::History {
             token,
             channel,

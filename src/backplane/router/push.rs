@@ -1,0 +1,260 @@
+//! The router's side of mobile push: which members a message obliges, claiming due obligations from the
+//! store for the push thread, and writing back what became of them. The model is in `docs/PUSH.md`; the
+//! durable state (rows, claims, leases) is the store's (`store::PushRow`).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{Pending, Router};
+use crate::metrics::Metrics;
+use crate::push::engine::{Done, JobResult};
+use crate::store::thread::Request;
+use crate::store::{PushFor, PushJob, PushKind, Write};
+
+/// How often the store is asked for due obligations (when the push thread has room).
+pub const CLAIM_INTERVAL_MS: u64 = 100;
+/// Bytes of message text in a notification with `--push-include-body` (APNs allows 4 KiB in all).
+pub const PREVIEW_BYTES: usize = 256;
+
+/// The router's link to the push thread.
+pub struct PushLink {
+    jobs: tokio::sync::mpsc::Sender<PushJob>,
+    delay_ms: u64,
+    lease_ms: u64,
+    include_body: bool,
+    /// Most obligations handed to the push thread and not answered yet (its queue's capacity).
+    cap: usize,
+    in_flight: usize,
+    claiming: bool,
+    last_claim_ms: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl PushLink {
+    pub fn new(
+        jobs: tokio::sync::mpsc::Sender<PushJob>,
+        cfg: &crate::config::PushConfig,
+        metrics: Arc<Metrics>,
+    ) -> PushLink {
+        PushLink {
+            jobs,
+            delay_ms: cfg.delay.as_millis() as u64,
+            lease_ms: cfg.lease.as_millis() as u64,
+            include_body: cfg.include_body,
+            cap: cfg.queue,
+            in_flight: 0,
+            claiming: false,
+            last_claim_ms: 0,
+            metrics,
+        }
+    }
+}
+
+/// The text a notification may show: a JSON string body, or the `text` field of an object body; cut at
+/// [`PREVIEW_BYTES`] on a character boundary.
+pub fn preview(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let text = match &v {
+        serde_json::Value::String(s) => s.as_str(),
+        serde_json::Value::Object(o) => o.get("text")?.as_str()?,
+        _ => return None,
+    };
+    let mut end = text.len().min(PREVIEW_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(text[..end].to_string())
+}
+
+impl Router {
+    pub fn enable_push(&mut self, link: PushLink) {
+        self.push = Some(link);
+    }
+
+    /// The obligations a new conversation message creates: one per member but the sender; due now for a
+    /// member with no live connection, after `--push-delay` for one who has (escalation unless acked).
+    pub(super) fn push_for<'a>(
+        &self,
+        members: impl Iterator<Item = &'a Arc<str>>,
+        sender: &str,
+        now_ms: u64,
+        body: &str,
+    ) -> Vec<PushFor> {
+        let Some(p) = &self.push else {
+            return Vec::new();
+        };
+        let preview = if p.include_body { preview(body) } else { None };
+        members
+            .filter(|m| &***m != sender)
+            .map(|m| {
+                let online_due_ms = now_ms + p.delay_ms;
+                PushFor {
+                    user: m.to_string(),
+                    due_ms: if self.presence.contains_key(m) {
+                        online_due_ms
+                    } else {
+                        now_ms
+                    },
+                    online_due_ms,
+                    preview: preview.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Asks the store for due obligations when the push thread has room and no claim is out.
+    pub fn push_tick(&mut self, now_ms: u64) {
+        let Some(p) = &mut self.push else {
+            return;
+        };
+        if p.claiming
+            || p.in_flight >= p.cap
+            || now_ms.saturating_sub(p.last_claim_ms) < CLAIM_INTERVAL_MS
+        {
+            return;
+        }
+        p.claiming = true;
+        p.last_claim_ms = now_ms;
+        let (lease_ms, limit) = (p.lease_ms, p.cap - p.in_flight);
+        self.request(
+            |token| Request::PushClaim {
+                token,
+                now_ms,
+                lease_ms,
+                limit,
+            },
+            Pending::PushClaim,
+        );
+    }
+
+    pub fn push_enabled(&self) -> bool {
+        self.push.is_some()
+    }
+
+    /// Claimed obligations: to the push thread (a user with no device: dropped at once).
+    pub(super) fn on_push_jobs(&mut self, result: Result<Vec<PushJob>, String>, now_ms: u64) {
+        let Some(p) = &mut self.push else {
+            return;
+        };
+        p.claiming = false;
+        let jobs = match result {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming push obligations failed; retrying");
+                return;
+            }
+        };
+        let mut writes = Vec::new();
+        for job in jobs {
+            let r = &job.row;
+            if job.devices.is_empty() {
+                p.metrics.push.dropped.fetch_add(1, Relaxed);
+                writes.push(Write::PushDrop {
+                    kind: r.kind,
+                    user: r.user.clone(),
+                    conversation: r.conversation.clone(),
+                    upto: r.upto,
+                });
+                continue;
+            }
+            match p.jobs.try_send(job) {
+                Ok(()) => p.in_flight += 1,
+                Err(e) => {
+                    // Cannot happen while claims stay within `cap`; if it does, the row waits in the store.
+                    let r = e.into_inner().row;
+                    tracing::warn!(user = %r.user, "push queue full; obligation retried later");
+                    writes.push(Write::PushRetry {
+                        kind: r.kind,
+                        user: r.user,
+                        conversation: r.conversation,
+                        due_ms: now_ms + 1000,
+                    });
+                }
+            }
+        }
+        p.metrics.push.in_flight.store(p.in_flight as u64, Relaxed);
+        if !writes.is_empty() {
+            self.commit(writes, Pending::PushWrite);
+        }
+    }
+
+    /// What became of a job: written back to the store (done / retry / drop, dead tokens removed).
+    pub fn on_push_done(&mut self, done: Done) {
+        let Some(p) = &mut self.push else {
+            return;
+        };
+        p.in_flight = p.in_flight.saturating_sub(1);
+        let m = &p.metrics.push;
+        m.in_flight.store(p.in_flight as u64, Relaxed);
+        let r = done.row;
+        let mut writes = Vec::with_capacity(1 + done.gone.len());
+        for (platform, token) in done.gone {
+            m.tokens_removed.fetch_add(1, Relaxed);
+            tracing::info!(user = %r.user, %platform, "device token removed: the provider says it is dead");
+            writes.push(Write::DeleteDevice {
+                user: r.user.clone(),
+                platform,
+                token,
+            });
+        }
+        writes.push(match done.result {
+            JobResult::Sent => {
+                match r.kind {
+                    PushKind::Alert => {
+                        m.collapsed
+                            .fetch_add(u64::from(r.count.saturating_sub(1)), Relaxed);
+                        if self.presence.contains_key(r.user.as_str()) {
+                            m.escalated.fetch_add(1, Relaxed);
+                        }
+                    }
+                    PushKind::Clear => {
+                        m.cleared.fetch_add(1, Relaxed);
+                    }
+                }
+                Write::PushDone {
+                    kind: r.kind,
+                    user: r.user,
+                    conversation: r.conversation,
+                    upto: r.upto,
+                    count: r.count,
+                }
+            }
+            JobResult::Retry { due_ms } => {
+                m.retried.fetch_add(1, Relaxed);
+                Write::PushRetry {
+                    kind: r.kind,
+                    user: r.user,
+                    conversation: r.conversation,
+                    due_ms,
+                }
+            }
+            JobResult::Drop { reason } => {
+                m.dropped.fetch_add(1, Relaxed);
+                tracing::info!(user = %r.user, conversation = %r.conversation, %reason, "push obligation dropped");
+                Write::PushDrop {
+                    kind: r.kind,
+                    user: r.user,
+                    conversation: r.conversation,
+                    upto: r.upto,
+                }
+            }
+        });
+        self.commit(writes, Pending::PushWrite);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preview;
+
+    #[test]
+    fn preview_takes_text_and_cuts_on_a_char_boundary() {
+        assert_eq!(preview(r#""hi""#).as_deref(), Some("hi"));
+        assert_eq!(preview(r#"{"text":"yo","x":1}"#).as_deref(), Some("yo"));
+        assert_eq!(preview(r#"{"img":"a.png"}"#), None);
+        assert_eq!(preview("42"), None);
+        let long = format!("\"{}\"", "é".repeat(200));
+        let p = preview(&long).unwrap();
+        assert!(p.len() <= super::PREVIEW_BYTES && p.chars().all(|c| c == 'é'));
+    }
+}
