@@ -554,3 +554,80 @@ fn two_nodes_on_one_redis_push_each_obligation_once() {
     drop(nodes);
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// The figures in `docs/BENCHMARKS.md` (not a pass/fail test): how many pushes per second one node sustains
+/// against the local APNs stand-in, and the delay from commit (the `sent` answer) to the provider request for
+/// an offline member. Run with the release gateway:
+/// `cargo build --release && CORELAY_BIN=target/release/corelay cargo test --release --test push -- --ignored --nocapture push_figures`
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn push_figures() {
+    let d = dir();
+    let (stub, flags) = apns(&d.join("keys"));
+    let node = start(&d, &flags, &["--push-delay", "60s"]);
+    // Latency: one message at a time to an offline member with one device.
+    let users: Vec<String> = (0..200).map(|i| format!("l{i}")).collect();
+    for u in &users {
+        assert_eq!(
+            node.create_conversation(&format!("c-{u}"), &["alice", u]),
+            201
+        );
+        register(&node, u, "apns", &format!("phone-{u}"));
+    }
+    let mut lat = Vec::new();
+    for u in &users {
+        let before = stub.sent().len();
+        send(&node, "alice", &format!("c-{u}"), "m1", "hi");
+        let committed = std::time::Instant::now();
+        assert!(stub.wait_sent(before + 1, Duration::from_secs(10)));
+        let at = stub.sent()[before].at;
+        lat.push(at.saturating_duration_since(committed));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "commit→provider request, offline member: p50 {:?}, p99 {:?}, max {:?} (n = {})",
+        pct(0.5),
+        pct(0.99),
+        lat[lat.len() - 1],
+        lat.len()
+    );
+    // Throughput: 2,000 members in 2,000 conversations, one message each, sent by 4 threads.
+    let n = 2000;
+    let many: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+    for u in &many {
+        assert_eq!(
+            node.create_conversation(&format!("c-{u}"), &["alice", u]),
+            201
+        );
+        register(&node, u, "apns", &format!("phone-{u}"));
+    }
+    let base = stub.sent().len();
+    let t0 = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for chunk in many.chunks(n / 4) {
+            let node = &node;
+            s.spawn(move || {
+                for u in chunk {
+                    send(node, "alice", &format!("c-{u}"), "m1", "hi");
+                }
+            });
+        }
+    });
+    let sends = t0.elapsed();
+    assert!(stub.wait_sent(base + n, Duration::from_secs(120)));
+    let all = t0.elapsed();
+    let sent = stub.sent();
+    let first = sent[base].at;
+    let last = sent[sent.len() - 1].at;
+    println!(
+        "throughput: {n} messages sent in {sends:?} ({:.0}/s); {n} pushes done {all:?} after the first send; \
+         provider requests {:.0}/s between the first and the last push",
+        n as f64 / sends.as_secs_f64(),
+        (n - 1) as f64 / (last - first).as_secs_f64()
+    );
+    assert_eq!(stub.violations(), Vec::<String>::new());
+    drop(node);
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -1540,6 +1540,8 @@ impl Router {
             .filter(|m| *m != user && !self.presence.contains_key(*m))
             .map(|m| m.to_string())
             .collect();
+        let push = self.push_for(c.members.iter(), user, now_ms, body.get());
+        self.push_kick(&push, now_ms);
         let channel: Arc<str> = Arc::from(format!("conversation:{conversation}"));
         let write = Write::Append(NewMessage {
             channel: channel.to_string(),
@@ -1548,7 +1550,7 @@ impl Router {
             ts: now_ms,
             json: body.get().to_string(),
             offline,
-            push: self.push_for(c.members.iter(), user, now_ms, body.get()),
+            push,
         });
         self.commit(
             vec![write],

@@ -52,7 +52,11 @@ impl Node {
         } else {
             std::env::var("CORELAY_LOG").unwrap_or_else(|_| "warn".into())
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corelay"))
+        // CORELAY_BIN: run another build of the gateway (benchmarks run the release binary).
+        let bin = std::env::var_os("CORELAY_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_corelay")));
+        let mut child = Command::new(bin)
             .args([
                 "run",
                 "--listen",

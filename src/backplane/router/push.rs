@@ -102,6 +102,16 @@ impl Router {
             .collect()
     }
 
+    /// An obligation due now was just queued for commit: claim on this turn instead of at the next poll.
+    /// (The claim request follows the commit to the store thread, which commits before it reads.)
+    pub(super) fn push_kick(&mut self, due: &[PushFor], now_ms: u64) {
+        if let Some(p) = &mut self.push
+            && due.iter().any(|d| d.due_ms <= now_ms)
+        {
+            p.last_claim_ms = 0;
+        }
+    }
+
     /// Asks the store for due obligations when the push thread has room and no claim is out.
     pub fn push_tick(&mut self, now_ms: u64) {
         let Some(p) = &mut self.push else {
