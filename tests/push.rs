@@ -564,7 +564,19 @@ fn two_nodes_on_one_redis_push_each_obligation_once() {
 fn push_figures() {
     let d = dir();
     let (stub, flags) = apns(&d.join("keys"));
-    let node = start(&d, &flags, &["--push-delay", "60s"]);
+    // One sender sends for everyone: lift its per-user HTTP rate limit.
+    let node = start(
+        &d,
+        &flags,
+        &[
+            "--push-delay",
+            "60s",
+            "--user-rate",
+            "1000000",
+            "--user-burst",
+            "1000000",
+        ],
+    );
     // Latency: one message at a time to an offline member with one device.
     let users: Vec<String> = (0..200).map(|i| format!("l{i}")).collect();
     for u in &users {
