@@ -109,6 +109,34 @@ fn push_put(
     Ok(())
 }
 
+/// Queues (or raises) the background push that tells `user`'s devices `conv` was read up to `upto`.
+fn queue_clear(
+    t: &mut PushTable,
+    due: &mut DueTable,
+    user: &str,
+    conv: &str,
+    upto: u64,
+) -> Result<()> {
+    let old = push_get(t, PushKind::Clear, user, conv)?;
+    let rec = PushRecord {
+        upto,
+        from: String::new(),
+        count: 1,
+        due: 0,
+        attempts: 0,
+        preview: None,
+    };
+    push_put(
+        t,
+        due,
+        PushKind::Clear,
+        user,
+        conv,
+        old.map(|o| o.due),
+        &rec,
+    )
+}
+
 fn push_remove(
     t: &mut PushTable,
     due: &mut DueTable,
@@ -337,24 +365,7 @@ impl Store for Embedded {
                             && let Some(a) = was_alerted
                             && nr > rd
                         {
-                            let old = push_get(&push, PushKind::Clear, member, conversation)?;
-                            let rec = PushRecord {
-                                upto: nr,
-                                from: String::new(),
-                                count: 1,
-                                due: 0,
-                                attempts: 0,
-                                preview: None,
-                            };
-                            push_put(
-                                &mut push,
-                                &mut push_due,
-                                PushKind::Clear,
-                                member,
-                                conversation,
-                                old.map(|o| o.due),
-                                &rec,
-                            )?;
+                            queue_clear(&mut push, &mut push_due, member, conversation, nr)?;
                             if nr >= a {
                                 alerted
                                     .remove((member.as_str(), conversation.as_str()))
@@ -478,24 +489,7 @@ impl Store for Embedded {
                                 .map_or(0, |v| v.value().1);
                             if read >= *upto {
                                 // Read on another device while this alert was out: clear it at once.
-                                let old = push_get(&push, PushKind::Clear, user, conversation)?;
-                                let rec = PushRecord {
-                                    upto: read,
-                                    from: String::new(),
-                                    count: 1,
-                                    due: 0,
-                                    attempts: 0,
-                                    preview: None,
-                                };
-                                push_put(
-                                    &mut push,
-                                    &mut push_due,
-                                    PushKind::Clear,
-                                    user,
-                                    conversation,
-                                    old.map(|o| o.due),
-                                    &rec,
-                                )?;
+                                queue_clear(&mut push, &mut push_due, user, conversation, read)?;
                             } else {
                                 let k = (user.as_str(), conversation.as_str());
                                 let a = alerted.get(k).map_err(backend)?.map_or(0, |v| v.value());
