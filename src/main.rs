@@ -8,6 +8,8 @@ use corelay::auth::{self, SecretSource};
 use corelay::config::{self, Config, FileConfig};
 use corelay::server::Server;
 
+mod supervise;
+
 #[derive(Parser)]
 #[command(
     name = "corelay",
@@ -144,6 +146,11 @@ struct RunArgs {
     scylla_replication: Option<String>,
     #[command(flatten)]
     push: config::PushOptions,
+    /// Run N gateway processes sharing the listening port (SO_REUSEPORT), as cluster nodes over `--redis`,
+    /// supervised by this one (restarted when they die). For hosts where one process's open-file limit
+    /// caps the connections it can hold.
+    #[arg(long)]
+    processes: Option<usize>,
     /// Allowed browser Origin (repeatable; none = any).
     #[arg(long = "allowed-origin")]
     allowed_origins: Vec<String>,
@@ -456,6 +463,7 @@ fn run(r: RunArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let processes = r.processes.unwrap_or(1);
     let mut cfg = build_config(r)?;
     let (secret, src) =
         auth::resolve_secret(cfg.auth_secret.as_deref(), &cfg.data_dir, auth::SECRET_FILE)
@@ -475,7 +483,36 @@ fn run(r: RunArgs) -> anyhow::Result<()> {
     if let SecretSource::Loaded(p) | SecretSource::Generated(p) = src {
         tracing::info!(path = %p.display(), "API key for /api/* (Authorization: Bearer KEY) is in this file");
     }
-    cfg.api_key = Some(key);
+    cfg.api_key = Some(key.clone());
+
+    if processes > 1 {
+        anyhow::ensure!(
+            cfg.redis.is_some(),
+            "--processes needs --redis: the processes are cluster nodes sharing state through it"
+        );
+        anyhow::ensure!(
+            cfg.listen.port() != 0,
+            "--processes needs a fixed --listen port (the processes share it)"
+        );
+        anyhow::ensure!(
+            cfg.admin_listen.is_none(),
+            "--processes and --admin-listen do not go together (each process would need its own admin port)"
+        );
+        let secret = cfg.auth_secret.clone().unwrap_or_default();
+        let node_id = if cfg.node_id.is_empty() {
+            format!("{}-{}", config::host_name(), cfg.listen.port())
+        } else {
+            cfg.node_id.clone()
+        };
+        return supervise::run(
+            processes,
+            &node_id,
+            &cfg.data_dir,
+            &secret,
+            &key,
+            cfg.drain_timeout,
+        );
+    }
 
     exit_on_panic();
     let mut signals = signal_hook::iterator::Signals::new([

@@ -97,6 +97,52 @@ impl Node {
         let _ = self.child.wait();
     }
 
+    /// `corelay run --processes n` on a free fixed port (the processes share it), as cluster nodes over
+    /// `redis`; returns once every process printed its listening line. `child` is the supervisor.
+    pub fn start_processes(n: usize, redis: &str, extra: &[&str]) -> Node {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data_dir = fresh_dir();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corelay"))
+            .args([
+                "run",
+                "--processes",
+                &n.to_string(),
+                "--threads",
+                "1",
+                "--no-pin",
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--redis", redis])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--auth-secret", SECRET, "--api-key", API_KEY])
+            .args(extra)
+            .env(
+                "CORELAY_LOG",
+                std::env::var("CORELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn corelay");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        for _ in 0..n {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("read listening line");
+            assert!(line.contains("listening on"), "{line:?}");
+        }
+        // Keep reading: a restarted process prints its line again, into an open pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Node {
+            child,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            data_dir,
+            owns_dir: true,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
