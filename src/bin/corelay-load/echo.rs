@@ -195,7 +195,7 @@ fn work(a: &EchoArgs, link: &Link) -> anyhow::Result<Value> {
                 break;
             }
             Some(Cmd::Stop) => break,
-            None => {}
+            Some(Cmd::Mark) | None => {}
         }
     }
     let base = Instant::now();

@@ -8,7 +8,6 @@
 //! once all of its subscribers have message m, reports `SAMPLE {"seq":m,"n":…,"first_us":…,"last_us":…}`
 //! to the coordinator, which takes the maximum over workers.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -16,7 +15,8 @@ use clap::Args;
 use corelay::proto::ws::Opcode;
 use serde_json::{Value, json};
 
-use crate::net::{Event, Net, Rng, Target, Transport};
+use crate::http;
+use crate::net::{Event, Net, Rng, Transport};
 use crate::open::Opener;
 use crate::stats::{self, Clock, Report, Tally, r3};
 use crate::ui;
@@ -245,53 +245,12 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
 
 /// POST {api}/api/conversations (blocking; one request).
 fn create_conversation(api: &str, key: &str, id: &str, members: &[String]) -> anyhow::Result<u16> {
-    let t = Target::parse(api, Transport::Sse, false)?;
-    let path = format!("{}/api/conversations", t.path.trim_end_matches('/'));
-    let body = json!({"id": id, "members": members}).to_string();
-    let mut s = std::net::TcpStream::connect_timeout(&t.addr, Duration::from_secs(10))
-        .with_context(|| format!("connecting to {}", t.addr))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        t.host,
-        body.len()
-    )?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let status: u16 = head
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .context("malformed response")?;
-                let text = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]);
-                if !(200..300).contains(&status) {
-                    bail!("POST {path}: {status} {}", text.trim());
-                }
-                return Ok(status);
-            }
-        }
-        let n = s.read(&mut chunk).context("reading the API response")?;
-        if n == 0 {
-            bail!("POST {path}: connection closed before a complete response");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        anyhow::ensure!(buf.len() < (1 << 20), "POST {path}: response too large");
+    let body = json!({"id": id, "members": members});
+    let (status, text) = http::post_json(api, key, "/api/conversations", &body)?;
+    if !(200..300).contains(&status) {
+        bail!("POST /api/conversations: {status} {}", text.trim());
     }
+    Ok(status)
 }
 
 /// The publisher connection, in the coordinator.

@@ -4,9 +4,11 @@
 
 mod echo;
 mod fanout;
+mod http;
 mod idle;
 mod net;
 mod open;
+mod server;
 mod stats;
 mod storm;
 mod ui;
@@ -148,6 +150,12 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    ui::set_quiet(match &cli.command {
+        Command::Idle(a) => a.common.quiet,
+        Command::Echo(a) => a.common.quiet,
+        Command::Fanout(a) => a.common.quiet,
+        Command::ConnectStorm(a) => a.common.quiet,
+    });
     let (scenario, r) = match cli.command {
         Command::Idle(a) => ("idle", idle::run(a)),
         Command::Echo(a) => ("echo", echo::run(a)),

@@ -251,6 +251,8 @@ pub struct Net {
     deferred: Vec<(usize, String)>,
     scratch: Vec<u8>,
     pub stats: NetStats,
+    /// Emptied read and write buffers keep their allocation up to this many bytes (see [`Net::lean`]).
+    keep: usize,
 }
 
 impl Net {
@@ -266,7 +268,20 @@ impl Net {
             deferred: Vec::new(),
             scratch: vec![0; 64 << 10],
             stats: NetStats::default(),
+            keep: 256 << 10,
         })
+    }
+
+    /// Room for `n` more connections without regrowing the table.
+    pub fn reserve(&mut self, n: usize) {
+        self.conns.reserve_exact(n);
+    }
+
+    /// Lean mode, for many mostly idle connections: a connection's read and write buffers are freed
+    /// as soon as they are empty (a reallocation per message instead of a few hundred bytes kept per
+    /// connection).
+    pub fn lean(&mut self) {
+        self.keep = 0;
     }
 
     /// A waker other threads can use to interrupt [`Net::poll`] (it reports [`Event::Woken`]).
@@ -374,7 +389,7 @@ impl Net {
         };
         encode_masked(op, payload, mask, &mut c.wbuf);
         if c.phase != Phase::Connecting
-            && let Err(e) = flush(c, &mut self.stats)
+            && let Err(e) = flush(c, &mut self.stats, self.keep)
         {
             self.deferred.push((id, io_reason(&e)));
         }
@@ -389,7 +404,7 @@ impl Net {
             if c.phase == Phase::Open && self.target.transport == Transport::Ws {
                 let mask = (self.rng.next_u64() as u32).to_ne_bytes();
                 encode_masked(Opcode::Close, &1000u16.to_be_bytes(), mask, &mut c.wbuf);
-                let _ = flush(&mut c, &mut self.stats);
+                let _ = flush(&mut c, &mut self.stats, self.keep);
             }
             let _ = self.poll.registry().deregister(&mut c.sock);
             self.live -= 1;
@@ -532,7 +547,7 @@ impl Net {
                 poll_sent = Some(c.started.elapsed());
             }
         }
-        if writable && let Err(e) = flush(c, &mut self.stats) {
+        if writable && let Err(e) = flush(c, &mut self.stats, self.keep) {
             return self.fail(id, io_reason(&e), h);
         }
         if let Some(handshake) = poll_sent {
@@ -663,6 +678,9 @@ impl Net {
         let complete = match &mut c.body {
             Body::Stream => {
                 c.rbuf.clear();
+                if c.rbuf.capacity() > self.keep {
+                    c.rbuf = Vec::new();
+                }
                 false
             }
             Body::Length(left) => {
@@ -691,7 +709,7 @@ impl Net {
         c.phase = Phase::Handshake;
         c.started = Instant::now();
         c.wbuf.extend_from_slice(&c.request);
-        if let Err(e) = flush(c, &mut self.stats) {
+        if let Err(e) = flush(c, &mut self.stats, self.keep) {
             return self.fail(id, io_reason(&e), h);
         }
         h(self, Event::Response);
@@ -808,7 +826,7 @@ impl Net {
         }
         if let Some(Some(c)) = self.conns.get_mut(id) {
             buf.drain(..pos);
-            if buf.is_empty() && buf.capacity() > (256 << 10) {
+            if buf.is_empty() && buf.capacity() > self.keep {
                 buf = Vec::new();
             }
             c.rbuf = buf;
@@ -823,7 +841,8 @@ fn c_is_live(net: &Net, id: usize) -> bool {
     matches!(net.conns.get(id), Some(Some(_)))
 }
 
-fn flush(c: &mut Conn, stats: &mut NetStats) -> io::Result<()> {
+/// Writes what the socket takes; an emptied buffer keeps its allocation up to `keep` bytes.
+fn flush(c: &mut Conn, stats: &mut NetStats, keep: usize) -> io::Result<()> {
     while c.wpos < c.wbuf.len() {
         match c.sock.write(&c.wbuf[c.wpos..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -839,7 +858,7 @@ fn flush(c: &mut Conn, stats: &mut NetStats) -> io::Result<()> {
     if c.wpos == c.wbuf.len() {
         c.wbuf.clear();
         c.wpos = 0;
-        if c.wbuf.capacity() > (256 << 10) {
+        if c.wbuf.capacity() > keep {
             c.wbuf = Vec::new();
         }
     } else if c.wpos > (64 << 10) && c.wpos * 2 > c.wbuf.len() {

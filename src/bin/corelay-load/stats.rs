@@ -140,6 +140,14 @@ impl Clock {
     }
 }
 
+/// Wall-clock µs since the Unix epoch (CLOCK_REALTIME), read now: what crosses processes when a single
+/// instant (the broadcast) is compared between them.
+pub fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Rounds to 3 decimals for the report.
 pub fn r3(x: f64) -> Value {
     if x.is_finite() {
@@ -169,15 +177,122 @@ pub mod procfs {
             .ok()
     }
 
+    /// The fields of `/proc/PID/stat` after the command name (field 3, the state, is index 0).
+    fn stat_fields(pid: u32) -> Option<Vec<String>> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses; the rest follows its last ')'.
+        let rest = &s[s.rfind(')')? + 1..];
+        Some(rest.split_whitespace().map(str::to_string).collect())
+    }
+
     /// utime + stime, in clock ticks.
     pub fn cpu_ticks(pid: u32) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name (field 2) may hold spaces; fields 14 and 15 count from after its ')'.
-        let rest = &s[s.rfind(')')? + 1..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
+        let f = stat_fields(pid)?;
         let utime: u64 = f.get(11)?.parse().ok()?;
         let stime: u64 = f.get(12)?.parse().ok()?;
         Some(utime + stime)
+    }
+
+    /// The parent's pid (field 4 of `/proc/PID/stat`).
+    #[cfg(test)]
+    pub fn ppid(pid: u32) -> Option<u32> {
+        stat_fields(pid)?.get(1)?.parse().ok()
+    }
+
+    /// The processes whose parent is `parent` right now (a scan of `/proc/*/stat`), sorted. Zombies are
+    /// left out (they hold no memory and their CPU time is final).
+    pub fn children_of(parent: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(f) = stat_fields(pid)
+                && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+                && f.first().map(String::as_str) != Some("Z")
+            {
+                out.push(pid);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// `key: N kB` lines of `/proc/meminfo` (or any file of that shape), in KiB.
+    fn kib_field(text: &str, key: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// What `/proc/meminfo` and `/proc/net/sockstat` say about the whole machine.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Kernel {
+        pub slab_kib: u64,
+        pub sunreclaim_kib: u64,
+        pub mem_available_kib: u64,
+        /// `sockets: used` (all sockets of the network namespace).
+        pub sockets_used: u64,
+        /// `TCP: inuse`.
+        pub tcp_inuse: u64,
+        /// `TCP: mem`, in pages.
+        pub tcp_mem_pages: u64,
+    }
+
+    pub fn parse_kernel(meminfo: &str, sockstat: &str) -> Option<Kernel> {
+        let mut k = Kernel {
+            slab_kib: kib_field(meminfo, "Slab")?,
+            sunreclaim_kib: kib_field(meminfo, "SUnreclaim")?,
+            mem_available_kib: kib_field(meminfo, "MemAvailable")?,
+            ..Kernel::default()
+        };
+        for line in sockstat.lines() {
+            let mut it = line.split_whitespace();
+            match it.next() {
+                Some("sockets:") => {
+                    let f: Vec<&str> = it.collect();
+                    k.sockets_used = value_after(&f, "used")?;
+                }
+                Some("TCP:") => {
+                    let f: Vec<&str> = it.collect();
+                    k.tcp_inuse = value_after(&f, "inuse")?;
+                    k.tcp_mem_pages = value_after(&f, "mem")?;
+                }
+                _ => {}
+            }
+        }
+        Some(k)
+    }
+
+    fn value_after(f: &[&str], key: &str) -> Option<u64> {
+        let i = f.iter().position(|w| *w == key)?;
+        f.get(i + 1)?.parse().ok()
+    }
+
+    pub fn kernel() -> Option<Kernel> {
+        let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let s = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+        parse_kernel(&m, &s)
+    }
+
+    /// Of several readings, the one least used in every figure (min usage, max `MemAvailable`): the
+    /// same rule as the minimum of the RSS samples, to leave out transient allocations.
+    pub fn least_used(samples: &[Kernel]) -> Option<Kernel> {
+        let first = *samples.first()?;
+        Some(samples.iter().fold(first, |a, b| Kernel {
+            slab_kib: a.slab_kib.min(b.slab_kib),
+            sunreclaim_kib: a.sunreclaim_kib.min(b.sunreclaim_kib),
+            mem_available_kib: a.mem_available_kib.max(b.mem_available_kib),
+            sockets_used: a.sockets_used.min(b.sockets_used),
+            tcp_inuse: a.tcp_inuse.min(b.tcp_inuse),
+            tcp_mem_pages: a.tcp_mem_pages.min(b.tcp_mem_pages),
+        }))
     }
 
     /// Clock ticks per second (`getconf CLK_TCK`, 100 if that fails).
@@ -246,5 +361,35 @@ mod tests {
         assert!(procfs::rss_kib(me).unwrap() > 0);
         assert!(procfs::cpu_ticks(me).is_some());
         assert!(procfs::nofile_limit().is_some());
+        let parent = procfs::ppid(me).unwrap();
+        assert!(procfs::children_of(parent).contains(&me));
+        assert!(procfs::kernel().is_some());
+    }
+
+    #[test]
+    fn parses_kernel_figures() {
+        let meminfo = "MemTotal: 100 kB\nMemAvailable:   2400 kB\nSlab:  507 kB\nSReclaimable: 400 kB\nSUnreclaim:  53 kB\n";
+        let sockstat =
+            "sockets: used 10\nTCP: inuse 1 orphan 0 tw 3 alloc 1 mem 7\nUDP: inuse 0 mem 0\n";
+        let k = procfs::parse_kernel(meminfo, sockstat).unwrap();
+        assert_eq!(
+            k,
+            procfs::Kernel {
+                slab_kib: 507,
+                sunreclaim_kib: 53,
+                mem_available_kib: 2400,
+                sockets_used: 10,
+                tcp_inuse: 1,
+                tcp_mem_pages: 7,
+            }
+        );
+        let mut k2 = k;
+        k2.slab_kib = 500;
+        k2.mem_available_kib = 2500;
+        let l = procfs::least_used(&[k, k2]).unwrap();
+        assert_eq!(
+            (l.slab_kib, l.mem_available_kib, l.tcp_mem_pages),
+            (500, 2500, 7)
+        );
     }
 }

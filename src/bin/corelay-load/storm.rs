@@ -51,7 +51,7 @@ fn work(a: &StormArgs, link: &Link) -> anyhow::Result<Value> {
                 break;
             }
             Some(Cmd::Stop) => break,
-            None => std::thread::sleep(Duration::from_millis(1)),
+            Some(Cmd::Mark) | None => std::thread::sleep(Duration::from_millis(1)),
         }
     }
     if !go {

@@ -1,6 +1,8 @@
 //! Coordinator-side progress (indicatif on stderr, hidden with --quiet or when stderr is no terminal)
 //! and the common "wait until every worker is ready" phase.
 
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,6 +39,21 @@ pub fn timer(quiet: bool, d: Duration, prefix: &str) -> ProgressBar {
     pb
 }
 
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Records --quiet for [`plain`].
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Progress as plain lines (every 10 s): stderr is not a terminal (no bar is drawn) and not --quiet.
+pub fn plain() -> bool {
+    !QUIET.load(Ordering::Relaxed) && !std::io::stderr().is_terminal()
+}
+
+/// Every 10 s of plain progress.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(10);
+
 pub fn note(quiet: bool, msg: &str) {
     if !quiet {
         eprintln!("corelay-load: {msg}");
@@ -65,33 +82,49 @@ pub fn await_ready(
     tick: &mut dyn FnMut(),
 ) -> Ready {
     let start = Instant::now();
+    let plain = plain();
+    let mut last_line = Instant::now();
     let mut ready: Vec<Option<Value>> = vec![None; w.count];
-    let mut progress: Vec<(u64, u64)> = vec![(0, 0); w.count];
+    let mut progress: Vec<(u64, u64, u64)> = vec![(0, 0, 0); w.count];
+    let of = |v: &Value| {
+        (
+            v["open"].as_u64().unwrap_or(0),
+            v["failed"].as_u64().unwrap_or(0),
+            v["retrying"].as_u64().unwrap_or(0),
+        )
+    };
     while (0..w.count).any(|i| ready[i].is_none() && !w.finished(i)) && Instant::now() < deadline {
         tick();
+        if plain && last_line.elapsed() >= PLAIN_EVERY {
+            last_line = Instant::now();
+            let n = ready.iter().filter(|r| r.is_some()).count();
+            eprintln!(
+                "corelay-load: connect [{:.0}s] {}; {n}/{} workers ready",
+                start.elapsed().as_secs_f64(),
+                pb.message(),
+                w.count
+            );
+        }
         let Some((i, line)) = w.recv(Duration::from_millis(50)) else {
             continue;
         };
         match line {
             Line::Ready(v) => {
-                progress[i] = (
-                    v["open"].as_u64().unwrap_or(0),
-                    v["failed"].as_u64().unwrap_or(0),
-                );
+                progress[i] = of(&v);
                 ready[i] = Some(v);
             }
-            Line::Progress(v) => {
-                progress[i] = (
-                    v["open"].as_u64().unwrap_or(0),
-                    v["failed"].as_u64().unwrap_or(0),
-                )
-            }
+            Line::Progress(v) => progress[i] = of(&v),
             Line::Result(_) | Line::Exit | Line::Sample(_) => {}
         }
         let open: u64 = progress.iter().map(|p| p.0).sum();
         let failed: u64 = progress.iter().map(|p| p.1).sum();
+        let retrying: u64 = progress.iter().map(|p| p.2).sum();
         pb.set_position(open + failed);
-        pb.set_message(format!("open {open}, failed {failed}"));
+        pb.set_message(if retrying > 0 {
+            format!("open {open}, failed {failed}, retrying {retrying}")
+        } else {
+            format!("open {open}, failed {failed}")
+        });
     }
     Ready {
         ready,

@@ -5,8 +5,8 @@
 //!
 //! Both kinds talk the same line protocol. Worker → coordinator (child: stdout): `READY {json}` when its
 //! connections are set up, `PROGRESS {json}` while opening, `SAMPLE {json}` for per-event reports
-//! (fanout), `RESULT {json}` last. Coordinator → worker (child: stdin): `go`, `stop`; end of input
-//! means stop.
+//! (fanout, idle broadcast), `RESULT {json}` last. Coordinator → worker (child: stdin): `go`, `mark`,
+//! `stop`; end of input means stop.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -22,6 +22,18 @@ use serde_json::Value;
 pub enum Cmd {
     Go,
     Stop,
+    /// Take a snapshot of the counters now (idle: the end of the hold).
+    Mark,
+}
+
+impl Cmd {
+    fn word(self) -> &'static str {
+        match self {
+            Cmd::Go => "go",
+            Cmd::Stop => "stop",
+            Cmd::Mark => "mark",
+        }
+    }
 }
 
 enum Out {
@@ -48,6 +60,7 @@ impl Link {
                 let cmd = match line.trim() {
                     "go" => Cmd::Go,
                     "stop" => Cmd::Stop,
+                    "mark" => Cmd::Mark,
                     _ => continue,
                 };
                 if tx.send(cmd).is_err() {
@@ -234,7 +247,7 @@ impl Workers {
                 }
                 Ctl::Pipe(stdin) => {
                     if let Some(s) = stdin {
-                        let word = if cmd == Cmd::Go { "go\n" } else { "stop\n" };
+                        let word = format!("{}\n", cmd.word());
                         if s.write_all(word.as_bytes())
                             .and_then(|_| s.flush())
                             .is_err()
