@@ -347,3 +347,55 @@ fn any_node_resumes_any_cursor_from_the_shared_log() {
     assert_eq!(st, 200, "{text}");
     assert!(text.contains("\"offset\":4"), "{text}");
 }
+
+/// `SUBSCRIBE` calls Redis has served so far (from `INFO commandstats`, read with a raw RESP request).
+fn subscribe_calls(redis: &RedisServer) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while !buf.ends_with(b"\r\n\r\n")
+        && !String::from_utf8_lossy(&buf).contains("cmdstat_subscribe")
+    {
+        let n = s.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 4 && String::from_utf8_lossy(&buf).matches("\r\n").count() > 40 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_subscribe:calls="))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A quiet subscriber connection stays up: its liveness ping (every 5 s of quiet) is answered in
+/// subscribed mode with `["pong", ""]`, which once read as an error, so every 5 s the node dropped the
+/// connection and resubscribed (and re-read) every channel its users follow.
+#[test]
+fn a_quiet_bus_connection_is_kept_and_nothing_is_resubscribed() {
+    let redis = RedisServer::start();
+    let nodes = start_nodes(&redis, 1);
+    let _alice = connect(&nodes[0], "alice");
+    let _bob = connect(&nodes[0], "bob");
+    wait_channels(&nodes[0], 2);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = subscribe_calls(&redis);
+    assert!(
+        before >= 2,
+        "the users' channels were subscribed ({before})"
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(
+        subscribe_calls(&redis),
+        before,
+        "nothing was resubscribed over 12 s of quiet (two liveness pings)"
+    );
+}

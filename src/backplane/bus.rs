@@ -95,6 +95,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often the subscriber checks for subscription changes while no message arrives.
 const POLL: Duration = Duration::from_millis(20);
+/// How long the subscriber waits for the answer to a command (SUBSCRIBE, UNSUBSCRIBE, PING) before it calls
+/// the connection broken.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts both threads; returns the backplane's handle. The threads end when the handle is dropped.
 pub fn spawn(
@@ -220,9 +223,14 @@ fn subscriber(
                 }
             }
         };
-        let _ = conn.set_read_timeout(Some(POLL));
         let mut ps = conn.as_pubsub();
+        // Commands (SUBSCRIBE, PING) wait for their answer up to COMMAND_TIMEOUT; only the wait for messages
+        // uses the short POLL. A 20 ms bound on a SUBSCRIBE's answer broke the connection whenever Redis was
+        // busy for 20 ms, and every break resubscribed (and re-read) every channel: a storm at tens of
+        // thousands of channels.
+        let _ = ps.set_read_timeout(Some(COMMAND_TIMEOUT));
         let ok = wanted.iter().all(|ch| ps.subscribe(ch).is_ok());
+        let _ = ps.set_read_timeout(Some(POLL));
         if !ok {
             std::thread::sleep(backoff);
             continue;
@@ -238,23 +246,40 @@ fn subscriber(
         first = false;
         let mut last_ok = Instant::now();
         'conn: loop {
+            let mut commanding = false;
             loop {
-                match changes.try_recv() {
-                    Ok((true, ch)) => {
-                        if wanted.insert(ch.clone()) && ps.subscribe(&ch).is_err() {
+                let change = match changes.try_recv() {
+                    Ok(c) => c,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                };
+                if !commanding {
+                    commanding = true;
+                    let _ = ps.set_read_timeout(Some(COMMAND_TIMEOUT));
+                }
+                match change {
+                    (true, ch) => {
+                        if wanted.insert(ch.clone())
+                            && let Err(e) = ps.subscribe(&ch)
+                        {
+                            tracing::warn!(error = %e, channel = %ch, "redis bus: subscribe failed");
                             break 'conn;
                         }
                         let _ = events.blocking_send(BusEvent::Subscribed(ch));
                     }
-                    Ok((false, ch)) => {
-                        if !base.contains(&ch) && wanted.remove(&ch) && ps.unsubscribe(&ch).is_err()
+                    (false, ch) => {
+                        if !base.contains(&ch)
+                            && wanted.remove(&ch)
+                            && let Err(e) = ps.unsubscribe(&ch)
                         {
+                            tracing::warn!(error = %e, channel = %ch, "redis bus: unsubscribe failed");
                             break 'conn;
                         }
                     }
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => return,
                 }
+            }
+            if commanding {
+                let _ = ps.set_read_timeout(Some(POLL));
             }
             match ps.get_message() {
                 Ok(msg) => {
@@ -271,9 +296,15 @@ fn subscriber(
                 Err(e) if e.is_timeout() => {
                     // Quiet: check the connection now and then.
                     if last_ok.elapsed() > Duration::from_secs(5) {
-                        if ps.ping::<String>().is_err() {
+                        let _ = ps.set_read_timeout(Some(COMMAND_TIMEOUT));
+                        // In subscribed mode (RESP2) PING answers `["pong", ""]`, not `+PONG`: read it as
+                        // any value. (Reading a string failed every time, so every 5 s of quiet dropped the
+                        // connection and resubscribed and re-read every channel.)
+                        if let Err(e) = ps.ping::<redis::Value>() {
+                            tracing::warn!(error = %e, "redis bus: subscriber ping failed");
                             break 'conn;
                         }
+                        let _ = ps.set_read_timeout(Some(POLL));
                         last_ok = Instant::now();
                     }
                 }

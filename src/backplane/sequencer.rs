@@ -54,6 +54,12 @@ struct Chan {
 #[derive(Default)]
 pub struct Sequencer {
     chans: HashMap<Arc<str>, Chan>,
+    /// Channels holding messages (the only ones that can have a gap), so that [`Sequencer::gaps`], called on
+    /// every tick, costs the channels with a gap rather than every channel this node follows (one `user:`
+    /// channel per connected user: tens of thousands).
+    holding: std::collections::HashSet<Arc<str>>,
+    /// Channels whose end is known ([`Sequencer::synced`], read for a metric on every backplane turn).
+    synced: usize,
     limits: Limits,
     /// Gaps skipped with a `reset` (for the metric).
     pub skipped: u64,
@@ -88,7 +94,26 @@ impl Sequencer {
     }
 
     pub fn untrack(&mut self, channel: &str) {
-        self.chans.remove(channel);
+        if let Some(c) = self.chans.remove(channel)
+            && c.next.is_some()
+        {
+            self.synced -= 1;
+        }
+        self.holding.remove(channel);
+    }
+
+    /// Keeps [`Sequencer::holding`] in step with a channel's held messages.
+    fn mark(&mut self, channel: &str) {
+        match self.chans.get_key_value(channel) {
+            Some((k, c)) if !c.held.is_empty() => {
+                if !self.holding.contains(channel) {
+                    self.holding.insert(k.clone());
+                }
+            }
+            _ => {
+                self.holding.remove(channel);
+            }
+        }
     }
 
     /// The channel's last committed offset when tracking began (from the store). Held messages after it are
@@ -98,6 +123,7 @@ impl Sequencer {
             return;
         };
         if c.next.is_none() {
+            self.synced += 1;
             // Anything held that is already covered by `last` was committed before we looked: still new to the
             // local clients that made us track the channel only if it came after they connected, which we cannot
             // tell; release from the first held one when it is older, so nothing is lost.
@@ -108,6 +134,7 @@ impl Sequencer {
             });
         }
         Self::release(c, now_ms, out);
+        self.mark(channel);
     }
 
     /// Feeds a message (a local commit, a pub/sub message, or a store re-read).
@@ -134,6 +161,7 @@ impl Sequencer {
             self.skipped += 1;
             Self::skip_gap(&channel, c, now_ms, out);
         }
+        self.mark(&channel);
     }
 
     /// Gives up on the gap before the first held message: a `reset` to just before it, then release.
@@ -176,7 +204,10 @@ impl Sequencer {
     /// Channels whose gap is older than `wait_ms` and not yet asked for: (channel, read after this offset).
     pub fn gaps(&mut self, now_ms: u64, wait_ms: u64) -> Vec<(Arc<str>, u64)> {
         let mut v = Vec::new();
-        for (ch, c) in self.chans.iter_mut() {
+        for ch in &self.holding {
+            let Some(c) = self.chans.get_mut(ch) else {
+                continue;
+            };
             if let (Some(since), Some(next), false) = (c.gap_since, c.next, c.asked)
                 && now_ms.saturating_sub(since) >= wait_ms
             {
@@ -219,6 +250,7 @@ impl Sequencer {
         } else {
             c.gap_since = Some(now_ms);
         }
+        self.mark(&key);
     }
 
     /// The offset after which a catch-up read must start (after a reconnect), if tracked and synced.
@@ -228,7 +260,7 @@ impl Sequencer {
 
     /// Channels tracked and synced (live on the bus).
     pub fn synced(&self) -> usize {
-        self.chans.values().filter(|c| c.next.is_some()).count()
+        self.synced
     }
 }
 
@@ -243,6 +275,37 @@ mod tests {
 
     fn offs(v: &[Arc<Delivery>]) -> Vec<u64> {
         v.iter().map(|d| d.offset).collect()
+    }
+
+    /// The per-tick scans are kept as counts and a set of holding channels; they must agree with a full
+    /// scan through sync, untrack, gaps and fills.
+    #[test]
+    fn synced_count_and_gap_set_agree_with_the_channels() {
+        let mut s = Sequencer::default();
+        let mut out = Vec::new();
+        for ch in ["a:1", "a:2", "a:3"] {
+            s.track(Arc::from(ch));
+        }
+        s.sync("a:1", 5, 0, &mut out);
+        s.sync("a:2", 0, 0, &mut out);
+        s.sync("a:2", 0, 0, &mut out);
+        assert_eq!(s.synced(), 2);
+        s.untrack("a:2");
+        assert_eq!(s.synced(), 1);
+        s.untrack("a:3");
+        assert_eq!(s.synced(), 1);
+        // A gap on a:1 (7 before 6): found after the wait, once.
+        s.push(d("a:1", 7), 10, &mut out);
+        assert!(s.gaps(20, 100).is_empty(), "not waited long enough");
+        assert_eq!(s.gaps(200, 100), [(Arc::from("a:1"), 5)]);
+        assert!(s.gaps(400, 100).is_empty(), "asked already");
+        s.filled("a:1", vec![d("a:1", 6), d("a:1", 7)], 500, &mut out);
+        assert_eq!(offs(&out), [6, 7]);
+        assert!(s.holding.is_empty());
+        assert!(s.gaps(10_000, 100).is_empty());
+        s.push(d("a:1", 9), 600, &mut out);
+        s.untrack("a:1");
+        assert!(s.holding.is_empty() && s.synced() == 0);
     }
 
     #[test]
