@@ -833,6 +833,9 @@ fn poll_hold_ms(timeout: Option<&str>, max: std::time::Duration) -> Option<u64> 
 
 /// The backplane's answer to a request handed over.
 pub fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &mut Ctx, me: ConnRef) {
+    if conn.close_after_flush {
+        return; // already answered (an error, or a 504 when the answer came too late)
+    }
     if let Mode::HttpAwait { keep_alive, .. } = conn.mode {
         respond(
             conn,

@@ -812,7 +812,19 @@ impl Worker {
                 );
                 self.flush(i);
             }
-            Mode::Http { .. } | Mode::HttpAwait { .. } => self.close(i),
+            Mode::HttpAwait { .. } => {
+                // The backplane has not answered within the request's deadline (a saturated or stalled
+                // node): say so instead of closing without a response.
+                tracing::debug!(worker = self.cx.id, conn = i, "no answer in time");
+                conn::http::fail(
+                    conn,
+                    &self.cx,
+                    crate::proto::http1::HttpError::new(504, "no answer in time; retry"),
+                    &["Retry-After: 1"],
+                );
+                self.flush(i);
+            }
+            Mode::Http { .. } => self.close(i),
             Mode::Sse(s) => {
                 if s.expires_ms != 0 && now_ms >= s.expires_ms {
                     // The token expired: end the stream with a last event that says why; the client

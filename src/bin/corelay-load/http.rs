@@ -17,7 +17,7 @@ pub fn post_json(api: &str, key: &str, path: &str, body: &Value) -> anyhow::Resu
     let mut s = std::net::TcpStream::connect_timeout(&t.addr, Duration::from_secs(10))
         .with_context(|| format!("connecting to {}", t.addr))?;
     s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\

@@ -140,8 +140,16 @@ fn join_query(a: &str, b: &str) -> String {
 }
 
 pub fn worker(a: &IdleArgs, link: Link) {
-    let r = work(a, &link);
-    emit_result(&link, r);
+    match work(a, &link) {
+        // The RESULT goes out before the sockets are closed: on a saturated machine closing tens of
+        // thousands of sockets one by one takes longer than the coordinator waits for RESULTs (at 500k
+        // connections over 30 processes every RESULT was lost that way).
+        Ok((v, mut net)) => {
+            emit_result(&link, Ok(v));
+            net.close_all();
+        }
+        Err(e) => emit_result(&link, Err(e)),
+    }
 }
 
 /// A connection past its handshake, waiting for `welcome` and then `subscribed`.
@@ -369,7 +377,7 @@ impl State<'_> {
     }
 }
 
-fn work(a: &IdleArgs, link: &Link) -> anyhow::Result<Value> {
+fn work(a: &IdleArgs, link: &Link) -> anyhow::Result<(Value, Net)> {
     let me = std::process::id();
     let rss_start = procfs::rss_kib(me);
     let range = workers::share(a.connections, link.index, link.count);
@@ -489,8 +497,7 @@ fn work(a: &IdleArgs, link: &Link) -> anyhow::Result<Value> {
         "rss_kib": procfs::rss_kib(me),
         "held_s": r3(held_s),
     });
-    net.close_all();
-    Ok(v)
+    Ok((v, net))
 }
 
 /// Returns free heap memory to the system (glibc keeps it otherwise).
@@ -737,7 +744,12 @@ pub fn run(a: IdleArgs) -> anyhow::Result<Report> {
         .then(|| broadcast(&a, &mut w, &expect, opened, deadline, &servers, clk));
 
     w.send(Cmd::Stop);
-    let (results, lost) = w.collect(Instant::now() + Duration::from_secs(15), |_, _| {});
+    // Workers answer within seconds on a quiet machine; a saturated one (a million connections on two
+    // cores) needs longer: a minute, within the run's deadline.
+    let (results, lost) = w.collect(
+        (Instant::now() + Duration::from_secs(60)).min(deadline.max(Instant::now() + Duration::from_secs(15))),
+        |_, _| {},
+    );
     let children = w.count > 1;
     w.finish(Duration::from_secs(5));
 
