@@ -747,7 +747,8 @@ pub fn run(a: IdleArgs) -> anyhow::Result<Report> {
     // Workers answer within seconds on a quiet machine; a saturated one (a million connections on two
     // cores) needs longer: a minute, within the run's deadline.
     let (results, lost) = w.collect(
-        (Instant::now() + Duration::from_secs(60)).min(deadline.max(Instant::now() + Duration::from_secs(15))),
+        (Instant::now() + Duration::from_secs(60))
+            .min(deadline.max(Instant::now() + Duration::from_secs(15))),
         |_, _| {},
     );
     let children = w.count > 1;
