@@ -1148,3 +1148,42 @@ fn storing_large_messages_in_many_conversations_keeps_memory_bounded() {
         mib(stored)
     );
 }
+
+/// A request whose answer the backplane cannot give in time (here: Redis stops answering, so the publish's
+/// store commit waits) gets `504` with `Retry-After` at the request's deadline, not a connection closed
+/// without a response; the late answer is not written after it, and the node serves again once Redis is back.
+#[test]
+fn a_request_the_backplane_cannot_answer_in_time_gets_504() {
+    let redis = RedisServer::start();
+    let node = Node::start(&["--redis", &redis.url(), "--handshake-timeout", "1s"]);
+    let publish = || {
+        let body = serde_json::json!({"channel": "topic:t504", "body": {"n": 1}}).to_string();
+        http(
+            node.addr,
+            &format!(
+                "POST /api/publish HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    assert_eq!(publish().0, 200);
+    redis.signal("STOP");
+    let t0 = std::time::Instant::now();
+    let (st, resp) = publish();
+    let waited = t0.elapsed();
+    redis.signal("CONT");
+    assert_eq!(st, 504, "{resp}");
+    assert!(resp.contains("Retry-After: 1"), "{resp}");
+    assert!(
+        resp.matches("HTTP/1.1").count() == 1,
+        "one response only: {resp}"
+    );
+    assert!(
+        waited < Duration::from_secs(4),
+        "answered at the deadline, after {waited:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || publish().0 == 200),
+        "the node serves again once Redis answers"
+    );
+}
