@@ -70,11 +70,30 @@ fn processes_share_one_port_and_behave_as_one_gateway() {
     let (alice, mut alice_ws) = it.next().unwrap().pop().unwrap();
     let (bob, mut bob_ws) = it.next().unwrap().pop().unwrap();
     assert_eq!(node.create_conversation("c1", &[&alice, &bob]), 201);
-    std::thread::sleep(Duration::from_millis(300)); // membership reaches every process over the bus
-    send_json(
-        &mut alice_ws,
-        json!({"type":"send","conversation":"c1","client_id":"m1","body":"hi"}),
-    );
+    // Membership reaches alice's process over the bus: until then her send is refused (`not_member`); the
+    // retry carries the same client_id, so however many tries it takes the message exists once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        send_json(
+            &mut alice_ws,
+            json!({"type":"send","conversation":"c1","client_id":"m1","body":"hi"}),
+        );
+        let v = loop {
+            let v = next_json(&mut alice_ws);
+            if v["type"] == "sent" || v["type"] == "error" {
+                break v;
+            }
+        };
+        if v["type"] == "sent" {
+            break;
+        }
+        assert_eq!(v["code"], "not_member", "{v}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "membership never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let m = loop {
         let v = next_json(&mut bob_ws);
         if v["type"] == "message" {
@@ -104,7 +123,8 @@ fn processes_share_one_port_and_behave_as_one_gateway() {
             }
         }
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // (No wait needed before publishing: a node that subscribes to the topic on the bus after the publish
+    // reads it from the shared log.)
     let body = json!({"channel":"topic:news","body":{"n":1}}).to_string();
     let (st, resp) = http(
         node.addr,

@@ -532,10 +532,20 @@ fn two_nodes_on_one_redis_push_each_obligation_once() {
         );
         register(&nodes[0], u, "apns", &format!("phone-{u}"));
     }
-    // Both nodes see the conversations (the control channel), then alice sends through both.
-    std::thread::sleep(Duration::from_millis(500));
+    // Alice sends through both nodes; the second learns the conversations over the control channel, so a
+    // send may be refused (`not_member`) until then and is retried with the same client_id.
     for (i, u) in users.iter().enumerate() {
-        send(&nodes[i % 2], "alice", &format!("c-{u}"), "m1", "hi");
+        let conv = format!("c-{u}");
+        let body = json!({"type":"send","conversation":conv,"client_id":"m1","body":{"text":"hi"}});
+        assert!(
+            wait_until(Duration::from_secs(10), || post_send(
+                &nodes[i % 2],
+                "alice",
+                body.clone()
+            )
+            .0 == 200),
+            "send to {conv} never accepted"
+        );
     }
     assert!(
         stub.wait_sent(users.len(), Duration::from_secs(20)),
