@@ -132,10 +132,27 @@ fn settle() {
     std::thread::sleep(Duration::from_millis(600));
 }
 
-fn dir() -> PathBuf {
+/// A fresh data dir (with the key files beside the store), removed when the test ends. Declared before the
+/// node, so the node is dropped (killed) first.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir() -> TempDir {
     let d = fresh_dir();
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 #[test]
@@ -188,8 +205,6 @@ fn offline_member_gets_one_alert_per_collapsed_burst_and_the_sender_none() {
         metric(&node, "corelay_push_sent{provider=\"apns\"}"),
         got.len() as u64
     );
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -225,8 +240,6 @@ fn online_member_who_acks_gets_none_and_one_who_does_not_gets_one_after_the_dela
     assert_eq!(got[0].0, "carol-phone");
     assert_eq!(metric(&node, "corelay_push_escalated_total"), 1);
     assert_eq!(stub.violations(), Vec::<String>::new());
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -272,8 +285,6 @@ fn read_on_one_device_sends_a_background_push_to_the_others() {
         .unwrap();
     assert_eq!(r.header("apns-priority"), Some("5"));
     assert_eq!(stub.violations(), Vec::<String>::new());
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -306,8 +317,6 @@ fn dead_tokens_are_removed_and_never_used_again() {
         .count();
     assert_eq!(to_old, 1, "the dead token was tried once, then removed");
     assert!(sent(&stub).iter().all(|(t, _, _)| t == "new-phone"));
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -326,8 +335,6 @@ fn rate_limited_push_is_retried_after_retry_after() {
     let waited = reqs[1].at - reqs[0].at;
     assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
     assert_eq!(metric(&node, "corelay_push_retried_total"), 1);
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// The provider is down for 30 s with 100 obligations due: the push thread never holds more than
@@ -382,8 +389,6 @@ fn provider_outage_then_recovery_pushes_every_obligation_once() {
     let mut want: Vec<String> = users.iter().map(|u| format!("phone-{u}")).collect();
     want.sort();
     assert_eq!(tokens, want, "each obligation pushed exactly once");
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -415,7 +420,7 @@ fn pending_obligations_survive_kill_9_and_are_pushed_once_after_restart() {
     drop(node);
     stub.set_down(false);
     // The restarted node retries them (after their backoff; a claim's lease does not outlive the retry).
-    let node = start(&d, &flags, &fast);
+    let _node = start(&d, &flags, &fast);
     assert!(
         stub.wait_sent(3, Duration::from_secs(20)),
         "{:?}",
@@ -425,8 +430,6 @@ fn pending_obligations_survive_kill_9_and_are_pushed_once_after_restart() {
     let mut tokens: Vec<String> = sent(&stub).into_iter().map(|(t, _, _)| t).collect();
     tokens.sort();
     assert_eq!(tokens, ["phone-bob", "phone-carol", "phone-dan"]);
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -461,8 +464,6 @@ fn fcm_offline_member_gets_a_notification_with_one_token_exchange() {
         .count();
     assert_eq!(to_gone, 1, "UNREGISTERED removes the token");
     assert_eq!(stub.violations(), Vec::<String>::new());
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -571,8 +572,6 @@ fn two_nodes_on_one_redis_push_each_obligation_once() {
         users.len() as u64,
         "{per_node:?}"
     );
-    drop(nodes);
-    std::fs::remove_dir_all(&d).ok();
 }
 
 /// The figures in `docs/BENCHMARKS.md` (not a pass/fail test): how many pushes per second one node sustains
@@ -660,6 +659,4 @@ fn push_figures() {
         (n - 1) as f64 / (last - first).as_secs_f64()
     );
     assert_eq!(stub.violations(), Vec::<String>::new());
-    drop(node);
-    std::fs::remove_dir_all(&d).ok();
 }
