@@ -5,7 +5,7 @@
 
 use std::hint::black_box;
 
-use corelay::proto::ws::*;
+use corelay_proto::ws::*;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
 const LIMITS: Limits = Limits {

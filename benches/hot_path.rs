@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use corelay::backplane::Delivery;
-use corelay::proto::http1::{HeadLimits, parse_request, validate_upgrade};
-use corelay::proto::ws::Utf8Validator;
 use corelay::timer::TimerWheel;
+use corelay_proto::http1::{HeadLimits, parse_request, validate_upgrade};
+use corelay_proto::ws::Utf8Validator;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
 /// A browser's upgrade request, as Chrome sends it through a typical app (665 bytes).

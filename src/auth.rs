@@ -13,7 +13,7 @@ pub const API_KEY_FILE: &str = "api-key";
 /// keys shorter than the hash output (RFC 7518 §3.2) and short API keys are guessable.
 pub const MIN_SECRET_BYTES: usize = 32;
 /// Longest user id we accept in a token (ids travel in every message and key).
-pub const MAX_USER_LEN: usize = 128;
+pub const MAX_USER_LEN: usize = corelay_proto::cursor::MAX_ID_LEN;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -74,14 +74,7 @@ impl Verifier {
     }
 }
 
-/// User, conversation and topic ids: 1..=128 bytes of `[A-Za-z0-9_.@-]` (safe in keys, logs and cursors).
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_USER_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
-}
+pub use corelay_proto::cursor::valid_id;
 
 /// Mints a token for `user`, valid for `ttl`.
 pub fn mint(

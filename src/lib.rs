@@ -11,7 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod metrics;
-pub mod proto;
+pub use corelay_proto as proto;
 pub mod push;
 pub mod server;
 pub mod store;

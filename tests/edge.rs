@@ -172,8 +172,8 @@ fn proxy_protocol_v1_and_v2_give_the_client_address_and_bad_headers_are_refused(
     let src: std::net::SocketAddr = "203.0.113.7:41234".parse().unwrap();
     let dst: std::net::SocketAddr = "198.51.100.1:443".parse().unwrap();
     for header in [
-        corelay::cluster::proxy::encode_v1(src, dst),
-        corelay::cluster::proxy::encode_v2(src, dst),
+        corelay_proto::proxy::encode_v1(src, dst),
+        corelay_proto::proxy::encode_v2(src, dst),
     ] {
         let mut s = std::net::TcpStream::connect(node.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -198,7 +198,7 @@ fn proxy_protocol_v1_and_v2_give_the_client_address_and_bad_headers_are_refused(
     );
     assert_eq!((status, text.as_str()), (0, ""));
     // The ring, over HTTP and on the command line, agrees.
-    let mut ring_req = corelay::cluster::proxy::encode_v1(src, dst);
+    let mut ring_req = corelay_proto::proxy::encode_v1(src, dst);
     ring_req.extend_from_slice(
         format!("GET /api/route?user=alice HTTP/1.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n").as_bytes(),
     );

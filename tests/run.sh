@@ -16,7 +16,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 echo "== cargo test"
-cargo test --locked --lib --bins --tests --benches 2>&1
+cargo test --locked --workspace --lib --bins --tests --benches 2>&1
 
 echo "== autobahn (RFC 6455 cases 1-10)"
 tests/autobahn.sh

@@ -2,9 +2,10 @@
 //! (comma-separated host:port) names a real cluster. No Scylla server can be installed on the development and
 //! CI machines, so there the Scylla run reports that it was skipped.
 
+#[path = "support/store_contract.rs"]
+mod contract;
 mod support;
 
-use corelay::store::contract;
 use corelay::store::embedded::{Embedded, Fsync};
 use corelay::store::redis::{RedisConfig, RedisStore};
 use corelay::store::scylla::{Scylla, ScyllaConfig};
@@ -14,6 +15,19 @@ fn embedded_store_passes_the_contract() {
     let dir = std::env::temp_dir().join(format!("corelay-contract-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     contract::run_all(&mut || Box::new(Embedded::open(&dir, Fsync::Always).expect("open")));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn embedded_store_with_interval_fsync_passes_the_contract() {
+    let dir = std::env::temp_dir().join(format!("corelay-contract-iv-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    contract::run_all(&mut || {
+        Box::new(
+            Embedded::open(&dir, Fsync::Interval(std::time::Duration::from_millis(50)))
+                .expect("open"),
+        )
+    });
     std::fs::remove_dir_all(&dir).ok();
 }
 

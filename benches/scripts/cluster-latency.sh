@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 S=${1:-300}; M=${2:-200}; GAP=${3:-10ms}
-cargo build --release --locked --bin corelay --bin corelay-load >/dev/null
+cargo build --release --locked -p corelay -p corelay-load --bins >/dev/null
 BIN=$(mktemp -d); cp target/release/corelay target/release/corelay-load "$BIN/"
 work=$(mktemp -d)
 pids=()

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-10000}; PROCS=${2:-2}; HOLD=${3:-10s}
 HEARTBEAT=${HEARTBEAT:-5s}; THREADS=${THREADS:-2}; TRANSPORTS=${TRANSPORTS:-ws sse longpoll}
-timeout 900 cargo build --release --locked --bin corelay --bin corelay-load >/dev/null
+timeout 900 cargo build --release --locked -p corelay -p corelay-load --bins >/dev/null
 # private copies: a rebuild of the tree during the run cannot swap the binaries
 bin=$(mktemp -d); cp target/release/corelay target/release/corelay-load "$bin/"
 pid=""; data=""; log=""

@@ -130,7 +130,7 @@ trap 'exit 143' TERM
 # --- binaries ---------------------------------------------------------------------------------------------
 if ((build)); then
     log "building target/release/corelay and corelay-load"
-    cargo build --offline --release --bin corelay --bin corelay-load >&2
+    cargo build --offline --release -p corelay -p corelay-load --bins >&2
 fi
 [[ -x target/release/corelay && -x target/release/corelay-load ]] ||
     die "missing target/release/corelay or corelay-load (build them, or drop --no-build)"

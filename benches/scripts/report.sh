@@ -69,8 +69,8 @@ trap 'log "interrupted"; exit 130' INT TERM
 if [[ $SKIP_BUILD != 1 ]]; then
   ok=0
   for attempt in 1 2 3; do
-    log "build (attempt $attempt): cargo build --release --bin corelay --bin corelay-load --example baseline"
-    if timeout 900 cargo build --release --bin corelay --bin corelay-load --example baseline >>"$LOG" 2>&1; then ok=1; break; fi
+    log "build (attempt $attempt): cargo build --release -p corelay -p corelay-load --bins --example baseline"
+    if timeout 900 cargo build --release -p corelay -p corelay-load --bins --example baseline >>"$LOG" 2>&1; then ok=1; break; fi
     log "build failed (someone may be mid-edit); retrying in 60 s"; sleep 60
   done
   [[ $ok == 1 ]] || { log "build failed 3 times; see $LOG"; exit 1; }

@@ -20,8 +20,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::proto::msg::ClientMsg;
-use crate::proto::ws::{Opcode, encode_frame};
+use corelay_proto::msg::ClientMsg;
+use corelay_proto::ws::{Opcode, encode_frame};
 
 /// A connection anywhere on this node: its loop, its slab index, and the generation that guards against a
 /// reused slot receiving a stale command.
@@ -86,7 +86,7 @@ impl Delivery {
                 .map(|t| t.ty)
                 .unwrap_or_else(|_| "message".into());
             let mut v = Vec::with_capacity(self.json.len() + 32);
-            crate::proto::sse::encode_body(&ty, &self.json, &mut v);
+            corelay_proto::sse::encode_body(&ty, &self.json, &mut v);
             Bytes::from(v)
         })
     }

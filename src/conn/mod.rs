@@ -13,9 +13,9 @@ use std::sync::Arc;
 use mio::net::TcpStream;
 
 use crate::backplane::CursorVec;
-use crate::proto::http1::RequestHead;
-use crate::proto::ws::Decoder;
 use crate::timer::TimerKey;
+use corelay_proto::http1::RequestHead;
+use corelay_proto::ws::Decoder;
 
 pub use queue::WriteQueue;
 
@@ -85,7 +85,7 @@ pub fn advance(cursor: &mut CursorVec, channel: &Arc<str>, offset: u64) -> bool 
 
 /// The text form of a cursor (SSE `id:`, poll answers).
 pub fn cursor_text(cursor: &CursorVec) -> String {
-    crate::proto::cursor::format(cursor.iter().map(|(c, o)| (&**c, *o)))
+    corelay_proto::cursor::format(cursor.iter().map(|(c, o)| (&**c, *o)))
 }
 
 pub struct WsState {

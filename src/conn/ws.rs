@@ -5,9 +5,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::http::Flow;
 use super::{Conn, Mode, WsState};
 use crate::backplane::{ConnRef, Event};
-use crate::proto::msg;
-use crate::proto::ws::{CloseCode, Event as WsEvent, Opcode, encode_close, encode_frame};
 use crate::worker::Ctx;
+use corelay_proto::msg;
+use corelay_proto::ws::{CloseCode, Event as WsEvent, Opcode, encode_close, encode_frame};
 
 /// Feeds bytes read from the socket. Payloads are unmasked in place in `data` (the loop's scratch buffer).
 pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> Flow {

@@ -828,33 +828,3 @@ impl Embedded {
         })
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn temp(name: &str) -> std::path::PathBuf {
-        let d =
-            std::env::temp_dir().join(format!("corelay-embedded-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
-    }
-
-    #[test]
-    fn contract_fsync_always() {
-        let dir = temp("always");
-        super::super::contract::run_all(&mut || {
-            Box::new(Embedded::open(&dir, Fsync::Always).unwrap())
-        });
-        std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn contract_fsync_interval() {
-        let dir = temp("interval");
-        super::super::contract::run_all(&mut || {
-            Box::new(Embedded::open(&dir, Fsync::Interval(Duration::from_millis(50))).unwrap())
-        });
-        std::fs::remove_dir_all(&dir).ok();
-    }
-}

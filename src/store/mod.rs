@@ -4,9 +4,8 @@
 //! Implementations are synchronous and owned by one store thread ([`thread`]), which batches every write that
 //! queued up while the previous commit ran into one transaction: group commit, one fsync for many sends.
 //! The backplane never blocks on it: it sends requests and gets completions back on a channel.
-//! Every implementation passes the same [`contract`] suite.
+//! Every implementation passes the same contract suite (`tests/support/store_contract.rs`).
 
-pub mod contract;
 pub mod embedded;
 pub mod redis;
 pub mod scylla;

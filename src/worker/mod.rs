@@ -27,8 +27,8 @@ use crate::config::Config;
 use crate::conn::http::Flow;
 use crate::conn::{self, Conn, Mode};
 use crate::metrics::{LoopMetrics, Metrics, Transport};
-use crate::proto::ws::CloseCode;
 use crate::timer::{TimerKey, TimerWheel};
+use corelay_proto::ws::CloseCode;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 /// The internal admin listener (`--admin-listen`), on loop 0 only.
@@ -723,7 +723,7 @@ impl Worker {
                 }
                 conn.out.push(d.sse().clone());
                 let mut tail = Vec::with_capacity(16 + 24 * s.cursor.len());
-                crate::proto::sse::encode_tail(&conn::cursor_text(&s.cursor), &mut tail);
+                corelay_proto::sse::encode_tail(&conn::cursor_text(&s.cursor), &mut tail);
                 conn.out.push_vec(tail);
             }
             Mode::PollHeld(p) => {
@@ -807,7 +807,7 @@ impl Worker {
                 conn::http::fail(
                     conn,
                     &self.cx,
-                    crate::proto::http1::HttpError::new(408, "request not received in time"),
+                    corelay_proto::http1::HttpError::new(408, "request not received in time"),
                     &[],
                 );
                 self.flush(i);
@@ -819,7 +819,7 @@ impl Worker {
                 conn::http::fail(
                     conn,
                     &self.cx,
-                    crate::proto::http1::HttpError::new(504, "no answer in time; retry"),
+                    corelay_proto::http1::HttpError::new(504, "no answer in time; retry"),
                     &["Retry-After: 1"],
                 );
                 self.flush(i);
@@ -829,13 +829,13 @@ impl Worker {
                 if s.expires_ms != 0 && now_ms >= s.expires_ms {
                     // The token expired: end the stream with a last event that says why; the client
                     // reconnects with a fresh token and `Last-Event-ID`.
-                    let e = crate::proto::msg::error(
+                    let e = corelay_proto::msg::error(
                         "token_expired",
                         "reconnect with a fresh token",
                         None,
                     );
                     let mut v = Vec::with_capacity(e.len() + 24);
-                    crate::proto::sse::encode_body("error", e.as_bytes(), &mut v);
+                    corelay_proto::sse::encode_body("error", e.as_bytes(), &mut v);
                     v.push(b'\n'); // no `id:`: the client's Last-Event-ID stays where it was
                     conn.out.push_vec(v);
                     conn.close_after_flush = true;
@@ -843,7 +843,7 @@ impl Worker {
                     return;
                 }
                 conn.out
-                    .push(bytes::Bytes::from_static(crate::proto::sse::KEEPALIVE));
+                    .push(bytes::Bytes::from_static(corelay_proto::sse::KEEPALIVE));
                 let at = now_ms + cfg.heartbeat_interval.as_millis() as u64;
                 let at = conn::until_expiry(at, s.expires_ms);
                 self.cx.schedule(conn, me, at);
@@ -891,8 +891,8 @@ impl Worker {
                     }
                 } else if now_ms.saturating_sub(conn.last_rx_ms) >= interval {
                     let mut v = Vec::with_capacity(2);
-                    crate::proto::ws::encode_frame(
-                        crate::proto::ws::Opcode::Ping,
+                    corelay_proto::ws::encode_frame(
+                        corelay_proto::ws::Opcode::Ping,
                         true,
                         &[],
                         &mut v,

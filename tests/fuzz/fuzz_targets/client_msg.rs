@@ -1,4 +1,4 @@
-//! Arbitrary bytes into the client request parser (`corelay::proto::msg::parse_client`).
+//! Arbitrary bytes into the client request parser (`corelay_proto::msg::parse_client`).
 //!
 //! The target is a full model of the parser for every input that `serde_json::Value` accepts, and checks
 //! the ids for the rest. Properties:
@@ -36,7 +36,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use corelay::proto::msg::{ClientMsg, MAX_DEVICE_TOKEN, ParseError, parse_client};
+use corelay_proto::msg::{ClientMsg, MAX_DEVICE_TOKEN, ParseError, parse_client};
 use libfuzzer_sys::fuzz_target;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};

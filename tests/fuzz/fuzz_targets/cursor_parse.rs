@@ -1,5 +1,5 @@
 //! Arbitrary text (the input when it is UTF-8) into the cursor parser and formatter
-//! (`corelay::proto::cursor::{parse, format}`), the channel-list parser and the channel classifier.
+//! (`corelay_proto::cursor::{parse, format}`), the channel-list parser and the channel classifier.
 //! Properties:
 //! - never panics;
 //! - a channel `kind` accepts is within the documented limits (at most `MAX_CHANNEL_LEN` bytes;
@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use corelay::proto::cursor::{
+use corelay_proto::cursor::{
     Kind, MAX_CHANNEL_LEN, MAX_CHANNELS, format, kind, parse, parse_channels,
 };
 use libfuzzer_sys::fuzz_target;

@@ -6,7 +6,7 @@
 //! (the first directory receives new inputs: keep it the git-ignored corpus; see `docs/FUZZING.md`).
 #![no_main]
 
-use corelay::proto::http1::{HeadLimits, parse_request, validate_upgrade};
+use corelay_proto::http1::{HeadLimits, parse_request, validate_upgrade};
 use libfuzzer_sys::fuzz_target;
 
 const LIMITS: HeadLimits = HeadLimits {

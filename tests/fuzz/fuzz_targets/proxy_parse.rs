@@ -8,7 +8,7 @@
 //! (the first directory receives new inputs: keep it the git-ignored corpus; see `docs/FUZZING.md`).
 #![no_main]
 
-use corelay::cluster::proxy::{ProxyHeader, encode_v1, encode_v2, parse};
+use corelay_proto::proxy::{ProxyHeader, encode_v1, encode_v2, parse};
 use libfuzzer_sys::fuzz_target;
 
 /// Prefixes checked one by one; past this, only the few around the header's end (parse is O(header)).

@@ -10,7 +10,7 @@
 //! (the first directory receives new inputs: keep it the git-ignored corpus; see `docs/FUZZING.md`).
 #![no_main]
 
-use corelay::proto::ws::{CloseCode, Decoder, Event, Limits, WsError};
+use corelay_proto::ws::{CloseCode, Decoder, Event, Limits, WsError};
 use libfuzzer_sys::fuzz_target;
 
 const LIMITS: Limits = Limits {

@@ -5,7 +5,7 @@
 //! `cargo fuzz run --fuzz-dir tests/fuzz ws_ops tests/fuzz/corpus/ws_ops` (see `docs/FUZZING.md`).
 #![no_main]
 
-use corelay::proto::ws::{CloseCode, Decoder, Event, Limits, apply_mask};
+use corelay_proto::ws::{CloseCode, Decoder, Event, Limits, apply_mask};
 use libfuzzer_sys::fuzz_target;
 
 const LIMITS: Limits = Limits {

@@ -130,12 +130,16 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// httparse needs the header array up front; the parser keeps one of this size on the stack, so
+/// `HeadLimits::max_headers` is capped by it.
+pub const MAX_HEADERS_CEILING: usize = 256;
+
 /// Parses one request head. `Ok(None)` while the head is incomplete and still within limits.
 pub fn parse_request(
     buf: &[u8],
     limits: &HeadLimits,
 ) -> Result<Option<(RequestHead, usize)>, HttpError> {
-    let mut storage = [httparse::EMPTY_HEADER; crate::config::MAX_HEADERS_CEILING];
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
     let max = limits.max_headers.min(storage.len());
     let mut req = httparse::Request::new(&mut storage[..max]);
     let consumed = match req.parse(buf) {

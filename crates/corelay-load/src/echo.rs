@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use corelay::proto::ws::Opcode;
+use corelay_proto::ws::Opcode;
 use serde_json::{Value, json};
 
 use crate::net::{Event, Net, Transport};

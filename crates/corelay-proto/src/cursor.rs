@@ -29,8 +29,20 @@ impl std::fmt::Display for CursorError {
     }
 }
 
+/// Longest id (user, conversation, topic) we accept: ids travel in every message, key and cursor.
+pub const MAX_ID_LEN: usize = 128;
+
+/// User, conversation and topic ids: 1..=128 bytes of `[A-Za-z0-9_.@-]` (safe in keys, logs and cursors).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
+}
+
 fn id_ok(s: &str) -> bool {
-    crate::auth::valid_id(s)
+    valid_id(s)
 }
 
 /// Classifies a channel name; `Err` says why it is not one.

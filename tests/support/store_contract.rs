@@ -1,8 +1,9 @@
-//! The contract every [`Store`] implementation passes (the embedded and Redis stores always; Scylla when
+//! The contract every `Store` implementation passes (the embedded and Redis stores always; Scylla when
 //! `SCYLLA_NODES` is set). Each run uses a fresh namespace of channel and user names, so it can share a
-//! database.
+//! database. Test code (it panics on every broken promise), so it lives with the tests, not in the library;
+//! `tests/store_contract.rs` includes it.
 
-use super::{
+use corelay::store::{
     Appended, NewMessage, PushFor, PushKind, PushRow, ReceiptState, Store, Write, WriteResult,
 };
 
@@ -534,7 +535,7 @@ fn device_tokens_move(s: &mut dyn Store, ns: &str) {
 }
 
 /// (channel, offset) of each message, in order.
-fn keys(q: &[super::StoredMessage]) -> Vec<(String, u64)> {
+fn keys(q: &[corelay::store::StoredMessage]) -> Vec<(String, u64)> {
     q.iter().map(|m| (m.channel.clone(), m.offset)).collect()
 }
 

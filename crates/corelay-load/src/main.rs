@@ -109,9 +109,32 @@ impl Common {
     }
 }
 
+/// An HS256 token for `user` as the gateway's `--auth-secret` expects it (`sub`, `iat`, `exp`), valid for the
+/// run and an hour more. Minted here, not with the gateway's code, so that the load generator does not build
+/// the gateway; `tests::the_gateway_accepts_minted_tokens` checks the two agree.
 pub fn mint(secret: &str, user: &str, run_timeout: Duration) -> anyhow::Result<String> {
-    corelay::auth::mint(secret, user, run_timeout + Duration::from_secs(3600))
-        .with_context(|| format!("minting a token for {user}"))
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        iat: u64,
+        exp: u64,
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("clock before 1970")?
+        .as_secs();
+    let ttl = run_timeout + Duration::from_secs(3600);
+    let claims = Claims {
+        sub: user,
+        iat: now,
+        exp: now + ttl.as_secs(),
+    };
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .with_context(|| format!("minting a token for {user}"))
 }
 
 /// Runs a worker body and emits its `RESULT` (or `{"error": …}`).
@@ -175,5 +198,23 @@ fn main() -> ExitCode {
             println!("RESULT {r}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gateway_accepts_minted_tokens() {
+        let secret = "a-load-test-secret-of-at-least-32-bytes";
+        let token = mint(secret, "load-user-7", Duration::from_secs(60)).unwrap();
+        let verifier = corelay::auth::Verifier::new(secret);
+        assert_eq!(verifier.verify(&token).unwrap(), "load-user-7");
+        assert!(
+            corelay::auth::Verifier::new("another-secret-of-at-least-32-bytes!!")
+                .verify(&token)
+                .is_err()
+        );
     }
 }

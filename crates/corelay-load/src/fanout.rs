@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use corelay::proto::ws::Opcode;
+use corelay_proto::ws::Opcode;
 use serde_json::{Value, json};
 
 use crate::http;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use corelay::proto::ws::Opcode;
+use corelay_proto::ws::Opcode;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
@@ -640,7 +640,7 @@ pub fn run(a: IdleArgs) -> anyhow::Result<Report> {
     let channel = a.channel();
     if let Some(c) = &channel {
         anyhow::ensure!(transport == Transport::Ws, "--follow needs --transport ws");
-        corelay::proto::cursor::kind(c).map_err(|e| anyhow::anyhow!("--follow: {}", e.0))?;
+        corelay_proto::cursor::kind(c).map_err(|e| anyhow::anyhow!("--follow: {}", e.0))?;
     }
     if a.broadcast {
         anyhow::ensure!(channel.is_some(), "--broadcast needs --follow TOPIC");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use base64::Engine as _;
-use corelay::proto::ws::{Opcode, accept_key, apply_mask, decode_header};
+use corelay_proto::ws::{Opcode, accept_key, apply_mask, decode_header};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};

@@ -445,7 +445,7 @@ fn make_event(opcode: Opcode, payload: &[u8]) -> Event<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::ws::frame::{encode_close, encode_frame};
+    use crate::ws::frame::{encode_close, encode_frame};
     use proptest::prelude::*;
 
     const BIG: Limits = Limits {
