@@ -1,4 +1,4 @@
-//! Configuration: a TOML file (`FileConfig`), environment variables and flags, merged into one validated
+//! Configuration: a TOML file, environment variables and flags (one [`Options`] struct for all three), merged into one validated
 //! [`Config`]. Precedence: flag > environment > file > default. Every limit has a `DEFAULT_*` constant here.
 
 use std::net::SocketAddr;
@@ -17,8 +17,7 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
-/// httparse needs the header array up front; the loop keeps one of this size on the stack.
-pub const MAX_HEADERS_CEILING: usize = 256;
+pub use corelay_proto::http1::MAX_HEADERS_CEILING;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_FRAME_BYTES: u64 = 64 * 1024;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -246,65 +245,168 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "node1".to_string())
 }
 
-/// The TOML file. Keys are the flag names with `_` for `-`; durations and sizes are strings (`"30s"`, `"64KiB"`).
-#[derive(Debug, Default, Deserialize)]
+/// Every setting, as flags (with their environment variables) and as keys of the TOML file: one struct, one
+/// merge ([`Options::apply`]), so a key means the same in both places. File keys are the flag names with `_`
+/// for `-` (`allowed_origins` is the file's name for the repeatable `--allowed-origin`); durations and sizes
+/// are strings (`"30s"`, `"64KiB"`). `build_config` applies the file, then the flags: precedence is
+/// flag > environment > file > default (clap reads a flag's environment variable when the flag is absent).
+#[derive(Debug, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct Options {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
     pub listen: Option<String>,
+    /// Serve `/api/*` and `/metrics` only on this internal address (and refuse them on --listen).
+    #[arg(long)]
     pub admin_listen: Option<String>,
+    /// Event loops (one per core by default).
+    #[arg(long)]
     pub threads: Option<usize>,
-    pub data_dir: Option<PathBuf>,
-    pub node_id: Option<String>,
-    pub auth_secret: Option<String>,
-    pub api_key: Option<String>,
-    pub heartbeat_interval: Option<String>,
-    pub heartbeat_timeout: Option<String>,
-    pub handshake_timeout: Option<String>,
-    pub keepalive_timeout: Option<String>,
-    pub drain_timeout: Option<String>,
-    pub echo_path: Option<String>,
-    pub topic_history: Option<usize>,
-    pub topic_history_bytes: Option<String>,
-    pub conversation_window_bytes: Option<String>,
-    pub store_cache_bytes: Option<String>,
-    pub topic_history_age: Option<String>,
-    pub sse_retry: Option<String>,
-    pub max_poll_timeout: Option<String>,
-    pub allowed_origins: Option<Vec<String>>,
-    /// "always" or a duration like "10ms".
-    pub fsync: Option<String>,
-    pub max_pending_writes: Option<usize>,
-    pub redis: Option<String>,
-    pub presence_ttl: Option<String>,
-    pub proxy_protocol: Option<bool>,
-    pub ring_nodes: Option<Vec<String>>,
-    pub scylla: Option<Vec<String>>,
-    pub scylla_keyspace: Option<String>,
-    pub scylla_replication: Option<String>,
-    /// Deprecated spelling: `true` = `pin = "on"`, `false` = `pin = "off"`.
-    pub pin_threads: Option<bool>,
+    /// Do not pin loops to cores.
+    #[arg(long)]
+    #[serde(skip)]
+    pub no_pin: bool,
+    /// Pin loops to cores: auto (only when each loop gets a core and no CPU quota applies), on, off [default: auto].
+    #[arg(long)]
     pub pin: Option<String>,
-    /// The `[push]` table (see [`PushOptions`]).
-    pub push: Option<PushOptions>,
+    /// Deprecated file spelling of `pin`: `true` = `"on"`, `false` = `"off"`.
+    #[arg(skip)]
+    pub pin_threads: Option<bool>,
+    /// Where the embedded store and generated secrets live [default: ./data].
+    #[arg(long, env = "CORELAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Node id, unique in the cluster [default: host name + '-' + listening port].
+    #[arg(long, env = "CORELAY_NODE_ID")]
+    pub node_id: Option<String>,
+    /// HS256 secret for client tokens (generated into the data dir when absent).
+    #[arg(long, env = "CORELAY_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// Key for the internal `/api/*` calls (`Authorization: Bearer KEY`; generated when absent).
+    #[arg(long, env = "CORELAY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Ping after this much silence [default: 30s].
+    #[arg(long)]
+    pub heartbeat_interval: Option<String>,
+    /// Close when no pong (or any frame) arrives this long after a ping [default: 10s].
+    #[arg(long)]
+    pub heartbeat_timeout: Option<String>,
+    /// Time to receive a request head (slowloris guard) [default: 10s].
+    #[arg(long)]
+    pub handshake_timeout: Option<String>,
+    /// Idle keep-alive HTTP connections are closed after this [default: 60s].
+    #[arg(long)]
+    pub keepalive_timeout: Option<String>,
+    /// How long a drain waits for clients to close [default: 5s].
+    #[arg(long)]
+    pub drain_timeout: Option<String>,
+    /// Serve a WebSocket echo endpoint at this path (off by default).
+    #[arg(long)]
+    pub echo_path: Option<String>,
+    /// Messages kept per topic / user channel for resume [default: 1000].
+    #[arg(long)]
+    pub topic_history: Option<usize>,
+    /// Bytes of history kept in memory per topic [default: 4MiB].
+    #[arg(long)]
+    pub topic_history_bytes: Option<String>,
+    /// Bytes of recent messages kept in memory per conversation [default: 64KiB].
+    #[arg(long)]
+    pub conversation_window_bytes: Option<String>,
+    /// The embedded store's page cache [default: 64MiB].
+    #[arg(long)]
+    pub store_cache_bytes: Option<String>,
+    /// Age limit of topic history [default: 1h].
+    #[arg(long)]
+    pub topic_history_age: Option<String>,
+    /// The `retry:` SSE streams announce [default: 2s].
+    #[arg(long)]
+    pub sse_retry: Option<String>,
+    /// Longest long-poll hold a client may ask for [default: 60s].
+    #[arg(long)]
+    pub max_poll_timeout: Option<String>,
+    /// Store durability: `always` (fsync each group commit before acking) or an interval like `10ms`.
+    #[arg(long)]
+    pub fsync: Option<String>,
+    /// Store requests in flight before sends get a retryable `store_busy` [default: 10000].
+    #[arg(long)]
+    pub max_pending_writes: Option<usize>,
+    /// Expect a PROXY protocol (v1 or v2) header on every connection (behind HAProxy `send-proxy-v2`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub proxy_protocol: Option<bool>,
+    /// Node ids of the consistent-hash ring for `/api/route` (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub ring_nodes: Option<Vec<String>>,
+    /// Redis URL (redis://host:6379): cluster mode. Shared state, pub/sub between nodes, presence.
+    #[arg(long, env = "CORELAY_REDIS")]
+    pub redis: Option<String>,
+    /// How long presence entries live in Redis without a refresh [default: 30s].
+    #[arg(long)]
+    pub presence_ttl: Option<String>,
+    /// Scylla contact points (host:9042, comma-separated or repeated); stores messages in Scylla.
+    #[arg(long, value_delimiter = ',', env = "CORELAY_SCYLLA")]
+    pub scylla: Option<Vec<String>>,
+    /// Scylla keyspace [default: corelay].
+    #[arg(long)]
+    pub scylla_keyspace: Option<String>,
+    /// Replication map used when creating the keyspace, e.g. "{'class': 'SimpleStrategy', 'replication_factor': 1}".
+    #[arg(long)]
+    pub scylla_replication: Option<String>,
+    #[command(flatten)]
+    #[serde(default)]
+    pub push: PushOptions,
+    /// Allowed browser Origin (repeatable; none = any).
+    #[arg(long = "allowed-origin")]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Request head limit [default: 8KiB].
+    #[arg(long)]
     pub max_header_bytes: Option<String>,
+    /// Request header count limit [default: 64].
+    #[arg(long)]
     pub max_headers: Option<usize>,
+    /// Request body and chat message body limit [default: 64KiB].
+    #[arg(long)]
     pub max_body_bytes: Option<String>,
+    /// WebSocket frame payload limit [default: 64KiB].
+    #[arg(long)]
     pub max_frame_bytes: Option<String>,
+    /// WebSocket message limit [default: 64KiB].
+    #[arg(long)]
     pub max_message_bytes: Option<String>,
+    /// Unsent bytes per connection before it is cut as a slow consumer [default: 1MiB].
+    #[arg(long)]
     pub max_write_queue_bytes: Option<String>,
+    /// Connections per loop [default: 250000].
+    #[arg(long)]
     pub max_connections_per_loop: Option<usize>,
+    /// Events queued to the backplane [default: 65536].
+    #[arg(long)]
     pub backplane_queue: Option<usize>,
+    /// Requests per second one WebSocket client may send on average [default: 100].
+    #[arg(long)]
     pub client_rate: Option<u32>,
+    /// Requests one WebSocket client may send at once; past the rate its input waits (TCP backpressure) [default: 200].
+    #[arg(long)]
     pub client_burst: Option<u32>,
+    /// Channels in one subscribe, SSE stream or poll [default: 100].
+    #[arg(long)]
     pub max_channels_per_request: Option<usize>,
+    /// Topics one connection follows at once [default: 1000].
+    #[arg(long)]
     pub max_follows_per_connection: Option<usize>,
+    /// Live WebSocket + SSE connections of one user on this node [default: 64].
+    #[arg(long)]
     pub max_connections_per_user: Option<usize>,
-    pub user_rate: Option<u32>,
-    pub user_burst: Option<u32>,
+    /// Connections from one source address, 0 = no cap [default: 20000].
+    #[arg(long)]
     pub max_connections_per_ip: Option<usize>,
+    /// HTTP requests (POST /send, polls, new SSE streams) per second of one user per node [default: 100].
+    #[arg(long)]
+    pub user_rate: Option<u32>,
+    /// …and at once; past it 429 [default: 200].
+    #[arg(long)]
+    pub user_burst: Option<u32>,
 }
 
-impl FileConfig {
+impl Options {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -316,7 +418,7 @@ impl FileConfig {
         })
     }
 
-    /// Applies this file over `cfg` (so that flags and environment, applied later, win).
+    /// Applies the settings that are present over `cfg` (a later layer overrides an earlier one).
     pub fn apply(self, cfg: &mut Config) -> Result<(), ConfigError> {
         if let Some(v) = self.listen {
             cfg.listen = parse_addr("listen", &v)?;
@@ -395,7 +497,7 @@ impl FileConfig {
             ),
         ] {
             if let Some(v) = value {
-                *slot = parse_size(key, &v)? as usize;
+                *slot = parse_size_usize(key, &v)?;
             }
         }
         set(&mut cfg.max_pending_writes, self.max_pending_writes);
@@ -415,9 +517,7 @@ impl FileConfig {
         if let Some(v) = self.fsync {
             cfg.fsync_interval = parse_fsync(&v)?;
         }
-        if let Some(p) = self.push {
-            p.apply(&mut cfg.push)?;
-        }
+        self.push.apply(&mut cfg.push)?;
         if let Some(on) = self.pin_threads {
             cfg.pin = if on {
                 crate::worker::pinning::Pin::On
@@ -427,6 +527,9 @@ impl FileConfig {
         }
         if let Some(v) = self.pin {
             cfg.pin = v.parse().map_err(|e: String| invalid("pin", &e))?;
+        }
+        if self.no_pin {
+            cfg.pin = crate::worker::pinning::Pin::Off;
         }
         let l = &mut cfg.limits;
         let sizes = [
@@ -449,7 +552,7 @@ impl FileConfig {
         ];
         for (key, value, slot) in sizes {
             if let Some(v) = value {
-                *slot = parse_size(key, &v)? as usize;
+                *slot = parse_size_usize(key, &v)?;
             }
         }
         if let Some(v) = self.max_frame_bytes {
@@ -571,6 +674,11 @@ pub fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError>
 }
 
 /// `30s`, `500ms`, `1h`, `2m 30s` (humantime).
+/// A size that indexes memory: refused (not truncated) where `usize` is narrower than the value.
+fn parse_size_usize(key: &'static str, s: &str) -> Result<usize, ConfigError> {
+    usize::try_from(parse_size(key, s)?).map_err(|_| invalid(key, format!("{s:?} is too large")))
+}
+
 pub fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s).map_err(|e| invalid(key, format!("{s:?}: {e}")))
 }
@@ -620,7 +728,7 @@ mod tests {
 
     #[test]
     fn file_layer_applies_and_rejects_unknown_keys() {
-        let f: FileConfig = toml::from_str(
+        let f: Options = toml::from_str(
             "listen = \"127.0.0.1:9000\"\nheartbeat_interval = \"5s\"\nmax_frame_bytes = \"1MiB\"\n",
         )
         .unwrap();
@@ -629,7 +737,73 @@ mod tests {
         assert_eq!(cfg.listen.port(), 9000);
         assert_eq!(cfg.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(cfg.limits.max_frame_bytes, 1 << 20);
-        assert!(toml::from_str::<FileConfig>("listne = \"x\"").is_err());
+        assert!(toml::from_str::<Options>("listne = \"x\"").is_err());
+    }
+
+    /// Flags and file keys go through one struct and one `apply`: the same settings given either way give the
+    /// same `Config`, and a flag overrides the file.
+    #[test]
+    fn a_setting_means_the_same_as_a_flag_and_as_a_file_key() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            options: Options,
+        }
+        let file = r#"
+            listen = "127.0.0.1:9001"
+            heartbeat_interval = "7s"
+            max_frame_bytes = "1MiB"
+            max_body_bytes = "32KiB"
+            proxy_protocol = true
+            allowed_origins = ["https://a.example", "https://b.example"]
+            ring_nodes = ["n0", "n1"]
+            pin = "off"
+            client_rate = 7
+            [push]
+            push_delay = "3s"
+            push_include_body = true
+        "#;
+        let flags = [
+            "corelay",
+            "--listen=127.0.0.1:9001",
+            "--heartbeat-interval=7s",
+            "--max-frame-bytes=1MiB",
+            "--max-body-bytes=32KiB",
+            "--proxy-protocol",
+            "--allowed-origin=https://a.example",
+            "--allowed-origin=https://b.example",
+            "--ring-nodes=n0,n1",
+            "--no-pin",
+            "--client-rate=7",
+            "--push-delay=3s",
+            "--push-include-body",
+        ];
+        let mut from_file = Config::default();
+        toml::from_str::<Options>(file)
+            .unwrap()
+            .apply(&mut from_file)
+            .unwrap();
+        let mut from_flags = Config::default();
+        Flags::try_parse_from(flags)
+            .unwrap()
+            .options
+            .apply(&mut from_flags)
+            .unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{from_flags:?}"));
+        assert_ne!(format!("{from_file:?}"), format!("{:?}", Config::default()));
+        assert!(from_file.proxy_protocol);
+        assert_eq!(from_file.limits.max_body_bytes, 32 << 10);
+
+        // A flag over the file wins; what the flags leave out keeps the file's value.
+        let mut layered = from_file;
+        Flags::try_parse_from(["corelay", "--heartbeat-interval=9s"])
+            .unwrap()
+            .options
+            .apply(&mut layered)
+            .unwrap();
+        assert_eq!(layered.heartbeat_interval, Duration::from_secs(9));
+        assert_eq!(layered.listen.port(), 9001);
     }
 
     #[test]
