@@ -179,7 +179,7 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Pin each loop to a core: `auto` (the default) pins only when every loop gets a core of its own and no
     /// CPU quota applies (see `worker::pinning`).
-    pub pin: crate::worker::pinning::Pin,
+    pub pin: Pin,
     pub limits: Limits,
     pub push: PushConfig,
 }
@@ -217,7 +217,7 @@ impl Default for Config {
             scylla: Vec::new(),
             scylla_keyspace: "corelay".into(),
             scylla_replication: None,
-            pin: crate::worker::pinning::Pin::Auto,
+            pin: Pin::Auto,
             limits: Limits::default(),
             push: PushConfig::default(),
         }
@@ -243,6 +243,26 @@ pub fn host_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "node1".to_string())
+}
+
+/// Whether the event loops are pinned to cores (`--pin`); `worker::pinning` decides what `Auto` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Pin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Pin::Auto),
+            "on" => Ok(Pin::On),
+            "off" => Ok(Pin::Off),
+            other => Err(format!("pin must be auto, on or off (got {other:?})")),
+        }
+    }
 }
 
 /// Every setting, as flags (with their environment variables) and as keys of the TOML file: one struct, one
@@ -519,17 +539,13 @@ impl Options {
         }
         self.push.apply(&mut cfg.push)?;
         if let Some(on) = self.pin_threads {
-            cfg.pin = if on {
-                crate::worker::pinning::Pin::On
-            } else {
-                crate::worker::pinning::Pin::Off
-            };
+            cfg.pin = if on { Pin::On } else { Pin::Off };
         }
         if let Some(v) = self.pin {
             cfg.pin = v.parse().map_err(|e: String| invalid("pin", &e))?;
         }
         if self.no_pin {
-            cfg.pin = crate::worker::pinning::Pin::Off;
+            cfg.pin = Pin::Off;
         }
         let l = &mut cfg.limits;
         let sizes = [

@@ -7,6 +7,8 @@
 
 pub mod auth;
 pub mod backplane;
+pub mod bucket;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;

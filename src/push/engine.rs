@@ -178,7 +178,7 @@ async fn run_job(
         }
     });
     let outcomes = futures_util::future::join_all(sends).await;
-    let (result, gone) = fold(&job.row, outcomes, cfg, crate::backplane::router::unix_ms());
+    let (result, gone) = fold(&job.row, outcomes, cfg, crate::clock::unix_ms());
     Done {
         row: job.row,
         result,

@@ -177,6 +177,19 @@ impl Embedded {
             .set_cache_size(cache_bytes)
             .create(dir.join("corelay.redb"))
             .map_err(backend)?;
+        Self::with_database(db, fsync)
+    }
+
+    /// A store in memory only: the same tables and transactions, nothing on disk (the seeded simulation,
+    /// `tests/simulation.rs`, runs thousands of these).
+    pub fn in_memory() -> Result<Self> {
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(backend)?;
+        Self::with_database(db, Fsync::Interval(Duration::from_secs(3600)))
+    }
+
+    fn with_database(db: Database, fsync: Fsync) -> Result<Self> {
         // Create every table up front so readers never see "table does not exist".
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(MESSAGES).map_err(backend)?;

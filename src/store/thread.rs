@@ -358,7 +358,7 @@ fn group_commit(
             // Once a second at most: an outage fails every group, and each request is answered anyway.
             static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             static SUPPRESSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let now_s = crate::backplane::router::unix_ms() / 1000;
+            let now_s = crate::clock::unix_ms() / 1000;
             if LAST.swap(now_s, Relaxed) != now_s {
                 let also = SUPPRESSED.swap(0, Relaxed);
                 tracing::warn!(store = store.name(), error = %e, writes = all.len(), failed_since_last_log = also, "group commit failed");

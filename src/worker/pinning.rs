@@ -7,24 +7,7 @@
 
 use std::path::Path;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pin {
-    Auto,
-    On,
-    Off,
-}
-
-impl std::str::FromStr for Pin {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Pin::Auto),
-            "on" => Ok(Pin::On),
-            "off" => Ok(Pin::Off),
-            other => Err(format!("pin must be auto, on or off (got {other:?})")),
-        }
-    }
-}
+pub use crate::config::Pin;
 
 /// What the host allows this process.
 #[derive(Clone, Debug, PartialEq)]
