@@ -217,9 +217,13 @@ pub fn parse_request(
         } else if name.eq_ignore_ascii_case("last-event-id") {
             head.last_event_id = Some(text(h.value)?);
         } else if name.eq_ignore_ascii_case("content-length") {
+            // RFC 9110 §8.6: `1*DIGIT`. `parse` alone would also take a sign (`+5`), which a proxy in front
+            // may frame differently; a number past usize is an error from `parse`, never a wrap.
             let n = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<usize>().ok())
                 .ok_or(HttpError::new(400, "invalid Content-Length"))?;
             if head.content_length.is_some_and(|m| m != n) {
                 return Err(HttpError::new(400, "conflicting Content-Length headers"));
@@ -512,6 +516,31 @@ mod tests {
             .status,
             400
         );
+    }
+
+    #[test]
+    fn a_content_length_is_digits_and_fits_a_usize() {
+        let req = |n: &str| format!("POST /send HTTP/1.1\r\nContent-Length: {n}\r\n\r\n");
+        let max = usize::MAX.to_string();
+        let (head, _) = parse_request(req(&max).as_bytes(), &LIMITS)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.content_length, Some(usize::MAX));
+        // Past usize::MAX (on 64-bit): refused, never wrapped or truncated to a small length. A sign is no digit.
+        for n in [
+            "18446744073709551616",
+            "99999999999999999999999999",
+            "-1",
+            "+5",
+            "",
+        ] {
+            let e = parse_request(req(n).as_bytes(), &LIMITS).unwrap_err();
+            assert_eq!(
+                (e.status, e.reason),
+                (400, "invalid Content-Length"),
+                "{n:?}"
+            );
+        }
     }
 
     #[test]
