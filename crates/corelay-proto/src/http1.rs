@@ -3,8 +3,9 @@
 //! Sans-IO: `parse_request` looks at bytes and says how many it consumed. Bytes after the head belong to
 //! whoever comes next (a request body, or the WebSocket decoder when a client pipelines frames after the
 //! upgrade request).
-
-use thiserror::Error;
+//!
+//! Over 600 lines on purpose: the code is ~460 (one parser, one upgrade check, one response encoder, which
+//! share `RequestHead`); the rest is their tests, kept beside them.
 
 use super::ws::accept_key;
 
@@ -15,19 +16,9 @@ pub struct HeadLimits {
     pub max_headers: usize,
 }
 
-/// A request the server refuses, with the status it answers and a reason for the body and the log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
-#[error("{status} {reason}")]
-pub struct HttpError {
-    pub status: u16,
-    pub reason: &'static str,
-}
-
-impl HttpError {
-    pub const fn new(status: u16, reason: &'static str) -> Self {
-        HttpError { status, reason }
-    }
-}
+/// A request the server refuses: the HTTP path's one error type (`conn::http::error`), which the parser and the
+/// upgrade check return too.
+pub use crate::conn::http::error::{ErrorKind, HttpError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
@@ -146,20 +137,32 @@ pub fn parse_request(
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() > limits.max_header_bytes {
-                return Err(HttpError::new(431, "request header too large"));
+                return Err(HttpError::of(
+                    ErrorKind::HeadTooLarge,
+                    "request header too large",
+                ));
             }
             return Ok(None);
         }
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(HttpError::new(431, "too many request headers"));
+            return Err(HttpError::of(
+                ErrorKind::HeadTooLarge,
+                "too many request headers",
+            ));
         }
         Err(httparse::Error::Version) => {
-            return Err(HttpError::new(505, "only HTTP/1.0 and HTTP/1.1 are served"));
+            return Err(HttpError::of(
+                ErrorKind::VersionNotSupported,
+                "only HTTP/1.0 and HTTP/1.1 are served",
+            ));
         }
-        Err(_) => return Err(HttpError::new(400, "malformed request")),
+        Err(_) => return Err(HttpError::of(ErrorKind::BadRequest, "malformed request")),
     };
     if consumed > limits.max_header_bytes {
-        return Err(HttpError::new(431, "request header too large"));
+        return Err(HttpError::of(
+            ErrorKind::HeadTooLarge,
+            "request header too large",
+        ));
     }
     let mut head = RequestHead {
         method: Some(match req.method.unwrap_or("") {
@@ -175,8 +178,8 @@ pub fn parse_request(
     };
     let target = req.path.unwrap_or("/");
     if !target.starts_with('/') {
-        return Err(HttpError::new(
-            400,
+        return Err(HttpError::of(
+            ErrorKind::BadRequest,
             "request target must be an absolute path",
         ));
     }
@@ -186,7 +189,7 @@ pub fn parse_request(
     let text = |v: &[u8]| -> Result<String, HttpError> {
         std::str::from_utf8(v)
             .map(|s| s.trim().to_string())
-            .map_err(|_| HttpError::new(400, "header value is not valid text"))
+            .map_err(|_| HttpError::of(ErrorKind::BadRequest, "header value is not valid text"))
     };
     for h in req.headers.iter() {
         let name = h.name;
@@ -206,7 +209,10 @@ pub fn parse_request(
             }
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             if head.ws_key.is_some() {
-                return Err(HttpError::new(400, "duplicate Sec-WebSocket-Key"));
+                return Err(HttpError::of(
+                    ErrorKind::BadRequest,
+                    "duplicate Sec-WebSocket-Key",
+                ));
             }
             head.ws_key = Some(text(h.value)?);
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -221,12 +227,19 @@ pub fn parse_request(
         } else if name.eq_ignore_ascii_case("last-event-id") {
             head.last_event_id = Some(text(h.value)?);
         } else if name.eq_ignore_ascii_case("content-length") {
+            // RFC 9110 §8.6: `1*DIGIT`. `parse` alone would also take a sign (`+5`), which a proxy in front
+            // may frame differently; a number past usize is an error from `parse`, never a wrap.
             let n = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or(HttpError::new(400, "invalid Content-Length"))?;
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<usize>().ok())
+                .ok_or_else(|| HttpError::of(ErrorKind::BadRequest, "invalid Content-Length"))?;
             if head.content_length.is_some_and(|m| m != n) {
-                return Err(HttpError::new(400, "conflicting Content-Length headers"));
+                return Err(HttpError::of(
+                    ErrorKind::BadRequest,
+                    "conflicting Content-Length headers",
+                ));
             }
             head.content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
@@ -235,8 +248,8 @@ pub fn parse_request(
     }
     if head.chunked && head.content_length.is_some() {
         // RFC 9112 §6.1: a request smuggling vector; refuse rather than guess.
-        return Err(HttpError::new(
-            400,
+        return Err(HttpError::of(
+            ErrorKind::BadRequest,
             "both Transfer-Encoding and Content-Length",
         ));
     }
@@ -249,8 +262,8 @@ pub fn parse_request(
 pub fn check_no_body(head: &RequestHead) -> Result<(), HttpError> {
     let bodyless = matches!(head.method(), Method::Get | Method::Head);
     if bodyless && head.announces_body() {
-        return Err(HttpError::new(
-            400,
+        return Err(HttpError::of(
+            ErrorKind::BadRequest,
             "GET and HEAD requests must not carry a body",
         ));
     }
@@ -284,7 +297,7 @@ pub fn check_origin(
         .iter()
         .position(|o| o.eq_ignore_ascii_case(origin))
         .map(OriginMatch::Listed)
-        .ok_or(HttpError::new(403, "origin not allowed"))
+        .ok_or_else(|| HttpError::of(ErrorKind::Forbidden, "origin not allowed"))
 }
 
 /// Comma-separated header tokens, trimmed, non-empty.
@@ -311,33 +324,42 @@ pub fn validate_upgrade(
     allowed_origins: &[String],
 ) -> Result<Upgrade, HttpError> {
     if head.method() != Method::Get {
-        return Err(HttpError::new(405, "WebSocket upgrade needs GET"));
+        return Err(HttpError::of(
+            ErrorKind::MethodNotAllowed { allow: "GET" },
+            "WebSocket upgrade needs GET",
+        ));
     }
     if head.minor_version < 1 {
-        return Err(HttpError::new(400, "WebSocket upgrade needs HTTP/1.1"));
+        return Err(HttpError::of(
+            ErrorKind::BadRequest,
+            "WebSocket upgrade needs HTTP/1.1",
+        ));
     }
     if !head.upgrade_websocket {
-        return Err(HttpError::new(
-            426,
+        return Err(HttpError::of(
+            ErrorKind::UpgradeRequired,
             "this endpoint needs a WebSocket upgrade",
         ));
     }
     if !head.connection_upgrade {
-        return Err(HttpError::new(
-            400,
+        return Err(HttpError::of(
+            ErrorKind::BadRequest,
             "Connection header must include Upgrade",
         ));
     }
     if head.ws_version.as_deref() != Some("13") {
-        return Err(HttpError::new(426, "Sec-WebSocket-Version must be 13"));
+        return Err(HttpError::of(
+            ErrorKind::WebSocketVersion,
+            "Sec-WebSocket-Version must be 13",
+        ));
     }
     let key = head
         .ws_key
         .as_deref()
-        .ok_or(HttpError::new(400, "missing Sec-WebSocket-Key"))?;
+        .ok_or_else(|| HttpError::of(ErrorKind::BadRequest, "missing Sec-WebSocket-Key"))?;
     if !valid_ws_key(key) {
-        return Err(HttpError::new(
-            400,
+        return Err(HttpError::of(
+            ErrorKind::BadRequest,
             "Sec-WebSocket-Key must be 16 bytes in base64",
         ));
     }
@@ -429,11 +451,6 @@ pub fn encode_response_head(
     });
 }
 
-/// The JSON body of an error answer: `{"error": reason, "status": code}`.
-pub fn error_body(err: HttpError) -> String {
-    serde_json::json!({ "error": err.reason, "status": err.status }).to_string()
-}
-
 /// The `101 Switching Protocols` answer.
 pub fn encode_upgrade(upgrade: &Upgrade, out: &mut Vec<u8>) {
     out.extend_from_slice(
@@ -486,25 +503,25 @@ mod tests {
         assert!(parse_request(&UPGRADE[..30], &LIMITS).unwrap().is_none());
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(2000));
         assert_eq!(
-            parse_request(big.as_bytes(), &LIMITS).unwrap_err().status,
+            parse_request(big.as_bytes(), &LIMITS).unwrap_err().status(),
             431
         );
         let many: String = (0..20).map(|i| format!("H{i}: v\r\n")).collect();
         let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert_eq!(
-            parse_request(req.as_bytes(), &LIMITS).unwrap_err().status,
+            parse_request(req.as_bytes(), &LIMITS).unwrap_err().status(),
             431
         );
         assert_eq!(
             parse_request(b"GARBAGE\x01\r\n\r\n", &LIMITS)
                 .unwrap_err()
-                .status,
+                .status(),
             400
         );
         assert_eq!(
             parse_request(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", &LIMITS)
                 .unwrap_err()
-                .status,
+                .status(),
             400
         );
         assert_eq!(
@@ -513,9 +530,34 @@ mod tests {
                 &LIMITS
             )
             .unwrap_err()
-            .status,
+            .status(),
             400
         );
+    }
+
+    #[test]
+    fn a_content_length_is_digits_and_fits_a_usize() {
+        let req = |n: &str| format!("POST /send HTTP/1.1\r\nContent-Length: {n}\r\n\r\n");
+        let max = usize::MAX.to_string();
+        let (head, _) = parse_request(req(&max).as_bytes(), &LIMITS)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.content_length, Some(usize::MAX));
+        // Past usize::MAX (on 64-bit): refused, never wrapped or truncated to a small length. A sign is no digit.
+        for n in [
+            "18446744073709551616",
+            "99999999999999999999999999",
+            "-1",
+            "+5",
+            "",
+        ] {
+            let e = parse_request(req(n).as_bytes(), &LIMITS).unwrap_err();
+            assert_eq!(
+                (e.status(), &*e.reason),
+                (400, "invalid Content-Length"),
+                "{n:?}"
+            );
+        }
     }
 
     #[test]
@@ -524,7 +566,7 @@ mod tests {
             let (head, _) = parse_request(req.as_bytes(), &LIMITS).unwrap().unwrap();
             validate_upgrade(&head, &["corelay.v1"], &["https://ok.example".into()])
                 .unwrap_err()
-                .status
+                .status()
         };
         let base = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n";
         let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
@@ -555,7 +597,7 @@ mod tests {
     fn get_and_head_with_a_body_are_refused() {
         let check = |r: &[u8]| {
             let (head, _) = parse_request(r, &LIMITS).unwrap().unwrap();
-            check_no_body(&head).map_err(|e| e.status)
+            check_no_body(&head).map_err(|e| e.status())
         };
         assert_eq!(
             check(b"GET /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
@@ -598,7 +640,7 @@ mod tests {
             Ok(OriginMatch::Listed(0))
         );
         assert_eq!(
-            check_origin(Some("https://evil.example"), &list).map_err(|e| e.status),
+            check_origin(Some("https://evil.example"), &list).map_err(|e| e.status()),
             Err(403)
         );
     }

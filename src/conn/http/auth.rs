@@ -1,0 +1,50 @@
+//! Who is asking: a client's token (`Authorization: Bearer` or `?token=`), or the internal API's key.
+
+use std::sync::Arc;
+
+use super::{ErrorKind, HttpError};
+use crate::backplane::ConnRef;
+use crate::proto::http1::RequestHead;
+use crate::worker::Ctx;
+
+/// The user of a client request's token, and the loop ms at which the token expires.
+pub fn user(head: &RequestHead, cx: &Ctx, me: ConnRef) -> Result<(Arc<str>, u64), HttpError> {
+    let verified = match head.bearer_token() {
+        None => Err(crate::auth::AuthError::Missing),
+        Some(t) => cx.shared.verifier.verify_until(&t),
+    };
+    verified
+        .map(|(user, exp)| (Arc::from(user), crate::auth::expiry_ms(exp, cx.now_ms)))
+        .map_err(|e| {
+            tracing::debug!(worker = cx.id, conn = me.index, error = %e, "unauthorized");
+            HttpError::of(
+                ErrorKind::Unauthorized,
+                match e {
+                    crate::auth::AuthError::Missing => {
+                        "missing token (Authorization: Bearer or ?token=)"
+                    }
+                    crate::auth::AuthError::Expired => "expired token",
+                    _ => "invalid token",
+                },
+            )
+        })
+}
+
+/// The internal API's key (`Authorization: Bearer KEY`), compared in constant time.
+pub fn api_key(head: &RequestHead, cx: &Ctx) -> Result<(), HttpError> {
+    let given = head
+        .authorization
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            HttpError::of(
+                ErrorKind::Unauthorized,
+                "missing API key (Authorization: Bearer KEY)",
+            )
+        })?;
+    if crate::auth::key_matches(&cx.shared.api_key, given.trim()) {
+        Ok(())
+    } else {
+        Err(HttpError::of(ErrorKind::Unauthorized, "invalid API key"))
+    }
+}
