@@ -1,7 +1,14 @@
 //! The router's unit tests: a real embedded store, its requests executed synchronously after each event.
 
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
+
 use super::*;
+use crate::proto::cursor;
+use crate::proto::msg;
 use crate::store::embedded::{Embedded, Fsync};
+use crate::store::thread::{Completion, Request};
 
 /// The router with a real embedded store, its requests executed synchronously after each event.
 struct Harness {
