@@ -1,15 +1,19 @@
 //! The router's side of mobile push: which members a message obliges, claiming due obligations from the
 //! store for the push thread, and writing back what became of them. The model is in `docs/PUSH.md`; the
-//! durable state (rows, claims, leases) is the store's (`store::PushRow`).
+//! durable state (rows, claims, leases) is the store's (`store::PushRow`). Also device registration
+//! (`register_device` / `unregister_device`), from either transport or the internal API.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{Pending, Router};
+use super::pending::OnCommit;
+use super::render::busy_error;
+use super::{Out, ReplyTo, Router, answer};
 use crate::metrics::Metrics;
+use crate::proto::msg;
 use crate::push::engine::{Done, JobResult};
 use crate::store::thread::Request;
-use crate::store::{PushFor, PushJob, PushKind, Write};
+use crate::store::{PushFor, PushJob, PushKind, Write, WriteResult};
 
 /// How often the store is asked for due obligations (when the push thread has room).
 pub const CLAIM_INTERVAL_MS: u64 = 100;
@@ -90,7 +94,7 @@ impl Router {
                 let online_due_ms = now_ms + p.delay_ms;
                 PushFor {
                     user: m.to_string(),
-                    due_ms: if self.presence.contains_key(m) {
+                    due_ms: if self.presence.is_online(m) {
                         online_due_ms
                     } else {
                         now_ms
@@ -126,15 +130,12 @@ impl Router {
         p.claiming = true;
         p.last_claim_ms = now_ms;
         let (lease_ms, limit) = (p.lease_ms, p.cap - p.in_flight);
-        self.request(
-            |token| Request::PushClaim {
-                token,
-                now_ms,
-                lease_ms,
-                limit,
-            },
-            Pending::PushClaim,
-        );
+        self.pending.push_claim(|token| Request::PushClaim {
+            token,
+            now_ms,
+            lease_ms,
+            limit,
+        });
     }
 
     pub fn push_enabled(&self) -> bool {
@@ -184,7 +185,7 @@ impl Router {
         }
         p.metrics.push.in_flight.store(p.in_flight as u64, Relaxed);
         if !writes.is_empty() {
-            self.commit(writes, Pending::PushWrite);
+            self.pending.commit(writes, OnCommit::PushWrite);
         }
     }
 
@@ -213,7 +214,7 @@ impl Router {
                     PushKind::Alert => {
                         m.collapsed
                             .fetch_add(u64::from(r.count.saturating_sub(1)), Relaxed);
-                        if self.presence.contains_key(r.user.as_str()) {
+                        if self.presence.is_online(r.user.as_str()) {
                             m.escalated.fetch_add(1, Relaxed);
                         }
                     }
@@ -249,7 +250,70 @@ impl Router {
                 }
             }
         });
-        self.commit(writes, Pending::PushWrite);
+        self.pending.commit(writes, OnCommit::PushWrite);
+    }
+
+    /// `register_device` / `unregister_device` from either transport: stored, then answered `ok`.
+    pub(super) fn device(
+        &mut self,
+        to: ReplyTo,
+        user: &Arc<str>,
+        register: bool,
+        platform: String,
+        token: String,
+        out: &mut Vec<Out>,
+    ) {
+        if self.store_busy() {
+            return answer(out, to, 503, busy_error());
+        }
+        let op = if register {
+            "register_device"
+        } else {
+            "unregister_device"
+        };
+        let json = serde_json::json!({"type": "ok", "op": op, "platform": platform}).to_string();
+        let user = user.to_string();
+        let write = if register {
+            Write::PutDevice {
+                user,
+                platform,
+                token,
+            }
+        } else {
+            Write::DeleteDevice {
+                user,
+                platform,
+                token,
+            }
+        };
+        self.pending
+            .commit(vec![write], OnCommit::Device { reply: to, json });
+    }
+
+    /// [`OnCommit::Device`]: answered `ok` once stored, or 503.
+    pub(super) fn on_device_stored(
+        &mut self,
+        reply: ReplyTo,
+        json: String,
+        result: Result<Vec<WriteResult>, String>,
+        out: &mut Vec<Out>,
+    ) {
+        match result {
+            Ok(_) => answer(out, reply, 200, json),
+            Err(e) => {
+                tracing::debug!(error = %e, "device not stored");
+                let err = msg::error("store_unavailable", "not stored; retry", None);
+                answer(out, reply, 503, err);
+            }
+        }
+    }
+
+    /// [`OnCommit::PushWrite`]: nothing to answer.
+    pub(super) fn on_push_written(&mut self, result: Result<Vec<WriteResult>, String>) {
+        if let Err(e) = result {
+            // The rows stay as they were; a claimed one is retried when its lease runs out.
+            tracing::warn!(error = %e, "writing push outcomes failed");
+        }
     }
 }
 

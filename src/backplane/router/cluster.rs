@@ -1,0 +1,328 @@
+//! Cluster sync (Redis mode): this node's bus interest (a channel is subscribed while some local connection has
+//! a reason to receive it), its presence announcements, publishing what it commits, and putting the messages
+//! of every node in offset order through the sequencer, with the store filling the gaps the bus leaves.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::super::bus::{BusCmd, BusEvent, CONTROL_CHANNEL};
+use super::super::sequencer::Sequencer;
+use super::pending::{OnOffset, OnRead};
+use super::render::render;
+use super::{Delivery, MAX_REPLAY, Out, Router};
+use crate::store::StoredMessage;
+use crate::store::thread::Request;
+
+/// How long an out-of-order message waits for the gap before the store fills it.
+pub const GAP_WAIT_MS: u64 = 50;
+
+/// This node's part of a cluster.
+pub(super) struct ClusterSync {
+    node: String,
+    seq: Sequencer,
+    /// channel → local reasons to receive it (a connected user for its conversations and `user:` channel, a
+    /// follower for any channel). Subscribed on the bus while > 0.
+    interest: HashMap<Arc<str>, usize>,
+    bus: Vec<BusCmd>,
+    presence_ttl_ms: u64,
+    last_presence_ms: u64,
+    /// The bus is connected (for `/readyz`).
+    up: bool,
+}
+
+impl ClusterSync {
+    fn new(node: &str, presence_ttl_ms: u64) -> Self {
+        ClusterSync {
+            node: node.to_string(),
+            seq: Sequencer::default(),
+            interest: HashMap::new(),
+            bus: Vec::new(),
+            presence_ttl_ms,
+            last_presence_ms: 0,
+            up: false,
+        }
+    }
+
+    /// Counts a local reason to receive `channel` (or one fewer). Returns the channel when it just became
+    /// interesting: subscribed now, its end must be read from the store (the sync point).
+    fn interest(&mut self, channel: &str, delta: isize) -> Option<Arc<str>> {
+        let key: Arc<str> = Arc::from(channel);
+        let n = self.interest.entry(key.clone()).or_default();
+        let before = *n;
+        *n = (*n as isize + delta).max(0) as usize;
+        match (before, *n) {
+            (0, 1..) => {
+                self.seq.track(key.clone());
+                self.bus.push(BusCmd::Subscribe(key.to_string()));
+                Some(key)
+            }
+            (1.., 0) => {
+                self.interest.remove(&key);
+                self.seq.untrack(&key);
+                self.bus.push(BusCmd::Unsubscribe(key.to_string()));
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Announces a conversation's members to the other nodes.
+    pub(super) fn announce_members(&mut self, id: &str, members: &[String]) {
+        let payload = serde_json::json!({"n": self.node, "id": id, "members": members}).to_string();
+        self.bus.push(BusCmd::Publish {
+            channel: CONTROL_CHANNEL.to_string(),
+            payload,
+        });
+    }
+}
+
+impl Router {
+    /// Turns on cluster mode: this node's id and how long its presence entries live without a refresh.
+    pub fn enable_cluster(&mut self, node: &str, presence_ttl_ms: u64) {
+        self.cluster = Some(ClusterSync::new(node, presence_ttl_ms));
+    }
+
+    /// Bus commands produced since the last call.
+    pub fn take_bus_cmds(&mut self) -> Vec<BusCmd> {
+        self.cluster
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.bus))
+            .unwrap_or_default()
+    }
+
+    /// Channels this node receives from the bus and has synced (0 on a single node).
+    pub fn bus_channels(&self) -> usize {
+        self.cluster.as_ref().map_or(0, |c| c.seq.synced())
+    }
+
+    /// Gaps skipped with a `reset` because the store could not fill them (cluster mode).
+    pub fn sequencer_resets(&self) -> u64 {
+        self.cluster.as_ref().map_or(0, |c| c.seq.skipped)
+    }
+
+    pub fn bus_up(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.up)
+    }
+
+    /// One more (or one fewer) local reason to receive `channel`; a channel that becomes interesting is synced.
+    pub(super) fn interest(&mut self, channel: &str, delta: isize) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if let Some(channel) = cl.interest(channel, delta) {
+            // Where the channel ends now, read after the local interest began: everything after it is new to
+            // the local followers, and arrives by pub/sub once subscribed or by the fill that the
+            // subscription's confirmation triggers.
+            let ch = channel.to_string();
+            self.pending.offset(
+                |token| Request::LastOffset { token, channel: ch },
+                OnOffset::Sync { channel },
+            );
+        }
+    }
+
+    /// A user's first connection on this node opened (`up`) or its last one closed.
+    pub(super) fn user_presence(&mut self, user: &Arc<str>, up: bool, now_ms: u64) {
+        if self.cluster.is_none() {
+            return;
+        }
+        let delta = if up { 1 } else { -1 };
+        let mut chans = vec![format!("user:{user}")];
+        chans.extend(self.members.of(user).map(|c| format!("conversation:{c}")));
+        for ch in chans {
+            self.interest(&ch, delta);
+        }
+        if let Some(cl) = self.cluster.as_mut() {
+            let until_ms = if up { now_ms + cl.presence_ttl_ms } else { 0 };
+            cl.bus.push(BusCmd::Presence {
+                users: vec![user.to_string()],
+                until_ms,
+            });
+        }
+    }
+
+    /// Periodic work: presence refresh, and asking the store for gaps the bus left.
+    pub fn tick(&mut self, now_ms: u64) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if now_ms.saturating_sub(cl.last_presence_ms) >= cl.presence_ttl_ms / 3 {
+            cl.last_presence_ms = now_ms;
+            let users: Vec<String> = self.presence.users().map(|u| u.to_string()).collect();
+            if !users.is_empty() {
+                cl.bus.push(BusCmd::Presence {
+                    users,
+                    until_ms: now_ms + cl.presence_ttl_ms,
+                });
+            }
+        }
+        let gaps = cl.seq.gaps(now_ms, GAP_WAIT_MS);
+        for (channel, after) in gaps {
+            self.fill(channel, after);
+        }
+    }
+
+    /// Reads a channel from the store after `after` to fill a gap (or catch up after a reconnect).
+    fn fill(&mut self, channel: Arc<str>, after: u64) {
+        let ch = channel.to_string();
+        self.pending.read(
+            |token| Request::ReadAfter {
+                token,
+                channel: ch,
+                after,
+                limit: MAX_REPLAY,
+            },
+            OnRead::Fill { channel },
+        );
+    }
+
+    /// A bus event (cluster mode).
+    pub fn on_bus(&mut self, ev: BusEvent, now_ms: u64, out: &mut Vec<Out>) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        match ev {
+            BusEvent::Up => {
+                cl.up = true;
+                // Control messages published while we were not subscribed are lost: reread the members.
+                self.pending.members();
+            }
+            BusEvent::Down => cl.up = false,
+            BusEvent::Subscribed(channel) => {
+                if !cl.seq.is_tracked(&channel) {
+                    return;
+                }
+                // The subscription is active: read what was committed between the sync point (or the last
+                // released message, after a reconnect) and now. If the sync has not answered yet, it was read
+                // after this point and nothing is missing.
+                if let Some(upto) = cl.seq.released_upto(&channel) {
+                    self.fill(Arc::from(channel.as_str()), upto);
+                }
+            }
+            BusEvent::Message { channel, payload } if channel == CONTROL_CHANNEL => {
+                #[derive(serde::Deserialize)]
+                struct Control {
+                    n: String,
+                    id: String,
+                    members: Vec<String>,
+                }
+                let Ok(c) = serde_json::from_str::<Control>(&payload) else {
+                    return;
+                };
+                if c.n != cl.node {
+                    self.set_members(
+                        &c.id,
+                        c.members.iter().map(|m| Arc::from(m.as_str())).collect(),
+                    );
+                }
+            }
+            BusEvent::Message { channel, payload } => {
+                #[derive(serde::Deserialize)]
+                struct Wire {
+                    n: String,
+                    o: u64,
+                    j: String,
+                }
+                let Ok(w) = serde_json::from_str::<Wire>(&payload) else {
+                    tracing::warn!(%channel, "bus: unreadable message");
+                    return;
+                };
+                if w.n == cl.node {
+                    return; // our own publication: already routed
+                }
+                let d = Delivery::new(Arc::from(channel.as_str()), w.o, w.j);
+                let mut released = Vec::new();
+                cl.seq.push(d, now_ms, &mut released);
+                for d in released {
+                    self.route_local_parsed(d, out);
+                }
+            }
+        }
+    }
+
+    /// A message this node committed: in cluster mode it is published to the other nodes and goes through the
+    /// sequencer like theirs; on a single node it is routed at once (commit order is offset order).
+    pub(super) fn commit_routed(
+        &mut self,
+        d: Arc<Delivery>,
+        from: Option<Arc<str>>,
+        ts: u64,
+        now_ms: u64,
+        out: &mut Vec<Out>,
+    ) {
+        let Some(cl) = self.cluster.as_mut() else {
+            self.route_local(d, from, ts, out);
+            return;
+        };
+        let payload = serde_json::json!({
+            "n": cl.node,
+            "o": d.offset,
+            "j": std::str::from_utf8(&d.json).unwrap_or("null"),
+        })
+        .to_string();
+        cl.bus.push(BusCmd::Publish {
+            channel: d.channel.to_string(),
+            payload,
+        });
+        let mut released = Vec::new();
+        cl.seq.push(d, now_ms, &mut released);
+        for d in released {
+            self.route_local_parsed(d, out);
+        }
+    }
+
+    // ---- completions ----------------------------------------------------------------------------------
+
+    /// [`OnOffset::Sync`]: where a newly followed channel ended; the sequencer releases from there.
+    pub(super) fn on_synced(
+        &mut self,
+        channel: Arc<str>,
+        result: Result<u64, String>,
+        now_ms: u64,
+        out: &mut Vec<Out>,
+    ) {
+        let last = result.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, %channel, "last offset read failed");
+            0
+        });
+        let mut released = Vec::new();
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.seq.sync(&channel, last, now_ms, &mut released);
+        }
+        for d in released {
+            self.route_local_parsed(d, out);
+        }
+    }
+
+    /// [`OnRead::Fill`]: a gap fill or catch-up read of a channel, handed to the sequencer.
+    pub(super) fn on_filled(
+        &mut self,
+        channel: Arc<str>,
+        result: Result<Vec<StoredMessage>, String>,
+        now_ms: u64,
+        out: &mut Vec<Out>,
+    ) {
+        let msgs = result.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, %channel, "gap fill read failed");
+            Vec::new()
+        });
+        let ds: Vec<Arc<Delivery>> = msgs
+            .iter()
+            .map(|m| Delivery::new(channel.clone(), m.offset, render(m)))
+            .collect();
+        let mut released = Vec::new();
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.seq.filled(&channel, ds, now_ms, &mut released);
+        }
+        for d in released {
+            self.route_local_parsed(d, out);
+        }
+    }
+
+    /// `Pending::Members`: every conversation's members, reread after the bus (re)connected.
+    pub(super) fn on_members_read(&mut self, all: Vec<(String, Vec<String>)>) {
+        for (id, members) in all {
+            self.set_members(&id, members.iter().map(|m| Arc::from(m.as_str())).collect());
+        }
+    }
+}
