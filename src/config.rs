@@ -18,6 +18,14 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
 pub use corelay_proto::http1::MAX_HEADERS_CEILING;
+// The router's bounds (backplane::router reads them from here).
+pub const DEFAULT_MAX_CHANNELS_PER_REQUEST: usize = 100;
+pub const DEFAULT_MAX_FOLLOWS: usize = 1000;
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
+pub const DEFAULT_TOPIC_HISTORY_BYTES: usize = 4 << 20;
+pub const DEFAULT_CONVERSATION_WINDOW_BYTES: usize = 64 << 10;
+/// Default cap on store requests in flight.
+pub const DEFAULT_MAX_PENDING: usize = 10_000;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_FRAME_BYTES: u64 = 64 * 1024;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -111,9 +119,9 @@ impl Default for Limits {
             backplane_queue: DEFAULT_BACKPLANE_QUEUE,
             client_rate: DEFAULT_CLIENT_RATE,
             client_burst: DEFAULT_CLIENT_BURST,
-            max_channels_per_request: crate::backplane::router::DEFAULT_MAX_CHANNELS_PER_REQUEST,
-            max_follows_per_connection: crate::backplane::router::DEFAULT_MAX_FOLLOWS,
-            max_connections_per_user: crate::backplane::router::DEFAULT_MAX_CONNECTIONS_PER_USER,
+            max_channels_per_request: DEFAULT_MAX_CHANNELS_PER_REQUEST,
+            max_follows_per_connection: DEFAULT_MAX_FOLLOWS,
+            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             user_rate: DEFAULT_CLIENT_RATE,
             user_burst: DEFAULT_CLIENT_BURST,
@@ -201,15 +209,15 @@ impl Default for Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             echo_path: None,
             topic_history: DEFAULT_TOPIC_HISTORY,
-            topic_history_bytes: crate::backplane::router::DEFAULT_TOPIC_HISTORY_BYTES,
-            conversation_window_bytes: crate::backplane::router::DEFAULT_CONVERSATION_WINDOW_BYTES,
+            topic_history_bytes: DEFAULT_TOPIC_HISTORY_BYTES,
+            conversation_window_bytes: DEFAULT_CONVERSATION_WINDOW_BYTES,
             store_cache_bytes: DEFAULT_STORE_CACHE_BYTES,
             topic_history_age: DEFAULT_TOPIC_HISTORY_AGE,
             sse_retry: DEFAULT_SSE_RETRY,
             max_poll_timeout: DEFAULT_MAX_POLL_TIMEOUT,
             allowed_origins: Vec::new(),
             fsync_interval: None,
-            max_pending_writes: crate::backplane::router::DEFAULT_MAX_PENDING,
+            max_pending_writes: DEFAULT_MAX_PENDING,
             proxy_protocol: false,
             ring_nodes: Vec::new(),
             redis: None,

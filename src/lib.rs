@@ -13,7 +13,6 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod metrics;
-pub use corelay_proto as proto;
 pub mod push;
 pub mod server;
 pub mod store;

@@ -162,10 +162,7 @@ fn publisher(client: redis::Client, node: String, rx: mpsc::Receiver<BusCmd>) {
                         pipe.cmd("HSET").arg(&key).arg(&node).arg(until_ms).ignore();
                         pipe.cmd("PEXPIRE")
                             .arg(&key)
-                            .arg(
-                                until_ms.saturating_sub(crate::backplane::router::unix_ms())
-                                    + 60_000,
-                            )
+                            .arg(until_ms.saturating_sub(crate::clock::unix_ms()) + 60_000)
                             .ignore();
                     }
                 }

@@ -50,8 +50,7 @@ impl ConnRef {
     }
 }
 
-/// A cursor as the loops keep it: (channel, last offset seen), sorted by channel.
-pub type CursorVec = Vec<(Arc<str>, u64)>;
+pub use corelay_proto::cursor::CursorVec;
 
 /// One message of a channel, encoded once per transport and shared by every recipient on every loop.
 #[derive(Debug)]
@@ -332,12 +331,12 @@ pub fn run(
             let mut got_any = false;
             while let Ok(c) = done_rx.try_recv() {
                 got_any = true;
-                router.on_completion(c, router::unix_ms(), &mut out);
+                router.on_completion(c, crate::clock::unix_ms(), &mut out);
             }
             if let Some(rx) = bus_rx.as_mut() {
                 while let Ok(ev) = rx.try_recv() {
                     got_any = true;
-                    router.on_bus(ev, router::unix_ms(), &mut out);
+                    router.on_bus(ev, crate::clock::unix_ms(), &mut out);
                 }
                 metrics.bus_up.store(router.bus_up(), Relaxed);
                 metrics.bus_channels.store(router.bus_channels() as u64, Relaxed);
@@ -349,7 +348,7 @@ pub fn run(
                 match rx.try_recv() {
                     Ok(ev) => {
                         got_any = true;
-                        router.handle(ev, router::unix_ms(), &mut out);
+                        router.handle(ev, crate::clock::unix_ms(), &mut out);
                     }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => {
@@ -365,10 +364,10 @@ pub fn run(
                 }
             }
             if bus_tx.is_some() {
-                router.tick(router::unix_ms());
+                router.tick(crate::clock::unix_ms());
             }
             if !loops_gone {
-                router.push_tick(router::unix_ms());
+                router.push_tick(crate::clock::unix_ms());
             }
             for req in router.take_requests() {
                 if store_tx.send(req).is_err() {
@@ -409,8 +408,8 @@ pub fn run(
                 let ticking = bus_tx.is_some() || router.push_enabled();
                 tokio::select! {
                     _ = notify.notified() => {}
-                    Some(c) = done_rx.recv() => router.on_completion(c, router::unix_ms(), &mut out),
-                    Some(ev) = bus_next => router.on_bus(ev, router::unix_ms(), &mut out),
+                    Some(c) = done_rx.recv() => router.on_completion(c, crate::clock::unix_ms(), &mut out),
+                    Some(ev) = bus_next => router.on_bus(ev, crate::clock::unix_ms(), &mut out),
                     Some(d) = push_next => router.on_push_done(d),
                     _ = tick.tick(), if ticking => {}
                     // Notice that the loops hung up (the channel disconnects) even when nobody sends.

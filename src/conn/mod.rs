@@ -68,25 +68,7 @@ pub struct PollState {
 /// `cors` value meaning "any origin" (no `--allowed-origin` configured).
 pub const ANY_ORIGIN: u16 = u16::MAX;
 
-/// Moves the cursor entry of `channel` to `offset`; false (and no change) if the client already has it.
-pub fn advance(cursor: &mut CursorVec, channel: &Arc<str>, offset: u64) -> bool {
-    match cursor.binary_search_by(|(c, _)| (**c).cmp(&**channel)) {
-        Ok(i) if cursor[i].1 >= offset => false,
-        Ok(i) => {
-            cursor[i].1 = offset;
-            true
-        }
-        Err(i) => {
-            cursor.insert(i, (channel.clone(), offset));
-            true
-        }
-    }
-}
-
-/// The text form of a cursor (SSE `id:`, poll answers).
-pub fn cursor_text(cursor: &CursorVec) -> String {
-    corelay_proto::cursor::format(cursor.iter().map(|(c, o)| (&**c, *o)))
-}
+pub use corelay_proto::cursor::{advance, cursor_text};
 
 pub struct WsState {
     pub decoder: Decoder,

@@ -117,6 +117,29 @@ pub fn format<'a>(entries: impl IntoIterator<Item = (&'a str, u64)>) -> String {
     s
 }
 
+/// A cursor as the gateway keeps it per connection: (channel, last offset seen), sorted by channel.
+pub type CursorVec = Vec<(std::sync::Arc<str>, u64)>;
+
+/// Moves the cursor entry of `channel` to `offset`; false (and no change) if the client already has it.
+pub fn advance(cursor: &mut CursorVec, channel: &std::sync::Arc<str>, offset: u64) -> bool {
+    match cursor.binary_search_by(|(c, _)| (**c).cmp(&**channel)) {
+        Ok(i) if cursor[i].1 >= offset => false,
+        Ok(i) => {
+            cursor[i].1 = offset;
+            true
+        }
+        Err(i) => {
+            cursor.insert(i, (channel.clone(), offset));
+            true
+        }
+    }
+}
+
+/// The text form of a cursor (SSE `id:`, poll answers).
+pub fn cursor_text(cursor: &CursorVec) -> String {
+    format(cursor.iter().map(|(c, o)| (&**c, *o)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

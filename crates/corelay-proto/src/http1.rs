@@ -18,7 +18,7 @@ pub struct HeadLimits {
 
 /// A request the server refuses: the HTTP path's one error type (`conn::http::error`), which the parser and the
 /// upgrade check return too.
-pub use crate::conn::http::error::{ErrorKind, HttpError};
+pub use crate::http_error::{ErrorKind, HttpError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {

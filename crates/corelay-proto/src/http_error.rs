@@ -2,7 +2,7 @@
 //! log). `ErrorKind::parts` is the one `match` that turns a kind into its status and the header that goes with
 //! it; `HttpError::body` the one JSON shape, `{"error": reason, "status": code}`. Every refusal (request heads
 //! the parser rejects, failed upgrades, auth, CORS, bad bodies and queries, timeouts) is one of these, written
-//! by `respond::refuse` (or `respond::answer` where the connection stays open).
+//! by the gateway's `conn::http::respond::refuse` (or `respond::answer` where the connection stays open).
 
 use std::borrow::Cow;
 use std::fmt;

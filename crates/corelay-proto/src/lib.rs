@@ -2,6 +2,7 @@
 //! clock, no `unsafe`, and no panic on any peer input (each parser has a fuzz target in `tests/fuzz`).
 //!
 //! - [`http1`]: HTTP/1.1 request heads (httparse), the WebSocket upgrade check, Origin matching, responses.
+//! - [`http_error`]: the one HTTP error type; its kind maps to status, header and body in one `match`.
 //! - [`ws`]: RFC 6455 frames, the resumable decoder, incremental UTF-8 validation, the accept key.
 //! - [`sse`]: Server-Sent Events encoding.
 //! - [`cursor`]: channel names, ids and the `channel:offset,…` cursors every transport resumes from.
@@ -14,6 +15,7 @@
 
 pub mod cursor;
 pub mod http1;
+pub mod http_error;
 pub mod msg;
 pub mod proxy;
 pub mod sse;

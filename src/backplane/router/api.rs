@@ -9,9 +9,9 @@ use super::pending::OnCommit;
 use super::render::{busy_error, render};
 use super::{ApiRequest, ConnRef, Out, ReplyTo, Router, http};
 use crate::auth::valid_id;
-use crate::proto::cursor::{self, Kind};
-use crate::proto::msg;
 use crate::store::{Appended, NewMessage, StoredMessage, Write, WriteResult};
+use corelay_proto::cursor::{self, Kind};
+use corelay_proto::msg;
 
 /// `POST /api/publish` to a durable channel (`user:` always; topics in cluster mode, for global offsets),
 /// waiting for its commit: answered with the offset the store assigned. `payload` is what was stored.

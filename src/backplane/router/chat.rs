@@ -13,9 +13,9 @@ use super::{
     DEFAULT_HISTORY_LIMIT, Delivery, MAX_CLIENT_ID_LEN, MAX_FLUSH, MAX_HISTORY_LIMIT, Out, Refusal,
     ReplyTo, Router, answer, http, refuse,
 };
-use crate::proto::msg;
 use crate::store::thread::Request;
 use crate::store::{Appended, NewMessage, ReceiptState, StoredMessage, Write, WriteResult};
+use corelay_proto::msg;
 
 /// A send waiting for its commit.
 pub(super) struct SendWait {

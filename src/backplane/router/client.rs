@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use super::render::busy_error;
 use super::{ConnRef, LoopCmd, MAX_REPLAY, Out, ReplyTo, Router, http, reply};
-use crate::proto::cursor::Kind;
-use crate::proto::msg::{self, ClientMsg};
 use crate::store::ReceiptState;
+use corelay_proto::cursor::Kind;
+use corelay_proto::msg::{self, ClientMsg};
 
 impl Router {
     /// A `POST /send` that names no stream: a chat operation of a one-way client, answered over HTTP.

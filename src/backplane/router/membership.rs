@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::{Refusal, Router, refuse};
-use crate::proto::cursor::{self, Kind};
+use corelay_proto::cursor::{self, Kind};
 
 struct Conversation {
     members: BTreeSet<Arc<str>>,

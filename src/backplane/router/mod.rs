@@ -61,22 +61,24 @@ mod tests;
 
 pub use catchup::{MAX_FLUSH, MAX_HELD, MAX_HELD_BYTES};
 pub use cluster::GAP_WAIT_MS;
-pub use pending::DEFAULT_MAX_PENDING;
 pub use push::PushLink;
 pub use render::poll_body;
 
+use crate::config::{
+    DEFAULT_CONVERSATION_WINDOW_BYTES, DEFAULT_MAX_CHANNELS_PER_REQUEST,
+    DEFAULT_MAX_CONNECTIONS_PER_USER, DEFAULT_MAX_FOLLOWS, DEFAULT_TOPIC_HISTORY_BYTES,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 use super::{ApiRequest, ConnRef, CursorVec, Delivery, Event, LoopCmd};
-use crate::proto::ws::{Opcode, encode_frame};
 use crate::store::{Store, StoredMessage};
 use catchup::Holds;
 use channels::Channels;
 use cluster::ClusterSync;
+use corelay_proto::ws::{Opcode, encode_frame};
 use membership::Membership;
 use pending::PendingRequests;
 use presence::Presence;
@@ -86,13 +88,6 @@ pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 /// Most messages one poll answer or one replay carries; the client continues from the returned cursor.
 pub const MAX_REPLAY: usize = 1000;
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// History kept in memory per channel.
 #[derive(Clone, Copy, Debug)]
@@ -109,9 +104,6 @@ pub struct HistoryLimits {
     /// Bytes kept per conversation in memory.
     pub conversation_bytes: usize,
 }
-
-pub const DEFAULT_TOPIC_HISTORY_BYTES: usize = 4 << 20;
-pub const DEFAULT_CONVERSATION_WINDOW_BYTES: usize = 64 << 10;
 
 impl Default for HistoryLimits {
     fn default() -> Self {
@@ -176,10 +168,6 @@ pub struct Bounds {
     pub user_burst: u32,
 }
 
-pub const DEFAULT_MAX_CHANNELS_PER_REQUEST: usize = 100;
-pub const DEFAULT_MAX_FOLLOWS: usize = 1000;
-pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
-
 impl Default for Bounds {
     fn default() -> Self {
         Bounds {
@@ -206,7 +194,7 @@ pub struct Router {
     /// Store requests to send, and what each one's completion continues.
     pending: PendingRequests,
     /// Per-user buckets for HTTP requests, and the map's size after its last sweep.
-    user_buckets: HashMap<Arc<str>, crate::conn::Bucket>,
+    user_buckets: HashMap<Arc<str>, crate::bucket::Bucket>,
     user_buckets_swept: usize,
     /// The byte budget of one store read reply: a reply that reached it (or `MAX_REPLAY`) may have more.
     read_bytes: usize,
@@ -307,7 +295,7 @@ impl Router {
         let b = self
             .user_buckets
             .entry(user.clone())
-            .or_insert_with(|| crate::conn::Bucket::full(burst, now_ms));
+            .or_insert_with(|| crate::bucket::Bucket::full(burst, now_ms));
         if b.take(now_ms, rate, burst) {
             return true;
         }

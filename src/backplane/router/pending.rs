@@ -16,9 +16,6 @@ use super::{ConnRef, Out, ReplyTo, Router};
 use crate::store::thread::{Completion, Request, Token};
 use crate::store::{Write, WriteResult};
 
-/// Default cap on store requests in flight.
-pub const DEFAULT_MAX_PENDING: usize = 10_000;
-
 /// What a store request's completion continues.
 pub(super) enum Pending {
     /// A write batch (`Completion::Committed`).
@@ -106,7 +103,7 @@ impl PendingRequests {
             requests: Vec::new(),
             waiting: HashMap::new(),
             next_token: 1,
-            max: DEFAULT_MAX_PENDING,
+            max: crate::config::DEFAULT_MAX_PENDING,
         }
     }
 

@@ -10,10 +10,10 @@ use super::pending::OnCommit;
 use super::render::busy_error;
 use super::{Out, ReplyTo, Router, answer};
 use crate::metrics::Metrics;
-use crate::proto::msg;
 use crate::push::engine::{Done, JobResult};
 use crate::store::thread::Request;
 use crate::store::{PushFor, PushJob, PushKind, Write, WriteResult};
+use corelay_proto::msg;
 
 /// How often the store is asked for due obligations (when the push thread has room).
 pub const CLAIM_INTERVAL_MS: u64 = 100;

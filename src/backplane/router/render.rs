@@ -8,9 +8,9 @@ use serde_json::value::RawValue;
 
 use super::channels::Entry;
 use super::{CursorVec, Delivery};
-use crate::proto::cursor;
-use crate::proto::msg;
 use crate::store::StoredMessage;
+use corelay_proto::cursor;
+use corelay_proto::msg;
 
 /// The error of a client read refused while the store is behind.
 pub(super) fn busy_error() -> String {

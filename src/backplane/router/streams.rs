@@ -11,10 +11,10 @@ use super::render::{busy_error, poll_body, with_resets};
 use super::{
     ConnRef, CursorVec, Delivery, LoopCmd, MAX_REPLAY, Out, Refusal, Router, http, refuse,
 };
-use crate::proto::cursor::{self, Kind};
-use crate::proto::msg;
 use crate::store::StoredMessage;
 use crate::store::thread::Request;
+use corelay_proto::cursor::{self, Kind};
+use corelay_proto::msg;
 
 /// A poll whose replay is read from the store (any node has the whole log).
 pub(super) struct PollWait {
@@ -352,7 +352,7 @@ impl Router {
                 let from: Vec<(String, u64)> =
                     cursor.iter().map(|(c, o)| (c.to_string(), *o)).collect();
                 for d in with_resets(&from, &msgs) {
-                    crate::conn::advance(&mut cursor, &d.channel, d.offset);
+                    corelay_proto::cursor::advance(&mut cursor, &d.channel, d.offset);
                     items.push(d);
                 }
                 self.answer_poll(conn, items, cursor, hold_ms, out);

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use serde_json::value::RawValue;
 
 use super::*;
-use crate::proto::cursor;
-use crate::proto::msg;
 use crate::store::embedded::{Embedded, Fsync};
 use crate::store::thread::{Completion, Request};
+use corelay_proto::cursor;
+use corelay_proto::msg;
 
 /// The router with a real embedded store, its requests executed synchronously after each event.
 struct Harness {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use super::{ErrorKind, HttpError};
 use crate::backplane::ApiRequest;
-use crate::proto::http1::{Method, RequestHead};
+use corelay_proto::http1::{Method, RequestHead};
 
 fn bad(reason: &'static str) -> HttpError {
     HttpError::of(ErrorKind::BadRequest, reason)
@@ -87,7 +87,7 @@ pub fn body(path: &str, method: Method, body: &[u8]) -> Option<Result<ApiRequest
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::http1::{HeadLimits, parse_request};
+    use corelay_proto::http1::{HeadLimits, parse_request};
 
     fn head(target: &str) -> RequestHead {
         let req = format!("GET {target} HTTP/1.1\r\n\r\n");

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use super::{ErrorKind, HttpError};
 use crate::backplane::ConnRef;
-use crate::proto::http1::RequestHead;
 use crate::worker::Ctx;
+use corelay_proto::http1::RequestHead;
 
 /// The user of a client request's token, and the loop ms at which the token expires.
 pub fn user(head: &RequestHead, cx: &Ctx, me: ConnRef) -> Result<(Arc<str>, u64), HttpError> {

@@ -10,10 +10,10 @@ use super::respond::{self, ms};
 use super::{ErrorKind, HttpError, auth, cors, fail, hand_over};
 use crate::backplane::{ConnRef, Event};
 use crate::metrics::Transport;
-use crate::proto::http1::{self, RequestHead};
-use crate::proto::ws::{Decoder, Limits as WsLimits, Opcode, encode_frame};
-use crate::proto::{cursor, msg};
 use crate::worker::Ctx;
+use corelay_proto::http1::{self, RequestHead};
+use corelay_proto::ws::{Decoder, Limits as WsLimits, Opcode, encode_frame};
+use corelay_proto::{cursor, msg};
 
 fn bad(reason: impl Into<std::borrow::Cow<'static, str>>) -> HttpError {
     HttpError::of(ErrorKind::BadRequest, reason)

@@ -6,8 +6,8 @@ use super::super::{ANY_ORIGIN, Conn};
 use super::respond::{self, Framing, Reply};
 use super::{ErrorKind, HttpError};
 use crate::backplane::ConnRef;
-use crate::proto::http1::{self, OriginMatch, RequestHead};
 use crate::worker::Ctx;
+use corelay_proto::http1::{self, OriginMatch, RequestHead};
 
 /// CORS for a browser request to a one-way client endpoint: which allowed origin to answer with (the index in
 /// `allowed_origins`, or `ANY_ORIGIN` when none are configured); None without an `Origin`. A foreign origin is

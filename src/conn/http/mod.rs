@@ -10,7 +10,7 @@ mod api;
 mod auth;
 mod client;
 mod cors;
-pub mod error;
+pub use corelay_proto::http_error as error;
 mod respond;
 mod route;
 
@@ -20,8 +20,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::{Conn, Mode, PollState, StreamState};
 use crate::backplane::{ConnRef, CursorVec, Event};
 use crate::metrics::Transport;
-use crate::proto::{http1, sse};
 use crate::worker::Ctx;
+use corelay_proto::{http1, sse};
 pub use error::{ErrorKind, HttpError};
 use respond::{Framing, Reply, ms};
 
@@ -43,18 +43,18 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
     conn.inbuf.extend_from_slice(data);
     loop {
         match &mut conn.mode {
-            Mode::Proxy => match crate::cluster::proxy::parse(&conn.inbuf) {
+            Mode::Proxy => match corelay_proto::proxy::parse(&conn.inbuf) {
                 Ok(None) => return Flow::Continue,
                 Ok(Some((header, n))) => {
                     conn.inbuf.drain(..n);
                     match header {
-                        crate::cluster::proxy::ProxyHeader::Proxied {
+                        corelay_proto::proxy::ProxyHeader::Proxied {
                             source,
                             destination,
                         } => {
                             tracing::debug!(worker = cx.id, conn = me.index, client = %source, via = %destination, "accepted (PROXY protocol)");
                         }
-                        crate::cluster::proxy::ProxyHeader::Local => {
+                        corelay_proto::proxy::ProxyHeader::Local => {
                             tracing::debug!(
                                 worker = cx.id,
                                 conn = me.index,

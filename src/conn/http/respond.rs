@@ -10,8 +10,8 @@ use super::super::{Conn, Mode};
 use super::HttpError;
 use super::cors;
 use crate::backplane::ConnRef;
-use crate::proto::http1::{self, Method, RequestHead};
 use crate::worker::Ctx;
+use corelay_proto::http1::{self, Method, RequestHead};
 
 /// How an answer is framed on the wire.
 #[derive(Clone, Copy, Debug)]

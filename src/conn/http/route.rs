@@ -8,8 +8,8 @@ use super::super::{Conn, Mode};
 use super::respond::{self, Framing, Reply};
 use super::{ErrorKind, HttpError, api, auth, client, cors, fail, hand_over};
 use crate::backplane::{ConnRef, Event};
-use crate::proto::http1::{self, Method, RequestHead};
 use crate::worker::Ctx;
+use corelay_proto::http1::{self, Method, RequestHead};
 
 fn wrong_method(allow: &'static str, reason: &'static str) -> HttpError {
     HttpError::of(ErrorKind::MethodNotAllowed { allow }, reason)
