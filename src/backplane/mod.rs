@@ -102,7 +102,14 @@ struct TypeOnly {
 pub enum Event {
     /// A long-lived authenticated connection (WebSocket, SSE stream) opened: it receives the user's
     /// conversations and `user:` channel from now on.
-    Opened { conn: ConnRef, user: Arc<str> },
+    Opened {
+        conn: ConnRef,
+        user: Arc<str>,
+        /// `GET /ws?cursor=…`: resume these channels from here. They are replayed from the store in order
+        /// and left out of the offline flush, in one catch-up, so that the connection gets each message once,
+        /// in offset order.
+        cursor: BTreeMap<String, u64>,
+    },
     /// A connection that was `Opened`, or that followed channels, is gone.
     Closed {
         conn: ConnRef,

@@ -231,7 +231,12 @@ pub type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStre
 
 /// Connects a chat client with tungstenite (the reference client) and reads its `welcome`.
 pub fn connect(node: &Node, user: &str) -> Ws {
-    let url = format!("{}?token={}", node.url("/ws"), token(user));
+    connect_query(node, user, "")
+}
+
+/// The same, with more query parameters (`&cursor=…`).
+pub fn connect_query(node: &Node, user: &str, extra: &str) -> Ws {
+    let url = format!("{}?token={}{extra}", node.url("/ws"), token(user));
     let mut req = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", "corelay.v1".parse().unwrap());

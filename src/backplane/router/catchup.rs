@@ -2,7 +2,7 @@
 //! `subscribe` or a new stream), paged, while its live traffic is held so that nothing arrives out of order,
 //! twice, or not at all.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::pending::{OnOffset, OnRead};
@@ -24,10 +24,16 @@ pub const MAX_FLUSH: usize = 10_000;
 #[derive(Default)]
 struct Hold {
     reads: usize,
-    held: Vec<Arc<Delivery>>,
-    /// Bytes of JSON in `held`.
+    /// Live messages per channel, in the order they came (a channel's offsets ascend). Per channel so that a
+    /// catch-up item can first let out the held ones older than it: offsets leave in order per channel.
+    held: HashMap<Arc<str>, VecDeque<Arc<Delivery>>>,
+    /// Messages and bytes of JSON in `held`.
+    held_count: usize,
     held_bytes: usize,
     sent: HashSet<(Arc<str>, u64)>,
+    /// Channels resumed from a cursor in this catch-up: their replay delivers them in order, so the offline
+    /// flush leaves them out (a flush item ahead of the replay would arrive before older offsets).
+    resumed: HashSet<Arc<str>>,
 }
 
 /// The connections whose catch-up is running.
@@ -53,6 +59,23 @@ impl Holds {
         }
     }
 
+    /// `channel` is replayed from a cursor in `conn`'s running catch-up: the offline flush skips it from now on.
+    pub(super) fn resumed(&mut self, conn: ConnRef, channel: &str) {
+        if let Some(h) = self.conns.get_mut(&conn) {
+            h.resumed.insert(Arc::from(channel));
+        }
+    }
+
+    fn is_resumed(&self, conn: ConnRef, channel: &str) -> bool {
+        self.conns
+            .get(&conn)
+            .is_some_and(|h| h.resumed.contains(channel))
+    }
+
+    fn is_holding(&self, conn: ConnRef) -> bool {
+        self.conns.contains_key(&conn)
+    }
+
     pub(super) fn forget(&mut self, conn: ConnRef) {
         self.conns.remove(&conn);
     }
@@ -66,9 +89,13 @@ impl Holds {
         }
         to.retain(|c| match self.conns.get_mut(c) {
             Some(hold) => {
-                hold.held.push(delivery.clone());
+                hold.held
+                    .entry(delivery.channel.clone())
+                    .or_default()
+                    .push_back(delivery.clone());
+                hold.held_count += 1;
                 hold.held_bytes += delivery.json.len();
-                if hold.held.len() > MAX_HELD || hold.held_bytes > MAX_HELD_BYTES {
+                if hold.held_count > MAX_HELD || hold.held_bytes > MAX_HELD_BYTES {
                     overflow.push(*c);
                 }
                 false
@@ -81,44 +108,51 @@ impl Holds {
         overflow
     }
 
-    /// Delivers one catch-up read's messages to `conn`; after the last read, releases the held live traffic
-    /// that the reads did not already deliver.
+    /// Delivers one catch-up read's messages to `conn`, each after the held live messages of its channel that
+    /// are older than it (a live message committed before an item the read found must not arrive after it);
+    /// after the last read, releases the rest of the held traffic that the reads did not already deliver.
     fn deliver(&mut self, conn: ConnRef, msgs: Vec<Arc<Delivery>>, out: &mut Vec<Out>) {
         let Some(hold) = self.conns.get_mut(&conn) else {
             return;
         };
         for d in msgs {
-            if super::super::sequencer::is_reset(&d)
-                || hold.sent.insert((d.channel.clone(), d.offset))
-            {
-                out.push(Out::Message {
-                    to: vec![conn],
-                    delivery: d,
-                });
+            if let Some(q) = hold.held.get_mut(&d.channel) {
+                while q.front().is_some_and(|h| h.offset < d.offset) {
+                    if let Some(h) = q.pop_front() {
+                        hold.held_count -= 1;
+                        hold.held_bytes -= h.json.len();
+                        send_once(&mut hold.sent, conn, h, out);
+                    }
+                }
             }
+            send_once(&mut hold.sent, conn, d, out);
         }
         hold.reads = hold.reads.saturating_sub(1);
         if hold.reads == 0
-            && let Some(hold) = self.conns.remove(&conn)
+            && let Some(mut hold) = self.conns.remove(&conn)
         {
-            for d in hold.held {
-                if !hold.sent.contains(&(d.channel.clone(), d.offset)) {
-                    out.push(Out::Message {
-                        to: vec![conn],
-                        delivery: d,
-                    });
+            for (_, q) in std::mem::take(&mut hold.held) {
+                for d in q {
+                    send_once(&mut hold.sent, conn, d, out);
                 }
             }
         }
     }
 }
 
-/// A catch-up page's messages (none when the read failed: the client resumes from its cursor later).
-fn catch_up_page(res: Result<Vec<StoredMessage>, String>) -> Vec<StoredMessage> {
-    res.unwrap_or_else(|e| {
-        tracing::debug!(error = %e, "catch-up read failed");
-        Vec::new()
-    })
+/// Sends `d` to `conn` unless this catch-up already delivered its offset (resets always go).
+fn send_once(
+    sent: &mut HashSet<(Arc<str>, u64)>,
+    conn: ConnRef,
+    d: Arc<Delivery>,
+    out: &mut Vec<Out>,
+) {
+    if super::super::sequencer::is_reset(&d) || sent.insert((d.channel.clone(), d.offset)) {
+        out.push(Out::Message {
+            to: vec![conn],
+            delivery: d,
+        });
+    }
 }
 
 impl Router {
@@ -208,6 +242,36 @@ impl Router {
         );
     }
 
+    /// A catch-up page's messages; None when the read failed. Then the catch-up cannot go on without a gap
+    /// (the held live traffic is newer than what was not read), so the connection is closed with 1013 and
+    /// resumes from its cursor, which has not moved past what it missed.
+    fn catch_up_page(
+        &mut self,
+        conn: ConnRef,
+        result: Result<Vec<StoredMessage>, String>,
+        out: &mut Vec<Out>,
+    ) -> Option<Vec<StoredMessage>> {
+        match result {
+            Ok(msgs) => Some(msgs),
+            Err(e) => {
+                tracing::debug!(error = %e, "catch-up read failed; closing so that the client resumes");
+                if self.holds.is_holding(conn) {
+                    self.holds.forget(conn);
+                    out.push(Out::Loop {
+                        conn,
+                        cmd: LoopCmd::Close {
+                            index: conn.index,
+                            generation: conn.generation,
+                            code: 1013,
+                            reason: "store unavailable; reconnect and resume",
+                        },
+                    });
+                }
+                None
+            }
+        }
+    }
+
     // ---- completions ----------------------------------------------------------------------------------
 
     /// [`OnRead::Flush`]: a page of a connection's offline queue.
@@ -218,13 +282,16 @@ impl Router {
         result: Result<Vec<StoredMessage>, String>,
         out: &mut Vec<Out>,
     ) {
-        let msgs = catch_up_page(result);
+        let Some(msgs) = self.catch_up_page(conn, result, out) else {
+            return;
+        };
         // A page cut by the byte budget: the next one follows before live traffic is released.
         if let Some(last) = self.next_page(conn, &msgs, MAX_FLUSH) {
             self.flush_page(conn, user, Some(last));
         }
         let ds = msgs
             .iter()
+            .filter(|m| !self.holds.is_resumed(conn, &m.channel))
             .map(|m| Delivery::new(Arc::from(m.channel.as_str()), m.offset, render(m)))
             .collect();
         self.holds.deliver(conn, ds, out);
@@ -238,7 +305,9 @@ impl Router {
         result: Result<Vec<StoredMessage>, String>,
         out: &mut Vec<Out>,
     ) {
-        let msgs = catch_up_page(result);
+        let Some(msgs) = self.catch_up_page(conn, result, out) else {
+            return;
+        };
         // A page cut by count or bytes: read the next one before the live traffic is released.
         if let Some((channel, after)) = self.next_page(conn, &msgs, MAX_REPLAY) {
             self.replay_page(conn, channel, after);

@@ -336,7 +336,15 @@ impl Router {
     ) {
         let mut writes = Vec::new();
         let mut items = Vec::new();
+        let told = self
+            .notified
+            .entry((Arc::from(conversation), user.clone()))
+            .or_default();
         for &(state_name, from) in steps {
+            // The state the store holds is at least what an overlapping chain already announced.
+            let slot = &mut told[usize::from(state_name == "read")];
+            let shown = offset.max(*slot);
+            *slot = shown;
             let senders: BTreeSet<&Arc<str>> = found
                 .iter()
                 .filter(|(o, f)| *o > from && *o <= offset && f != user)
@@ -345,7 +353,7 @@ impl Router {
             for sender in senders {
                 let channel = format!("user:{sender}");
                 let json = serde_json::json!({
-                    "type": "receipt", "conversation": conversation, "offset": offset, "state": state_name,
+                    "type": "receipt", "conversation": conversation, "offset": shown, "state": state_name,
                     "by": &**user,
                 })
                 .to_string();

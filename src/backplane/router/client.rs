@@ -251,6 +251,7 @@ impl Router {
                     // the ack is queued behind them.
                     self.holds.add_reads(conn, reads.len() + 1);
                     for (channel, after) in reads {
+                        self.holds.resumed(conn, &channel);
                         self.replay_page(conn, channel, after);
                     }
                     self.ack_after_replays(conn, &user, ack);

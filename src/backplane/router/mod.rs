@@ -204,6 +204,11 @@ pub struct Router {
     cluster: Option<ClusterSync>,
     /// Mobile push (APNs/FCM) when configured.
     push: Option<PushLink>,
+    /// Per (conversation, member): the highest `delivered` and `read` offsets told to senders so far. Receipt
+    /// chains (store the receipt, read the senders, append the notices) overlap, so a later chain's notice
+    /// can be committed first; a notice never says less than one already sent. One entry per member that
+    /// sent a receipt (bounded by the memberships).
+    notified: HashMap<(Arc<str>, Arc<str>), [u64; 2]>,
 }
 
 impl Router {
@@ -221,6 +226,7 @@ impl Router {
             read_bytes: usize::MAX,
             refused_subscriptions: 0,
             cluster: None,
+            notified: HashMap::new(),
             push: None,
         }
     }
@@ -314,7 +320,7 @@ impl Router {
             | Event::Stream { conn, ref user, .. }
             | Event::Poll { conn, ref user, .. }
                 if !self.user_request(conn, &user.clone(), now_ms, out) => {}
-            Event::Opened { conn, user } => {
+            Event::Opened { conn, user, cursor } => {
                 if self.connections(&user).len() >= self.bounds.max_connections_per_user {
                     self.refused_subscriptions += 1;
                     out.push(Out::Loop {
@@ -343,6 +349,13 @@ impl Router {
                 }
                 self.add_presence(conn, &user, now_ms);
                 self.start_flush(conn, &user);
+                if !cursor.is_empty() {
+                    // A resume at connect: the same catch-up as a `subscribe` with this cursor, started
+                    // before the flush can deliver anything, so the flush leaves these channels to it.
+                    let channels = cursor.keys().cloned().collect();
+                    let msg = corelay_proto::msg::ClientMsg::Subscribe { channels, cursor };
+                    self.on_ws(conn, user, msg, now_ms, out);
+                }
             }
             Event::Closed { conn, user } => {
                 if let Some(user) = user

@@ -130,6 +130,7 @@ fn setup() -> (Harness, Vec<Out>) {
             Event::Opened {
                 conn,
                 user: user.into(),
+                cursor: Default::default(),
             },
             1,
             &mut out,
@@ -210,6 +211,7 @@ fn client_reads_count_against_the_pending_bound() {
         Event::Opened {
             conn: c(0, 71),
             user: "alice".into(),
+            cursor: Default::default(),
         },
         7,
         &mut out,

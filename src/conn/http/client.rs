@@ -43,6 +43,14 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me
             Err(e) => return fail(conn, cx, e, &[]),
         }
     };
+    // `?cursor=` resumes at connect (the text form, as SSE takes it): replayed before anything else arrives.
+    let resume = match head.query_param("cursor").filter(|_| !echo) {
+        Some(t) => match cursor::parse(&t) {
+            Ok(c) => c,
+            Err(e) => return fail(conn, cx, bad(format!("bad cursor: {}", e.0)), &[]),
+        },
+        None => BTreeMap::new(),
+    };
     let mut out = Vec::with_capacity(256);
     http1::encode_upgrade(&up, &mut out);
     if let Some(u) = &user {
@@ -70,6 +78,7 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me
         cx.to_backplane(Event::Opened {
             conn: me,
             user: u.clone(),
+            cursor: resume,
         });
     }
     conn.mode = Mode::WebSocket(Box::new(WsState {
