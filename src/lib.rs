@@ -1,8 +1,9 @@
 //! corelay: a real-time connection gateway.
 //!
 //! See `docs/ARCHITECTURE.md` for the shape: pinned per-core `mio` loops ([`worker`]) own the sockets and
-//! the per-connection state ([`conn`]); sans-IO codecs live in [`proto`]; heartbeats and handshake deadlines
-//! run on a hashed [`timer`] wheel per loop; one tokio thread ([`backplane`]) owns routing, presence and chat.
+//! the per-connection state ([`conn`]); the sans-IO codecs live in the `corelay-proto` crate; heartbeats and
+//! handshake deadlines run on a hashed [`timer`] wheel per loop; one tokio thread ([`backplane`]) owns routing,
+//! presence and chat.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 pub mod auth;

@@ -5,12 +5,12 @@
 //! - [`http_error`]: the one HTTP error type; its kind maps to status, header and body in one `match`.
 //! - [`ws`]: RFC 6455 frames, the resumable decoder, incremental UTF-8 validation, the accept key.
 //! - [`sse`]: Server-Sent Events encoding.
-//! - [`cursor`]: channel names, ids and the `channel:offset,…` cursors every transport resumes from.
+//! - [`cursor`]: channel names, ids and the `channel=offset;…` cursors every transport resumes from.
 //! - [`msg`]: the JSON messages clients send and the gateway answers.
 //! - [`proxy`]: the PROXY protocol (v1 and v2) that L4 balancers put in front of a connection.
 //!
 //! Layering: this crate depends on no other corelay crate; the gateway (`corelay`), the load generator
-//! (`corelay-load`) and the fuzz targets depend on it. `tests/hygiene.rs` checks both.
+//! (`corelay-load`) and the fuzz targets depend on it. `tests/layering.rs` checks both.
 #![forbid(unsafe_code)]
 
 pub mod cursor;

@@ -4,7 +4,7 @@
 //!
 //! The parts: `route` (path → handler), `client` (the client endpoints: upgrade, SSE, poll, `POST /send`),
 //! `api` (parsing internal API requests), `auth` (token, API key), `cors` (origin and CORS), `respond` (the
-//! one response writer), `error` (the one error type: every refusal is an `HttpError`).
+//! one response writer), `error` (re-exported from `corelay_proto::http_error`: the one error type; every refusal is an `HttpError`).
 
 mod api;
 mod auth;
