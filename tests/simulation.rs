@@ -145,6 +145,10 @@ struct Pending {
 struct Device {
     user: Arc<str>,
     conn: Option<ConnRef>,
+    /// The transport of the live connection: a WebSocket, or an SSE stream whose requests go by `POST /send`.
+    sse: bool,
+    /// An SSE stream's cursor as its loop keeps it (a delivery not past it is dropped, as the loop does).
+    sse_cursor: Option<corelay_proto::cursor::CursorVec>,
     view: ConnView,
     /// Last offset seen per channel, across connections: what a resume asks from.
     cursor: BTreeMap<String, u64>,
@@ -196,6 +200,8 @@ impl Sim {
                 devices.push(Device {
                     user: u.clone(),
                     conn: None,
+                    sse: false,
+                    sse_cursor: None,
                     view: ConnView::default(),
                     cursor: BTreeMap::new(),
                     got: BTreeMap::new(),
@@ -218,7 +224,7 @@ impl Sim {
             conversations.insert(format!("c{c}"), members);
         }
         let max_pending = 4 + rng.below(60) as usize;
-        let read_bytes = 256 + rng.below(4096) as usize;
+        let read_bytes = 64 + rng.below(2048) as usize;
         let limits = HistoryLimits {
             // A small window, so that resumes read from the store as well as from memory.
             conversation_bytes: 128 + rng.below(2048) as usize,
@@ -289,7 +295,24 @@ impl Sim {
         let msg = parse_client(json.as_bytes())
             .unwrap_or_else(|e| self.fail(format!("bad client message {json}: {e:?}")));
         let user = self.devices[d].user.clone();
-        self.event(Event::Received { conn, user, msg });
+        if self.devices[d].sse {
+            // `POST /send` on a connection of its own.
+            self.next_generation += 1;
+            let http = ConnRef {
+                worker: 2,
+                index: d as u32,
+                generation: self.next_generation,
+            };
+            self.event(Event::Send {
+                conn: http,
+                user,
+                msg,
+                stream: None,
+                expires: None,
+            });
+        } else {
+            self.event(Event::Received { conn, user, msg });
+        }
     }
 
     /// Answers up to `n` queued store requests, oldest first, as the store thread would.
@@ -336,6 +359,15 @@ impl Sim {
                         serde_json::from_slice(&delivery.json).expect("delivery json");
                     for c in to {
                         if let Some(d) = self.device_of(c) {
+                            if let Some(cur) = self.devices[d].sse_cursor.as_mut()
+                                && !corelay_proto::cursor::advance(
+                                    cur,
+                                    &delivery.channel,
+                                    delivery.offset,
+                                )
+                            {
+                                continue; // the loop drops what the stream's cursor already has
+                            }
                             self.on_item(d, &delivery.channel, delivery.offset, &v);
                         }
                     }
@@ -363,8 +395,27 @@ impl Sim {
                         if trace() {
                             eprintln!("step {} {conn:?} answered {status} {body}", self.step);
                         }
-                        if conn == API && !(200..300).contains(&status) {
-                            self.fail(format!("API answered {status} {body}"));
+                        if conn == API {
+                            if !(200..300).contains(&status) {
+                                self.fail(format!("API answered {status} {body}"));
+                            }
+                        } else if conn.worker == 2 {
+                            // A `POST /send` answer: the same JSON a WebSocket gets.
+                            let d = conn.index as usize;
+                            if self.devices[d].conn.is_some() {
+                                let v: serde_json::Value =
+                                    serde_json::from_str(&body).expect("answer json");
+                                self.on_reply(d, &v);
+                            }
+                        } else if let Some(d) = self.device_of(conn) {
+                            // A stream refused before it started (busy, too many): come back later.
+                            let _ = (status, body);
+                            self.devices[d].conn = None;
+                        }
+                    }
+                    LoopCmd::StreamStart { cursor, .. } => {
+                        if let Some(d) = self.device_of(conn) {
+                            self.devices[d].sse_cursor = Some(cursor);
                         }
                     }
                     other => self.fail(format!("unexpected loop command {other:?}")),
@@ -478,14 +529,14 @@ impl Sim {
             Some("error") => match v["code"].as_str() {
                 // Retryable: the send stays in the outbox. A refused resume (no `ref`) leaves the connection
                 // without its replay, so the client reconnects and resumes again, as the SDK does.
-                Some("store_busy" | "store_unavailable" | "overloaded") => {
+                Some("store_busy" | "store_unavailable" | "overloaded" | "rate_limited") => {
                     if v.get("ref").is_none() {
                         self.disconnect(d);
                     }
                 }
                 other => self.fail(format!("unexpected error {other:?}: {v}")),
             },
-            Some("subscribed" | "welcome" | "history") => {}
+            Some("subscribed" | "welcome" | "history" | "ok") => {}
             other => self.fail(format!("unexpected reply {other:?}: {v}")),
         }
     }
@@ -526,7 +577,22 @@ impl Sim {
             self.devices[d].view.contiguous.insert(c.clone());
             self.devices[d].view.last.insert(c, o);
         }
-        if self.rng.chance(50) {
+        let how = self.rng.below(3);
+        if trace() {
+            let t = ["websocket + subscribe", "websocket ?cursor=", "sse"][how as usize];
+            eprintln!("step {} device {d} transport {t}", self.step);
+        }
+        self.devices[d].sse = how == 2;
+        self.devices[d].sse_cursor = None;
+        if how == 2 {
+            // An SSE stream resuming from `Last-Event-ID`.
+            self.event(Event::Stream {
+                conn,
+                user: user.clone(),
+                channels: Vec::new(),
+                cursor,
+            });
+        } else if how == 1 {
             self.event(Event::Opened {
                 conn,
                 user: user.clone(),
@@ -649,6 +715,7 @@ impl Sim {
         self.store.fail_next_commit = false;
         self.store.fail_next_read = false;
         for round in 0..50 {
+            self.now += 5_000;
             self.drain_store();
             // One device at a time (clients back off with jitter): a crowd reconnecting at once can spend the
             // whole store budget on resumes, round after round.

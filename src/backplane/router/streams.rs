@@ -167,6 +167,9 @@ impl Router {
             // One paged read per channel: a replay longer than one page continues where it stopped.
             self.holds.add_reads(conn, reads.len());
             for (channel, after) in reads {
+                // The flush below leaves these channels to their replay: a queued message ahead of a later
+                // replay page would move the stream's cursor past it, and the loop would drop that page.
+                self.holds.resumed(conn, &channel);
                 self.replay_page(conn, channel, after);
             }
         }
