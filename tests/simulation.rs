@@ -149,6 +149,9 @@ struct Device {
     sse: bool,
     /// An SSE stream's cursor as its loop keeps it (a delivery not past it is dropped, as the loop does).
     sse_cursor: Option<corelay_proto::cursor::CursorVec>,
+    /// Long polling instead of a stream: the poll in flight, and (once held) its cursor and deadline.
+    polling: bool,
+    poll: Option<(ConnRef, Option<(corelay_proto::cursor::CursorVec, u64)>)>,
     view: ConnView,
     /// Last offset seen per channel, across connections: what a resume asks from.
     cursor: BTreeMap<String, u64>,
@@ -202,6 +205,8 @@ impl Sim {
                     conn: None,
                     sse: false,
                     sse_cursor: None,
+                    polling: false,
+                    poll: None,
                     view: ConnView::default(),
                     cursor: BTreeMap::new(),
                     got: BTreeMap::new(),
@@ -347,6 +352,81 @@ impl Sim {
         }
     }
 
+    /// The device whose poll in flight is `conn`.
+    fn poll_of(&self, conn: ConnRef) -> Option<usize> {
+        self.devices
+            .iter()
+            .position(|d| d.poll.as_ref().is_some_and(|(c, _)| *c == conn))
+    }
+
+    /// A polling device's next step: a new poll when none is in flight, or the end of a held one that timed out.
+    fn poll_step(&mut self, d: usize) {
+        if !self.devices[d].polling || self.devices[d].conn.is_none() {
+            return;
+        }
+        match self.devices[d].poll.clone() {
+            Some((c, Some((_, until)))) if self.now >= until => {
+                // The loop answers 204 at the hold's end and stops following.
+                self.devices[d].poll = None;
+                self.event(Event::Unfollow { conn: c });
+            }
+            Some(_) => {}
+            None => {
+                self.next_generation += 1;
+                let conn = ConnRef {
+                    worker: 3,
+                    index: d as u32,
+                    generation: self.next_generation,
+                };
+                let cursor = self.resume_cursor(d);
+                self.devices[d].poll = Some((conn, None));
+                let user = self.devices[d].user.clone();
+                let hold_ms = 200 + self.rng.below(2000);
+                self.event(Event::Poll {
+                    conn,
+                    user,
+                    channels: Vec::new(),
+                    cursor: Some(cursor),
+                    hold_ms,
+                });
+            }
+        }
+    }
+
+    /// A polling device polls until its poll is held: it has caught up with everything committed.
+    fn poll_until_held(&mut self, d: usize) {
+        for _ in 0..1000 {
+            if !self.devices[d].polling || matches!(self.devices[d].poll, Some((_, Some(_)))) {
+                return;
+            }
+            self.poll_step(d);
+            self.drain_store();
+            self.now += 1;
+        }
+        self.fail(format!("device {d} never caught up by polling"));
+    }
+
+    /// Where the device resumes each of its conversations from (0: from the start), and its `user:` channel
+    /// once it has seen one of its items (before that the offline queue brings them).
+    fn resume_cursor(&self, d: usize) -> BTreeMap<String, u64> {
+        let dev = &self.devices[d];
+        let mut cursor: BTreeMap<String, u64> = self
+            .conversations
+            .iter()
+            .filter(|(_, m)| m.contains(&dev.user))
+            .map(|(c, _)| {
+                let ch = format!("conversation:{c}");
+                let at = *dev.cursor.get(&ch).unwrap_or(&0);
+                (ch, at)
+            })
+            .collect();
+        let own = format!("user:{}", dev.user);
+        if let Some(&at) = dev.cursor.get(&own) {
+            cursor.insert(own, at);
+        }
+        cursor
+    }
+
     fn device_of(&self, conn: ConnRef) -> Option<usize> {
         self.devices.iter().position(|d| d.conn == Some(conn))
     }
@@ -358,6 +438,23 @@ impl Sim {
                     let v: serde_json::Value =
                         serde_json::from_slice(&delivery.json).expect("delivery json");
                     for c in to {
+                        if let Some(d) = self.poll_of(c) {
+                            // A held poll: the loop answers it with this message if it is past the cursor.
+                            let Some((_, Some((cur, _)))) = self.devices[d].poll.as_mut() else {
+                                continue;
+                            };
+                            if !corelay_proto::cursor::advance(
+                                cur,
+                                &delivery.channel,
+                                delivery.offset,
+                            ) {
+                                continue;
+                            }
+                            self.devices[d].poll = None;
+                            self.event(Event::Unfollow { conn: c });
+                            self.on_item(d, &delivery.channel, delivery.offset, &v);
+                            continue;
+                        }
                         if let Some(d) = self.device_of(c) {
                             if let Some(cur) = self.devices[d].sse_cursor.as_mut()
                                 && !corelay_proto::cursor::advance(
@@ -399,6 +496,21 @@ impl Sim {
                             if !(200..300).contains(&status) {
                                 self.fail(format!("API answered {status} {body}"));
                             }
+                        } else if let Some(d) = self.poll_of(conn) {
+                            self.devices[d].poll = None;
+                            if status == 200 {
+                                let v: serde_json::Value =
+                                    serde_json::from_str(&body).expect("poll json");
+                                for m in v["messages"].as_array().cloned().unwrap_or_default() {
+                                    let channel: Arc<str> =
+                                        Arc::from(m["channel"].as_str().expect("channel"));
+                                    let offset = m["channel_offset"]
+                                        .as_u64()
+                                        .or(m["offset"].as_u64())
+                                        .expect("offset");
+                                    self.on_item(d, &channel, offset, &m);
+                                }
+                            }
                         } else if conn.worker == 2 {
                             // A `POST /send` answer: the same JSON a WebSocket gets.
                             let d = conn.index as usize;
@@ -411,6 +523,14 @@ impl Sim {
                             // A stream refused before it started (busy, too many): come back later.
                             let _ = (status, body);
                             self.devices[d].conn = None;
+                        }
+                    }
+                    LoopCmd::PollHold {
+                        cursor, hold_ms, ..
+                    } => {
+                        if let Some(d) = self.poll_of(conn) {
+                            let until = self.now + hold_ms;
+                            self.devices[d].poll = Some((conn, Some((cursor, until))));
                         }
                     }
                     LoopCmd::StreamStart { cursor, .. } => {
@@ -560,31 +680,33 @@ impl Sim {
         }
         self.devices[d].conn = Some(conn);
         self.devices[d].view = ConnView::default();
-        // Resume every conversation of the user from the device's cursor (0: from the start), either at
-        // connect (`/ws?cursor=`) or with a `subscribe` right after it.
-        let channels: Vec<String> = self
-            .conversations
-            .iter()
-            .filter(|(_, m)| m.contains(&user))
-            .map(|(c, _)| format!("conversation:{c}"))
-            .collect();
-        let cursor: BTreeMap<String, u64> = channels
-            .iter()
-            .map(|c| (c.clone(), *self.devices[d].cursor.get(c).unwrap_or(&0)))
-            .collect();
+        // Resume every conversation of the user from the device's cursor (0: from the start), and its `user:`
+        // channel once it has seen it, either at connect (`/ws?cursor=`) or with a `subscribe` right after it.
+        let cursor = self.resume_cursor(d);
+        let channels: Vec<String> = cursor.keys().cloned().collect();
         for (c, &o) in &cursor {
             let c: Arc<str> = Arc::from(c.as_str());
             self.devices[d].view.contiguous.insert(c.clone());
             self.devices[d].view.last.insert(c, o);
         }
-        let how = self.rng.below(3);
+        let how = self.rng.below(4);
         if trace() {
-            let t = ["websocket + subscribe", "websocket ?cursor=", "sse"][how as usize];
+            let t = [
+                "websocket + subscribe",
+                "websocket ?cursor=",
+                "sse",
+                "long polling",
+            ][how as usize];
             eprintln!("step {} device {d} transport {t}", self.step);
         }
-        self.devices[d].sse = how == 2;
+        self.devices[d].sse = how >= 2;
+        self.devices[d].polling = how == 3;
         self.devices[d].sse_cursor = None;
-        if how == 2 {
+        self.devices[d].poll = None;
+        if how == 3 {
+            // Polls carry the cursor each time; nothing is registered for the device between them.
+            self.poll_step(d);
+        } else if how == 2 {
             // An SSE stream resuming from `Last-Event-ID`.
             self.event(Event::Stream {
                 conn,
@@ -620,6 +742,21 @@ impl Sim {
         };
         if trace() {
             eprintln!("step {} device {d} disconnects", self.step);
+        }
+        if self.devices[d].polling {
+            self.devices[d].polling = false;
+            if let Some((c, held)) = self.devices[d].poll.take() {
+                // A poll in flight is abandoned; a held one stops being followed.
+                if held.is_some() {
+                    self.event(Event::Unfollow { conn: c });
+                } else {
+                    self.event(Event::Closed {
+                        conn: c,
+                        user: None,
+                    });
+                }
+            }
+            return;
         }
         let user = self.devices[d].user.clone();
         self.event(Event::Closed {
@@ -685,12 +822,13 @@ impl Sim {
                 let json = serde_json::json!({"type": ty, "conversation": conv, "offset": o});
                 self.client(d, &json.to_string());
             }
-            62..=66 => {
+            64..=66 => {
                 // A retry of the oldest unanswered send (a client timer firing).
                 if let Some(p) = self.devices[d].outbox.first().cloned() {
                     self.send_json(d, &p);
                 }
             }
+            62..=63 => self.poll_step(d),
             67..=69 => self.store.fail_next_commit = true,
             70..=71 => self.store.fail_next_read = true,
             _ => {
@@ -723,6 +861,7 @@ impl Sim {
                 self.disconnect(d);
                 self.connect(d);
                 self.drain_store();
+                self.poll_until_held(d);
                 // The SDK's retry timer: sends refused as `store_busy` behind the resume go again.
                 for p in self.devices[d].outbox.clone() {
                     self.send_json(d, &p);
@@ -735,6 +874,10 @@ impl Sim {
             if round == 49 {
                 self.fail("sends still unanswered after 50 reconnect rounds".into());
             }
+        }
+        // Polling devices poll until a poll is held again: then they have everything committed.
+        for d in 0..self.devices.len() {
+            self.poll_until_held(d);
         }
         // Everything sent was committed exactly once.
         for (user, conv, cid) in &self.made {
