@@ -20,7 +20,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use corelay::backplane::router::{HistoryLimits, Out, Router};
+use std::collections::VecDeque;
+
+use corelay::backplane::bus::{BusCmd, BusEvent, CONTROL_CHANNEL};
+use corelay::backplane::router::{GAP_WAIT_MS, HistoryLimits, Out, Router};
 use corelay::backplane::{ApiRequest, ConnRef, Event, LoopCmd};
 use corelay::store::embedded::Embedded;
 use corelay::store::thread::{Completion, Request, answer};
@@ -144,6 +147,8 @@ struct Pending {
 /// One device of a user, as an SDK would run it.
 struct Device {
     user: Arc<str>,
+    /// The node the device is connected to (a new one, at random, on every connect).
+    node: usize,
     conn: Option<ConnRef>,
     /// The transport of the live connection: a WebSocket, or an SSE stream whose requests go by `POST /send`.
     sse: bool,
@@ -163,13 +168,24 @@ struct Device {
     receipts: BTreeMap<(String, String), (u64, u64)>,
 }
 
+/// One gateway node: its router, the requests its store thread has queued (answered in order), and what its
+/// bus connection has received and not yet handed over (in the order Redis sent it).
+struct NodeSim {
+    router: Router,
+    queue: VecDeque<Request>,
+    bus_in: VecDeque<BusEvent>,
+    subs: BTreeSet<String>,
+}
+
 struct Sim {
     rng: Rng,
     now: u64,
     step: usize,
-    router: Router,
+    nodes: Vec<NodeSim>,
+    /// The node whose outputs are being handled.
+    cur: usize,
+    /// One store shared by every node (as Redis is in a cluster).
     store: Faulty,
-    queue: Vec<Request>,
     max_pending: usize,
     read_bytes: usize,
     devices: Vec<Device>,
@@ -202,6 +218,7 @@ impl Sim {
             for _ in 0..1 + rng.below(2) {
                 devices.push(Device {
                     user: u.clone(),
+                    node: 0,
                     conn: None,
                     sse: false,
                     sse_cursor: None,
@@ -235,22 +252,47 @@ impl Sim {
             conversation_bytes: 128 + rng.below(2048) as usize,
             ..HistoryLimits::default()
         };
-        let mut router = Router::new(64 << 10, limits);
-        router.set_max_pending(max_pending);
-        router.set_read_bytes(read_bytes);
         let mut store = Faulty {
             inner: Embedded::in_memory().expect("in-memory store"),
             fail_next_commit: false,
             fail_next_read: false,
         };
-        router.load(&mut store).expect("load");
+        // One node in half the seeds; a cluster of two or three over a simulated bus in the others.
+        let n_nodes = if rng.chance(50) {
+            1
+        } else {
+            2 + rng.below(2) as usize
+        };
+        let mut nodes = Vec::new();
+        for i in 0..n_nodes {
+            let mut router = Router::new(64 << 10, limits);
+            router.set_max_pending(max_pending);
+            router.set_read_bytes(read_bytes);
+            router.load(&mut store).expect("load");
+            let mut subs = BTreeSet::new();
+            if n_nodes > 1 {
+                router.enable_cluster(&format!("n{i}"), 30_000);
+                subs.insert(CONTROL_CHANNEL.to_string());
+            }
+            let bus_in = if n_nodes > 1 {
+                VecDeque::from([BusEvent::Up])
+            } else {
+                VecDeque::new()
+            };
+            nodes.push(NodeSim {
+                router,
+                queue: VecDeque::new(),
+                bus_in,
+                subs,
+            });
+        }
         let mut sim = Sim {
             rng,
             now: 1_800_000_000_000,
             step: 0,
-            router,
+            nodes,
+            cur: 0,
             store,
-            queue: Vec::new(),
             max_pending,
             read_bytes,
             devices,
@@ -267,6 +309,7 @@ impl Sim {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (id, members) in convs {
+            sim.cur = 0;
             sim.event(Event::Api {
                 conn: API,
                 req: ApiRequest::CreateConversation {
@@ -274,20 +317,141 @@ impl Sim {
                     members: members.iter().map(|m| m.to_string()).collect(),
                 },
             });
-            sim.drain_store();
+            sim.settle_backplane();
         }
         sim
+    }
+
+    /// Moves what node `n` produced to the store queue and onto the bus.
+    fn collect(&mut self, n: usize) {
+        let reqs = self.nodes[n].router.take_requests();
+        if trace() {
+            for r in &reqs {
+                let what = format!("{r:?}");
+                eprintln!(
+                    "step {} node {n} queued: {}",
+                    self.step,
+                    &what[..what.len().min(90)]
+                );
+            }
+        }
+        self.nodes[n].queue.extend(reqs);
+        for cmd in self.nodes[n].router.take_bus_cmds() {
+            match cmd {
+                BusCmd::Subscribe(ch) => {
+                    // Redis confirms a subscription in order with the messages that follow it.
+                    self.nodes[n].subs.insert(ch.clone());
+                    self.nodes[n].bus_in.push_back(BusEvent::Subscribed(ch));
+                }
+                BusCmd::Unsubscribe(ch) => {
+                    self.nodes[n].subs.remove(&ch);
+                }
+                BusCmd::Publish { channel, payload } => {
+                    for m in &mut self.nodes {
+                        if m.subs.contains(&channel) {
+                            m.bus_in.push_back(BusEvent::Message {
+                                channel: channel.clone(),
+                                payload: payload.clone(),
+                            });
+                        }
+                    }
+                }
+                // Presence lives in Redis for its offline filter; the shared store here queues every member
+                // absent from the sending node (more redelivery of unacked entries, never less).
+                BusCmd::Presence { .. } => {}
+            }
+        }
+    }
+
+    /// Hands up to `k` events from the bus to their nodes, a random node at a time.
+    fn deliver_bus(&mut self, k: usize) {
+        for _ in 0..k {
+            let ready: Vec<usize> = (0..self.nodes.len())
+                .filter(|&n| !self.nodes[n].bus_in.is_empty())
+                .collect();
+            if ready.is_empty() {
+                return;
+            }
+            let n = ready[self.rng.below(ready.len() as u64) as usize];
+            let ev = self.nodes[n].bus_in.pop_front().expect("ready");
+            if trace() {
+                let what = match &ev {
+                    BusEvent::Message { channel, payload } => {
+                        format!("message {channel} {}", &payload[..payload.len().min(40)])
+                    }
+                    other => format!("{other:?}"),
+                };
+                eprintln!("step {} node {n} bus: {what}", self.step);
+            }
+            self.cur = n;
+            let mut out = Vec::new();
+            self.nodes[n].router.on_bus(ev, self.now, &mut out);
+            self.absorb(out);
+            self.collect(n);
+        }
+    }
+
+    /// Node `n`'s bus connection breaks and comes back: what was in flight to it is lost; it resubscribes.
+    fn break_bus(&mut self, n: usize) {
+        if self.nodes.len() < 2 {
+            return;
+        }
+        if trace() {
+            eprintln!("step {} node {n}: bus connection lost", self.step);
+        }
+        self.nodes[n].bus_in.clear();
+        self.cur = n;
+        let mut out = Vec::new();
+        self.nodes[n]
+            .router
+            .on_bus(BusEvent::Down, self.now, &mut out);
+        self.absorb(out);
+        self.collect(n);
+        let subs: Vec<String> = self.nodes[n].subs.iter().cloned().collect();
+        self.nodes[n].bus_in.push_back(BusEvent::Up);
+        for ch in subs {
+            self.nodes[n].bus_in.push_back(BusEvent::Subscribed(ch));
+        }
+    }
+
+    /// Each node's periodic work (presence refresh, asking the store for gaps).
+    fn tick(&mut self) {
+        for n in 0..self.nodes.len() {
+            self.nodes[n].router.tick(self.now);
+            self.collect(n);
+        }
+    }
+
+    /// Store, bus and timers until nothing is in flight anywhere.
+    fn settle_backplane(&mut self) {
+        for _ in 0..10_000 {
+            self.drain_store();
+            self.deliver_bus(usize::MAX);
+            self.now += GAP_WAIT_MS + 1;
+            self.tick();
+            if self
+                .nodes
+                .iter()
+                .all(|n| n.queue.is_empty() && n.bus_in.is_empty())
+            {
+                return;
+            }
+        }
+        self.fail("the backplane never settles".into());
     }
 
     fn fail(&self, what: String) -> ! {
         panic!("step {}: {what}", self.step)
     }
 
+    /// An event for the current node (`cur`).
     fn event(&mut self, ev: Event) {
+        let n = self.cur;
         let mut out = Vec::new();
-        self.router.handle(ev, self.now, &mut out);
+        self.nodes[n].router.handle(ev, self.now, &mut out);
         self.absorb(out);
-        self.queue.extend(self.router.take_requests());
+        self.cur = n;
+        self.collect(n);
     }
 
     fn client(&mut self, d: usize, json: &str) {
@@ -297,6 +461,7 @@ impl Sim {
         let Some(conn) = self.devices[d].conn else {
             return;
         };
+        self.cur = self.devices[d].node;
         let msg = parse_client(json.as_bytes())
             .unwrap_or_else(|e| self.fail(format!("bad client message {json}: {e:?}")));
         let user = self.devices[d].user.clone();
@@ -321,12 +486,27 @@ impl Sim {
     }
 
     /// Answers up to `n` queued store requests, oldest first, as the store thread would.
-    fn answer_store(&mut self, n: usize) {
-        for _ in 0..n {
-            if self.queue.is_empty() {
+    /// Answers up to `k` queued store requests: each from a random node's queue, oldest first there (each node
+    /// has its own store thread; they interleave at the shared store).
+    fn answer_store(&mut self, k: usize) {
+        for _ in 0..k {
+            let ready: Vec<usize> = (0..self.nodes.len())
+                .filter(|&n| !self.nodes[n].queue.is_empty())
+                .collect();
+            if ready.is_empty() {
                 return;
             }
-            let req = self.queue.remove(0);
+            let n = ready[self.rng.below(ready.len() as u64) as usize];
+            let req = self.nodes[n].queue.pop_front().expect("ready");
+            if trace() {
+                let what = format!("{req:?}");
+                eprintln!(
+                    "step {} node {n} store: {}",
+                    self.step,
+                    &what[..what.len().min(90)]
+                );
+            }
+            let tok = format!("{req:?}");
             let c = match req {
                 Request::Commit { token, batch } => Completion::Committed {
                     token,
@@ -334,16 +514,30 @@ impl Sim {
                 },
                 read => answer(&mut self.store, read, self.read_bytes),
             };
+            self.cur = n;
             let mut out = Vec::new();
-            self.router.on_completion(c, self.now, &mut out);
+            self.nodes[n].router.on_completion(c, self.now, &mut out);
+            if trace() {
+                for o in &out {
+                    if let Out::Message { to, delivery } = o {
+                        eprintln!(
+                            "   completion {} -> {}@{} to {:?}",
+                            &tok[..tok.len().min(40)],
+                            delivery.channel,
+                            delivery.offset,
+                            to.iter().map(|c| c.generation).collect::<Vec<_>>()
+                        );
+                    }
+                }
+            }
             self.absorb(out);
-            self.queue.extend(self.router.take_requests());
+            self.collect(n);
         }
     }
 
     fn drain_store(&mut self) {
         let mut rounds = 0;
-        while !self.queue.is_empty() {
+        while self.nodes.iter().any(|n| !n.queue.is_empty()) {
             self.answer_store(usize::MAX);
             rounds += 1;
             if rounds > 10_000 {
@@ -364,6 +558,7 @@ impl Sim {
         if !self.devices[d].polling || self.devices[d].conn.is_none() {
             return;
         }
+        self.cur = self.devices[d].node;
         match self.devices[d].poll.clone() {
             Some((c, Some((_, until)))) if self.now >= until => {
                 // The loop answers 204 at the hold's end and stops following.
@@ -400,7 +595,7 @@ impl Sim {
                 return;
             }
             self.poll_step(d);
-            self.drain_store();
+            self.settle_backplane();
             self.now += 1;
         }
         self.fail(format!("device {d} never caught up by polling"));
@@ -483,7 +678,10 @@ impl Sim {
                     }
                 }
                 Out::Loop { conn, cmd } => match cmd {
-                    LoopCmd::Close { .. } => {
+                    LoopCmd::Close { code, reason, .. } => {
+                        if trace() {
+                            eprintln!("step {} {conn:?} closed {code} {reason}", self.step);
+                        }
                         if let Some(d) = self.device_of(conn) {
                             self.disconnect(d);
                         }
@@ -591,9 +789,17 @@ impl Sim {
             let by = v["by"].as_str().unwrap_or_default().to_string();
             let at = v["offset"].as_u64().unwrap_or_default();
             let step = self.step;
+            // Known gap (docs/RELIABILITY.md): in a cluster, two nodes handling one member's receipts at once
+            // each order their own notices only; the client keeps the highest. Checked on one node.
+            let strict = self.nodes.len() == 1;
             let dev = &mut self.devices[d];
             let r = dev.receipts.entry((conv.clone(), by.clone())).or_default();
             match v["state"].as_str() {
+                Some("delivered") if !strict => r.0 = r.0.max(at),
+                Some("read") if !strict => {
+                    r.1 = r.1.max(at);
+                    r.0 = r.0.max(at);
+                }
                 Some("delivered") => {
                     if at < r.0 {
                         panic!(
@@ -656,7 +862,24 @@ impl Sim {
                 }
                 other => self.fail(format!("unexpected error {other:?}: {v}")),
             },
-            Some("subscribed" | "welcome" | "history" | "ok") => {}
+            Some("subscribed") => {
+                // `subscribed` comes after the replay: the connection has each channel up to where it says.
+                for (ch, at) in v["cursor"].as_object().cloned().unwrap_or_default() {
+                    let at = at.as_u64().unwrap_or(0);
+                    let has = self.devices[d]
+                        .view
+                        .last
+                        .get(ch.as_str())
+                        .copied()
+                        .unwrap_or(0);
+                    if ch.starts_with("conversation:") && has < at {
+                        self.fail(format!(
+                            "device {d}: `subscribed` says {ch} is at {at} before the replay got past {has}"
+                        ));
+                    }
+                }
+            }
+            Some("welcome" | "history" | "ok") => {}
             other => self.fail(format!("unexpected reply {other:?}: {v}")),
         }
     }
@@ -672,9 +895,12 @@ impl Sim {
         };
         self.next_generation += 1;
         let user = self.devices[d].user.clone();
+        let node = self.rng.below(self.nodes.len() as u64) as usize;
+        self.devices[d].node = node;
+        self.cur = node;
         if trace() {
             eprintln!(
-                "step {} device {d} connects as {}",
+                "step {} device {d} connects as {} to node {node}",
                 self.step, conn.generation
             );
         }
@@ -740,6 +966,7 @@ impl Sim {
         let Some(conn) = self.devices[d].conn.take() else {
             return;
         };
+        self.cur = self.devices[d].node;
         if trace() {
             eprintln!("step {} device {d} disconnects", self.step);
         }
@@ -829,6 +1056,14 @@ impl Sim {
                 }
             }
             62..=63 => self.poll_step(d),
+            72..=79 => {
+                let k = self.rng.below(6) as usize;
+                self.deliver_bus(k);
+            }
+            80 => {
+                let n = self.rng.below(self.nodes.len() as u64) as usize;
+                self.break_bus(n);
+            }
             67..=69 => self.store.fail_next_commit = true,
             70..=71 => self.store.fail_next_read = true,
             _ => {
@@ -836,15 +1071,22 @@ impl Sim {
                 self.answer_store(n);
             }
         }
+        self.tick();
         // The bound is checked before an event's requests are queued, so one event (a resume with a cursor:
         // one read per channel, the flush and the ack) may pass it by its own requests, never more.
-        let pending = self.router.pending_requests();
+        // In a cluster, a node also reads to sync and fill the channels it follows on the bus (never refused:
+        // that would lose messages); those are bounded by the channels it follows, not by the client bound.
         let one_event = self.conversations.len() + 3;
-        if pending > self.max_pending + one_event {
-            self.fail(format!(
-                "{pending} store requests in flight past the bound {}",
-                self.max_pending
-            ));
+        for (i, n) in self.nodes.iter().enumerate() {
+            let pending = n.router.pending_requests();
+            let sync = 2 * n.subs.len();
+            if pending > self.max_pending + one_event + sync {
+                self.fail(format!(
+                    "node {i}: {pending} store requests in flight past the bound {} (+{one_event} for one \
+                     event, +{sync} for bus sync)",
+                    self.max_pending
+                ));
+            }
         }
     }
 
@@ -854,19 +1096,19 @@ impl Sim {
         self.store.fail_next_read = false;
         for round in 0..50 {
             self.now += 5_000;
-            self.drain_store();
+            self.settle_backplane();
             // One device at a time (clients back off with jitter): a crowd reconnecting at once can spend the
             // whole store budget on resumes, round after round.
             for d in 0..self.devices.len() {
                 self.disconnect(d);
                 self.connect(d);
-                self.drain_store();
+                self.settle_backplane();
                 self.poll_until_held(d);
                 // The SDK's retry timer: sends refused as `store_busy` behind the resume go again.
                 for p in self.devices[d].outbox.clone() {
                     self.send_json(d, &p);
                 }
-                self.drain_store();
+                self.settle_backplane();
             }
             if self.devices.iter().all(|d| d.outbox.is_empty()) {
                 break;
@@ -919,9 +1161,13 @@ impl Sim {
         for d in 0..self.devices.len() {
             self.disconnect(d);
         }
-        self.drain_store();
+        self.settle_backplane();
         for dev in &self.devices {
-            if !self.router.connections(&dev.user).is_empty() {
+            if self
+                .nodes
+                .iter()
+                .any(|n| !n.router.connections(&dev.user).is_empty())
+            {
                 self.fail(format!(
                     "the router still holds connections of {}",
                     dev.user

@@ -5,9 +5,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use super::pending::{OnOffset, OnRead};
+use super::pending::OnRead;
 use super::render::{render, with_resets};
-use super::{ConnRef, Delivery, LoopCmd, MAX_REPLAY, Out, Router, reply};
+use super::{ConnRef, Delivery, LoopCmd, MAX_REPLAY, Out, Router};
 use crate::store::StoredMessage;
 use crate::store::thread::Request;
 
@@ -31,15 +31,26 @@ struct Hold {
     held_count: usize,
     held_bytes: usize,
     sent: HashSet<(Arc<str>, u64)>,
-    /// Channels resumed from a cursor in this catch-up: their replay delivers them in order, so the offline
-    /// flush leaves them out (a flush item ahead of the replay would arrive before older offsets).
-    resumed: HashSet<Arc<str>>,
+    /// Channels resumed from a cursor in this catch-up, and the offset the client has: their replay delivers
+    /// them in order, so the offline flush leaves them out (a flush item ahead of the replay would arrive
+    /// before older offsets), and nothing at or below that offset is delivered (in a cluster the live stream
+    /// can still be behind the client's cursor).
+    resumed: HashMap<Arc<str>, u64>,
+    /// `subscribed` answers, sent once every read of the catch-up is out (a replay can take several pages).
+    acks: Vec<String>,
 }
 
 /// The connections whose catch-up is running.
 #[derive(Default)]
 pub(super) struct Holds {
     conns: HashMap<ConnRef, Hold>,
+    /// Cluster mode: the live stream of a channel (the sequencer) can be behind what a connection's catch-up
+    /// read from the store. After the catch-up, each channel's highest offset it delivered is a floor: live
+    /// messages at or below it are not delivered to that connection again. An entry goes when the live
+    /// stream passes it, or with the connection.
+    floors: HashMap<ConnRef, HashMap<Arc<str>, u64>>,
+    /// Whether live traffic can lag behind the store (cluster mode), so that floors are kept.
+    pub(super) live_can_lag: bool,
 }
 
 impl Holds {
@@ -60,16 +71,24 @@ impl Holds {
     }
 
     /// `channel` is replayed from a cursor in `conn`'s running catch-up: the offline flush skips it from now on.
-    pub(super) fn resumed(&mut self, conn: ConnRef, channel: &str) {
+    pub(super) fn resumed(&mut self, conn: ConnRef, channel: &str, after: u64) {
         if let Some(h) = self.conns.get_mut(&conn) {
-            h.resumed.insert(Arc::from(channel));
+            let at = h.resumed.entry(Arc::from(channel)).or_default();
+            *at = (*at).max(after);
+        }
+    }
+
+    /// `json` goes to `conn` when its catch-up is complete, before the live traffic held meanwhile.
+    pub(super) fn ack_after(&mut self, conn: ConnRef, json: String) {
+        if let Some(h) = self.conns.get_mut(&conn) {
+            h.acks.push(json);
         }
     }
 
     fn is_resumed(&self, conn: ConnRef, channel: &str) -> bool {
         self.conns
             .get(&conn)
-            .is_some_and(|h| h.resumed.contains(channel))
+            .is_some_and(|h| h.resumed.contains_key(channel))
     }
 
     fn is_holding(&self, conn: ConnRef) -> bool {
@@ -78,12 +97,34 @@ impl Holds {
 
     pub(super) fn forget(&mut self, conn: ConnRef) {
         self.conns.remove(&conn);
+        self.floors.remove(&conn);
     }
 
     /// Holds `delivery` for the connections of `to` whose catch-up runs (removing them from `to`); returns the
     /// ones now past a bound, whose hold is dropped (they are to be closed).
     fn hold(&mut self, to: &mut Vec<ConnRef>, delivery: &Arc<Delivery>) -> Vec<ConnRef> {
         let mut overflow = Vec::new();
+        if !self.floors.is_empty() {
+            let floors = &mut self.floors;
+            to.retain(|c| {
+                let Some(f) = floors.get_mut(c) else {
+                    return true;
+                };
+                let Some(&floor) = f.get(&delivery.channel) else {
+                    return true;
+                };
+                if delivery.offset > floor {
+                    // The live stream has caught up with what the catch-up delivered.
+                    f.remove(&delivery.channel);
+                    if f.is_empty() {
+                        floors.remove(c);
+                    }
+                    true
+                } else {
+                    super::super::sequencer::is_reset(delivery)
+                }
+            });
+        }
         if self.conns.is_empty() {
             return overflow;
         }
@@ -117,11 +158,14 @@ impl Holds {
         };
         for d in msgs {
             if let Some(q) = hold.held.get_mut(&d.channel) {
+                let has = hold.resumed.get(&d.channel).copied().unwrap_or(0);
                 while q.front().is_some_and(|h| h.offset < d.offset) {
                     if let Some(h) = q.pop_front() {
                         hold.held_count -= 1;
                         hold.held_bytes -= h.json.len();
-                        send_once(&mut hold.sent, conn, h, out);
+                        if h.offset > has || super::super::sequencer::is_reset(&h) {
+                            send_once(&mut hold.sent, conn, h, out);
+                        }
                     }
                 }
             }
@@ -131,9 +175,26 @@ impl Holds {
         if hold.reads == 0
             && let Some(mut hold) = self.conns.remove(&conn)
         {
-            for (_, q) in std::mem::take(&mut hold.held) {
+            for json in std::mem::take(&mut hold.acks) {
+                super::reply(out, conn, &json);
+            }
+            for (ch, q) in std::mem::take(&mut hold.held) {
+                let has = hold.resumed.get(&ch).copied().unwrap_or(0);
                 for d in q {
-                    send_once(&mut hold.sent, conn, d, out);
+                    if d.offset > has || super::super::sequencer::is_reset(&d) {
+                        send_once(&mut hold.sent, conn, d, out);
+                    }
+                }
+            }
+            if self.live_can_lag {
+                let mut floor: HashMap<Arc<str>, u64> = hold.resumed;
+                for (ch, o) in hold.sent {
+                    let f = floor.entry(ch).or_default();
+                    *f = (*f).max(o);
+                }
+                floor.retain(|_, f| *f > 0);
+                if !floor.is_empty() {
+                    self.floors.insert(conn, floor);
                 }
             }
         }
@@ -232,16 +293,6 @@ impl Router {
         );
     }
 
-    /// A `subscribe`'s acknowledgement, sent once its replays are out (it counts as the catch-up's last read);
-    /// completed by `OnOffset::SubscribeAck`.
-    pub(super) fn ack_after_replays(&mut self, conn: ConnRef, user: &str, json: String) {
-        let channel = format!("user:{user}");
-        self.pending.offset(
-            |token| Request::LastOffset { token, channel },
-            OnOffset::SubscribeAck { conn, json },
-        );
-    }
-
     /// A catch-up page's messages; None when the read failed. Then the catch-up cannot go on without a gap
     /// (the held live traffic is newer than what was not read), so the connection is closed with 1013 and
     /// resumes from its cursor, which has not moved past what it missed.
@@ -314,11 +365,5 @@ impl Router {
         }
         let ds = with_resets(&from, &msgs);
         self.holds.deliver(conn, ds, out);
-    }
-
-    /// [`OnOffset::SubscribeAck`]: the replays queued before it are out; the ack goes, then the held traffic.
-    pub(super) fn on_subscribe_ack(&mut self, conn: ConnRef, json: String, out: &mut Vec<Out>) {
-        reply(out, conn, &json);
-        self.holds.deliver(conn, Vec::new(), out);
     }
 }

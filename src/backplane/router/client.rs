@@ -248,13 +248,13 @@ impl Router {
                     reply(out, conn, &ack);
                 } else {
                     // Live traffic for this connection waits until the reads are out (no gap, no duplicate);
-                    // the ack is queued behind them.
-                    self.holds.add_reads(conn, reads.len() + 1);
+                    // the ack goes when the last page of the last read is out, before that traffic.
+                    self.holds.add_reads(conn, reads.len());
                     for (channel, after) in reads {
-                        self.holds.resumed(conn, &channel);
+                        self.holds.resumed(conn, &channel, after);
                         self.replay_page(conn, channel, after);
                     }
-                    self.ack_after_replays(conn, &user, ack);
+                    self.holds.ack_after(conn, ack);
                 }
             }
             ClientMsg::Unsubscribe { channels } => {

@@ -80,6 +80,7 @@ impl Router {
     /// Turns on cluster mode: this node's id and how long its presence entries live without a refresh.
     pub fn enable_cluster(&mut self, node: &str, presence_ttl_ms: u64) {
         self.cluster = Some(ClusterSync::new(node, presence_ttl_ms));
+        self.holds.live_can_lag = true;
     }
 
     /// Bus commands produced since the last call.

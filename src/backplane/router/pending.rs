@@ -84,8 +84,6 @@ pub(super) enum OnRead {
 pub(super) enum OnOffset {
     /// Cluster: where a newly followed channel ends.
     Sync { channel: Arc<str> },
-    /// Sent after a subscribe's replays (queued last, so it completes after them).
-    SubscribeAck { conn: ConnRef, json: String },
 }
 
 /// Store requests to send, and what each one's completion continues.
@@ -183,9 +181,6 @@ impl Router {
             Completion::Offset { token, result } => match self.pending.take(token) {
                 Some(Pending::Offset(OnOffset::Sync { channel })) => {
                     self.on_synced(channel, result, now_ms, out)
-                }
-                Some(Pending::Offset(OnOffset::SubscribeAck { conn, json })) => {
-                    self.on_subscribe_ack(conn, json, out)
                 }
                 _ => {}
             },

@@ -169,7 +169,7 @@ impl Router {
             for (channel, after) in reads {
                 // The flush below leaves these channels to their replay: a queued message ahead of a later
                 // replay page would move the stream's cursor past it, and the loop would drop that page.
-                self.holds.resumed(conn, &channel);
+                self.holds.resumed(conn, &channel, after);
                 self.replay_page(conn, channel, after);
             }
         }
