@@ -178,12 +178,12 @@ impl Router {
                 Some(_) => wrong_kind(),
                 None => {}
             },
-            Completion::Offset { token, result } => match self.pending.take(token) {
-                Some(Pending::Offset(OnOffset::Sync { channel })) => {
+            Completion::Offset { token, result } => {
+                if let Some(Pending::Offset(OnOffset::Sync { channel })) = self.pending.take(token)
+                {
                     self.on_synced(channel, result, now_ms, out)
                 }
-                _ => {}
-            },
+            }
             Completion::Conversations { token, result } => {
                 if let (Some(Pending::Members), Ok(all)) = (self.pending.take(token), result) {
                     self.on_members_read(all);
