@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 
-use super::{Conn, Cx, Effects, Env, Mode, advance, cursor_text, http, ws};
+use super::{Closing, Conn, Cx, Effects, Env, Mode, advance, cursor_text, http, ws};
 use crate::backplane::Delivery;
 use corelay_proto::ws::CloseCode;
 
@@ -17,11 +17,11 @@ impl Conn {
     /// traffic) drops it.
     pub fn deliver(&mut self, d: &Arc<Delivery>, env: &mut dyn Env, now_ms: u64) -> Effects {
         let mut cx = Cx::new(env, self.id, now_ms);
-        if self.close_after_flush {
+        if self.closing != Closing::Open {
             return cx.fx;
         }
         match &mut self.mode {
-            Mode::WebSocket(ws) if !ws::closing(ws) => {
+            Mode::WebSocket(_) => {
                 self.out.push(d.ws.clone());
                 cx.frame_out();
             }
@@ -52,10 +52,7 @@ impl Conn {
     /// A frame for this WebSocket alone (an answer, a notice), already encoded.
     pub fn send_frame(&mut self, frame: &Bytes, env: &mut dyn Env, now_ms: u64) -> Effects {
         let mut cx = Cx::new(env, self.id, now_ms);
-        let Mode::WebSocket(ws) = &self.mode else {
-            return cx.fx;
-        };
-        if ws::closing(ws) || self.close_after_flush {
+        if !self.is_websocket() || self.closing != Closing::Open {
             return cx.fx;
         }
         self.out.push(frame.clone());
@@ -86,7 +83,7 @@ impl Conn {
                 cx,
             );
         } else {
-            self.close_after_flush = true;
+            self.closing = Closing::AfterFlush;
         }
     }
 }

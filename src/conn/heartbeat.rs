@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::http::{self, Flow};
-use super::{Conn, Cx, Effects, Env, Mode, until_expiry, ws};
+use super::{Closing, Conn, Cx, Effects, Env, Mode, until_expiry, ws};
 use corelay_proto::http1::HttpError;
 use corelay_proto::ws::{CloseCode, Opcode, encode_frame};
 
@@ -53,7 +53,7 @@ impl Conn {
                     corelay_proto::sse::encode_body("error", e.as_bytes(), &mut v);
                     v.push(b'\n'); // no `id:`: the client's Last-Event-ID stays where it was
                     self.out.push_vec(v);
-                    self.close_after_flush = true;
+                    self.closing = Closing::AfterFlush;
                     return;
                 }
                 self.out
@@ -66,7 +66,7 @@ impl Conn {
                 self.resume_input(cx);
             }
             Mode::WebSocket(ws) => {
-                if ws::closing(ws) || self.close_after_flush {
+                if self.closing != Closing::Open {
                     // The linger after our close frame (or a close reply that never flushed) is over.
                     cx.fx.close = true;
                     return;
@@ -91,7 +91,8 @@ impl Conn {
                         tracing::debug!(worker, conn = index, "heartbeat timeout");
                         cx.metrics().heartbeat_timeouts.fetch_add(1, Relaxed);
                         cx.metrics().close(CloseCode::GOING_AWAY.0);
-                        ws.close_sent = true; // not a 1006 in the counters: we chose to end it
+                        // Not a 1006 in the counters: we chose to end it.
+                        self.closing = Closing::CloseSent;
                         cx.fx.close = true;
                     }
                 } else if now_ms.saturating_sub(self.last_rx_ms) >= interval {

@@ -89,8 +89,6 @@ pub struct WsState {
     pub user: Option<Arc<str>>,
     /// A ping is out and unanswered since this time (loop ms); 0 when none.
     pub ping_sent_ms: u64,
-    /// We sent a close frame: input is drained until the peer closes or the linger timer fires.
-    pub close_sent: bool,
     /// Client requests allowed on this connection (chat endpoint only).
     pub bucket: Bucket,
     /// Input is paused by the rate limit: the socket is not read (TCP pushes back on the client) and the
@@ -111,6 +109,30 @@ pub fn until_expiry(at_ms: u64, expires_ms: u64) -> u64 {
 }
 
 pub use crate::bucket::Bucket;
+
+/// How far a connection is in ending: one state instead of flags spread over the connection and its
+/// WebSocket state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closing {
+    /// Not ending.
+    Open,
+    /// Our WebSocket close frame is queued: the peer's frames are drained until its close reply; once ours
+    /// is written the write side is shut (`WriteShut`).
+    CloseSent,
+    /// Our close frame is out and the write side shut: waiting, at most `CLOSE_LINGER`, for the peer's close
+    /// reply and FIN.
+    WriteShut,
+    /// Close the socket once the queue is empty (an HTTP answer with `Connection: close`, a refusal, our reply
+    /// to the peer's close, the end of a stream).
+    AfterFlush,
+}
+
+impl Closing {
+    /// A WebSocket close frame of ours is out or queued (and the peer's reply has not arrived).
+    pub fn close_sent(self) -> bool {
+        matches!(self, Closing::CloseSent | Closing::WriteShut)
+    }
+}
 
 /// A connection's place in its loop's slab: the slot and the generation that tells its occupants apart (a
 /// command for a closed connection misses the slot's next occupant).
@@ -141,10 +163,8 @@ pub struct Conn {
     pub out: WriteQueue,
     /// Last time any byte arrived (loop ms).
     pub last_rx_ms: u64,
-    /// Close the socket once the queue is empty (HTTP `Connection: close`, after a close reply).
-    pub close_after_flush: bool,
-    /// Our write side is shut down (after a close frame went out).
-    pub write_shut: bool,
+    /// How far the connection is in ending.
+    pub closing: Closing,
     /// Accepted on the internal admin listener (`--admin-listen`).
     pub admin: bool,
 }
@@ -169,8 +189,7 @@ impl Conn {
             inbuf: Vec::new(),
             out: WriteQueue::default(),
             last_rx_ms: now_ms,
-            close_after_flush: false,
-            write_shut: false,
+            closing: Closing::Open,
         };
         let mut cx = Cx::new(env, id, now_ms);
         let at = cx.after(cx.cfg().handshake_timeout);
@@ -189,7 +208,7 @@ impl Conn {
     /// resumes input) nor while a WebSocket's rate limit holds it.
     pub fn wants_input(&self) -> bool {
         match &self.mode {
-            Mode::HttpAwait { .. } => self.close_after_flush,
+            Mode::HttpAwait { .. } => self.closing == Closing::AfterFlush,
             Mode::WebSocket(ws) => !ws.paused,
             _ => true,
         }
@@ -217,16 +236,15 @@ impl Conn {
     /// The queue is empty (all written): finish a close, or half-close after our close frame.
     pub fn on_flushed(&mut self, now_ms: u64) -> Effects {
         let mut fx = Effects::default();
-        if self.close_after_flush {
-            fx.close = true;
-        } else if let Mode::WebSocket(ws) = &self.mode
-            && ws::closing(ws)
-            && !self.write_shut
-        {
-            // Our close frame is out: half-close and wait (bounded) for the peer's close reply and FIN.
-            self.write_shut = true;
-            fx.shutdown_write = true;
-            fx.schedule = Some(now_ms + CLOSE_LINGER.as_millis() as u64);
+        match self.closing {
+            Closing::AfterFlush => fx.close = true,
+            Closing::CloseSent => {
+                // Our close frame is out: half-close and wait (bounded) for the peer's close reply and FIN.
+                self.closing = Closing::WriteShut;
+                fx.shutdown_write = true;
+                fx.schedule = Some(now_ms + CLOSE_LINGER.as_millis() as u64);
+            }
+            Closing::Open | Closing::WriteShut => {}
         }
         fx
     }
@@ -237,7 +255,7 @@ impl Conn {
         let me = self.id.on(env.loop_id());
         let (transport, closed_user, registered) = match &self.mode {
             Mode::WebSocket(ws) => {
-                if !ws::closing(ws) && !self.close_after_flush {
+                if self.closing == Closing::Open {
                     // The TCP connection ended without a close handshake.
                     env.metrics().close(1006);
                 }
@@ -319,7 +337,7 @@ impl Conn {
         if self.is_websocket() {
             ws::start_close(self, CloseCode(code), reason, &cx);
         } else {
-            self.close_after_flush = true;
+            self.closing = Closing::AfterFlush;
         }
         cx.fx
     }
@@ -333,11 +351,11 @@ impl Conn {
                 ws::start_close(self, CloseCode::GOING_AWAY, "server shutting down", &cx)
             }
             Mode::HttpAwait { .. } | Mode::HttpBody { .. } | Mode::Sse(_) | Mode::PollHeld(_) => {
-                self.close_after_flush = true
+                self.closing = Closing::AfterFlush
             }
             Mode::Proxy => cx.fx.close = true,
             Mode::Http { .. } if self.out.is_empty() => cx.fx.close = true,
-            Mode::Http { .. } => self.close_after_flush = true,
+            Mode::Http { .. } => self.closing = Closing::AfterFlush,
         }
         cx.fx
     }
@@ -346,7 +364,7 @@ impl Conn {
     /// socket again.
     fn resume_input(&mut self, cx: &mut Cx<'_>) {
         cx.fx.read = true;
-        if !self.close_after_flush
+        if self.closing == Closing::Open
             && !self.inbuf.is_empty()
             && matches!(self.mode, Mode::Http { .. })
             && http::on_data(self, &[], cx) == Flow::Close

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::Cx;
 use super::http::Flow;
-use super::{Conn, Mode, WsState};
+use super::{Closing, Conn, Mode};
 use crate::backplane::Event;
 use corelay_proto::msg;
 use corelay_proto::ws::{CloseCode, Event as WsEvent, Opcode, encode_close, encode_frame};
@@ -14,17 +14,17 @@ pub(crate) fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Cx<'_>) -> Flow
     let Conn {
         mode,
         out,
-        close_after_flush,
+        closing,
         inbuf,
         ..
     } = conn;
     let Mode::WebSocket(ws) = mode else {
         return Flow::Continue;
     };
-    if *close_after_flush {
+    if *closing == Closing::AfterFlush {
         return Flow::Continue;
     }
-    if ws.close_sent {
+    if closing.close_sent() {
         // We started the close: drop the peer's remaining frames; its close reply ends the connection
         // (the server closes the TCP connection first, RFC 6455 §7.1.1).
         let mut pos = 0;
@@ -32,7 +32,7 @@ pub(crate) fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Cx<'_>) -> Flow
             match ws.decoder.decode(&mut data[pos..]) {
                 Ok((_, Some(WsEvent::Close { .. }))) | Err(_) => {
                     // Done; close once our own close frame is out (it may still be queued).
-                    *close_after_flush = true;
+                    *closing = Closing::AfterFlush;
                     return Flow::Continue;
                 }
                 Ok((0, None)) => return Flow::Continue,
@@ -64,7 +64,7 @@ pub(crate) fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Cx<'_>) -> Flow
                 let mut v = Vec::with_capacity(2 + e.reason.len() + 2);
                 encode_close(e.code, e.reason, &mut v);
                 out.push_vec(v);
-                ws.close_sent = true;
+                *closing = Closing::CloseSent;
                 cx.metrics().close(e.code.0);
                 return Flow::Continue;
             }
@@ -125,7 +125,7 @@ pub(crate) fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Cx<'_>) -> Flow
                         &mut v,
                     );
                     out.push_vec(v);
-                    ws.close_sent = true;
+                    *closing = Closing::CloseSent;
                     cx.metrics().close(CloseCode::UNSUPPORTED.0);
                     return Flow::Continue;
                 }
@@ -146,7 +146,7 @@ pub(crate) fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Cx<'_>) -> Flow
                     None => encode_frame(Opcode::Close, true, &[], &mut v),
                 }
                 out.push_vec(v);
-                *close_after_flush = true;
+                *closing = Closing::AfterFlush;
                 cx.metrics().close(code.map_or(1005, |c| c.0));
                 return Flow::Continue;
             }
@@ -166,20 +166,13 @@ fn push_json(out: &mut super::WriteQueue, json: &str, cx: &Cx<'_>) {
 }
 
 /// Starts a server-side close: queue a close frame; the loop shuts the write side once it is flushed and
-/// waits (linger) for the peer to close.
+/// waits (linger) for the peer to close. Only an open WebSocket: one closing already says nothing more.
 pub(crate) fn start_close(conn: &mut Conn, code: CloseCode, reason: &str, cx: &Cx<'_>) {
-    if let Mode::WebSocket(ws) = &mut conn.mode
-        && !ws.close_sent
-    {
+    if conn.is_websocket() && conn.closing == Closing::Open {
         let mut v = Vec::with_capacity(4 + reason.len());
         encode_close(code, reason, &mut v);
         conn.out.push_vec(v);
-        ws.close_sent = true;
+        conn.closing = Closing::CloseSent;
         cx.metrics().close(code.0);
     }
-}
-
-/// Whether a WebSocket connection is in its closing phase.
-pub fn closing(ws: &WsState) -> bool {
-    ws.close_sent
 }

@@ -85,7 +85,6 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>)
         decoder: Decoder::new(limits),
         user,
         ping_sent_ms: 0,
-        close_sent: false,
         bucket: Bucket::full(cx.cfg().limits.client_burst, cx.now_ms),
         paused: false,
         expires_ms,

@@ -17,7 +17,7 @@ mod route;
 use std::sync::Arc;
 
 use super::Cx;
-use super::{Conn, Mode, PollState, StreamState};
+use super::{Closing, Conn, Mode, PollState, StreamState};
 use crate::backplane::{CursorVec, Event};
 use crate::metrics::Transport;
 use corelay_proto::{http1, sse};
@@ -126,7 +126,7 @@ pub(crate) fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Cx<'_>) -> Flow {
                 return super::ws::on_data(conn, &mut rest, cx);
             }
         }
-        if conn.close_after_flush {
+        if conn.closing != Closing::Open {
             return Flow::Continue;
         }
         if conn.inbuf.is_empty() {
@@ -166,7 +166,7 @@ fn hand_over(
 
 /// The backplane's answer to a request handed over.
 pub(crate) fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &mut Cx<'_>) {
-    if conn.close_after_flush {
+    if conn.closing != Closing::Open {
         return; // already answered (an error, or a 504 when the answer came too late)
     }
     if let Mode::HttpAwait { keep_alive, .. } = conn.mode {

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 
 use super::super::Cx;
-use super::super::{Conn, Mode};
+use super::super::{Closing, Conn, Mode};
 use super::HttpError;
 use super::cors;
 use corelay_proto::http1::{self, Method, RequestHead};
@@ -110,7 +110,7 @@ pub fn answer(conn: &mut Conn, cx: &mut Cx<'_>, reply: Reply<'_>, framing: Frami
         let at = cx.now_ms.saturating_add(ms(cx.cfg().keepalive_timeout));
         cx.schedule(at);
     } else {
-        conn.close_after_flush = true;
+        conn.closing = Closing::AfterFlush;
     }
 }
 
@@ -124,7 +124,7 @@ pub fn refuse(conn: &mut Conn, cx: &Cx<'_>, e: &HttpError, extra: &[&str], head_
     let mut reply = Reply::error(e);
     reply.headers.extend(extra.iter().map(|l| l.to_string()));
     write(conn, cx, &reply, &[], framing);
-    conn.close_after_flush = true;
+    conn.closing = Closing::AfterFlush;
     conn.inbuf = Vec::new();
     conn.mode = Mode::HttpAwait {
         keep_alive: false,
