@@ -108,7 +108,7 @@ impl<'a> Cx<'a> {
     }
 
     /// See [`Env::send`].
-    pub fn to_backplane(&mut self, ev: Event) {
+    pub fn send(&mut self, ev: Event) {
         self.env.send(ev);
     }
 

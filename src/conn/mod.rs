@@ -387,21 +387,4 @@ impl Conn {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bucket_allows_burst_then_rate() {
-        let mut b = Bucket::full(3, 0);
-        assert!((0..3).all(|_| b.take(0, 10, 3)));
-        assert!(!b.take(0, 10, 3), "burst spent");
-        assert_eq!(b.wait_ms(10), 100, "the next token comes in 1/rate s");
-        assert!(b.take(100, 10, 3), "one token per 100 ms at 10/s");
-        assert!(!b.take(100, 10, 3));
-        assert!(
-            (0..3).all(|_| b.take(10_000, 10, 3)),
-            "refills up to the burst, not beyond"
-        );
-        assert!(!b.take(10_000, 10, 3));
-    }
-}
+mod tests;

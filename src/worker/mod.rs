@@ -393,7 +393,7 @@ impl Worker {
                     if let Some(i) = self.live(index, generation) {
                         let fx = self.conns[i]
                             .conn
-                            .close_by(code, &reason, &mut env!(self), now);
+                            .close_by(code, reason, &mut env!(self), now);
                         self.apply(i, fx);
                     }
                 }

@@ -41,7 +41,7 @@ pub fn api_key(head: &RequestHead, cx: &Cx<'_>) -> Result<(), HttpError> {
                 "missing API key (Authorization: Bearer KEY)",
             )
         })?;
-    if crate::auth::key_matches(&cx.env.api_key(), given.trim()) {
+    if crate::auth::key_matches(cx.env.api_key(), given.trim()) {
         Ok(())
     } else {
         Err(HttpError::of(ErrorKind::Unauthorized, "invalid API key"))

@@ -75,7 +75,7 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>)
         Transport::WebSocket
     });
     if let Some(u) = &user {
-        cx.to_backplane(Event::Opened {
+        cx.send(Event::Opened {
             conn: cx.me,
             user: u.clone(),
             cursor: resume,

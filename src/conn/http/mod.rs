@@ -238,7 +238,7 @@ pub(crate) fn finish_poll(conn: &mut Conn, body: Option<String>, cx: &mut Cx<'_>
     let keep_alive = p.keep_alive;
     cx.metrics().conn_closed(Transport::LongPoll);
     cx.metrics().conn_opened(Transport::Http);
-    cx.to_backplane(Event::Unfollow { conn: cx.me });
+    cx.send(Event::Unfollow { conn: cx.me });
     let reply = match &body {
         Some(b) => Reply::new(200, "application/json", b.as_bytes()),
         None => Reply::new(204, "application/json", b""),
