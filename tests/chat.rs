@@ -282,7 +282,11 @@ fn a_resume_at_connect_gets_what_it_missed_once_in_order() {
         assert_eq!(send(&mut alice, &format!("m{i}")), i);
     }
     // Another device of bob's saw only offset 1.
-    let mut bob = connect_query(&node, "bob", &format!("&cursor={}", enc("conversation:r1=1")));
+    let mut bob = connect_query(
+        &node,
+        "bob",
+        &format!("&cursor={}", enc("conversation:r1=1")),
+    );
     let mut got = Vec::new();
     loop {
         let v = next_json(&mut bob);
@@ -292,7 +296,11 @@ fn a_resume_at_connect_gets_what_it_missed_once_in_order() {
             other => panic!("unexpected {other:?}: {v}"),
         }
     }
-    assert_eq!(got, vec![2, 3, 4, 5, 6], "each missed message once, in order");
+    assert_eq!(
+        got,
+        vec![2, 3, 4, 5, 6],
+        "each missed message once, in order"
+    );
     assert_eq!(send(&mut alice, "m7"), 7);
     assert_eq!(next_json(&mut bob)["offset"], 7);
     // A cursor that does not parse is refused before the upgrade.
