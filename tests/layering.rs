@@ -5,8 +5,8 @@
 //! - The load generator and the fuzz targets depend on `corelay-proto`, never on the gateway.
 //! - Inside the gateway, a module imports only modules of a lower layer (or itself):
 //!   0 `auth`, `bucket`, `clock`, `cluster`, `metrics`, `timer` → 1 `config` → 2 `store` → 3 `push` →
-//!   4 `backplane` → 5 `conn`, `worker` → 6 `server`. `conn` and `worker` share a layer: the connection state
-//!   machine still takes the loop's context (`worker::Ctx`) until it becomes sans-IO.
+//!   4 `backplane` → 5 `conn` → 6 `worker` → 7 `server`. The connection is a state machine without I/O: it
+//!   knows its surroundings only through `conn::Env`, so it never imports the loop.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,8 +57,9 @@ fn layer(module: &str) -> Option<u8> {
         "store" => 2,
         "push" => 3,
         "backplane" => 4,
-        "conn" | "worker" => 5,
-        "server" => 6,
+        "conn" => 5,
+        "worker" => 6,
+        "server" => 7,
         _ => return None,
     })
 }
@@ -104,7 +105,7 @@ fn gateway_modules_import_only_lower_layers() {
                     continue;
                 }
                 match layer(&name) {
-                    Some(l) if l < own || (l == own && own == 5) => {}
+                    Some(l) if l < own => {}
                     Some(_) => broken
                         .entry(format!("{top} -> {name}"))
                         .or_default()

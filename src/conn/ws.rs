@@ -2,29 +2,29 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use super::Cx;
 use super::http::Flow;
-use super::{Conn, Mode, WsState};
-use crate::backplane::{ConnRef, Event};
-use crate::worker::Ctx;
+use super::{Closing, Conn, Mode};
+use crate::backplane::Event;
 use corelay_proto::msg;
 use corelay_proto::ws::{CloseCode, Event as WsEvent, Opcode, encode_close, encode_frame};
 
 /// Feeds bytes read from the socket. Payloads are unmasked in place in `data` (the loop's scratch buffer).
-pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> Flow {
+pub(crate) fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Cx<'_>) -> Flow {
     let Conn {
         mode,
         out,
-        close_after_flush,
+        closing,
         inbuf,
         ..
     } = conn;
     let Mode::WebSocket(ws) = mode else {
         return Flow::Continue;
     };
-    if *close_after_flush {
+    if *closing == Closing::AfterFlush {
         return Flow::Continue;
     }
-    if ws.close_sent {
+    if closing.close_sent() {
         // We started the close: drop the peer's remaining frames; its close reply ends the connection
         // (the server closes the TCP connection first, RFC 6455 §7.1.1).
         let mut pos = 0;
@@ -32,7 +32,7 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
             match ws.decoder.decode(&mut data[pos..]) {
                 Ok((_, Some(WsEvent::Close { .. }))) | Err(_) => {
                     // Done; close once our own close frame is out (it may still be queued).
-                    *close_after_flush = true;
+                    *closing = Closing::AfterFlush;
                     return Flow::Continue;
                 }
                 Ok((0, None)) => return Flow::Continue,
@@ -40,10 +40,7 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
             }
         }
     }
-    let (rate, burst) = (
-        cx.shared.cfg.limits.client_rate,
-        cx.shared.cfg.limits.client_burst,
-    );
+    let (rate, burst) = (cx.cfg().limits.client_rate, cx.cfg().limits.client_burst);
     let mut pos = 0;
     loop {
         if ws.user.is_some() && pos < data.len() && !ws.bucket.ready(cx.now_ms, rate, burst) {
@@ -58,8 +55,8 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(
-                    worker = cx.id,
-                    conn = me.index,
+                    worker = cx.id(),
+                    conn = cx.me.index,
                     code = e.code.0,
                     reason = e.reason,
                     "websocket protocol error"
@@ -67,7 +64,7 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
                 let mut v = Vec::with_capacity(2 + e.reason.len() + 2);
                 encode_close(e.code, e.reason, &mut v);
                 out.push_vec(v);
-                ws.close_sent = true;
+                *closing = Closing::CloseSent;
                 cx.metrics().close(e.code.0);
                 return Flow::Continue;
             }
@@ -86,7 +83,7 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
                 Some(user) => match msg::parse_client(payload) {
                     Ok(msg::ClientMsg::Refresh { token }) => {
                         ws.bucket.take(cx.now_ms, rate, burst);
-                        let answer = match cx.shared.verifier.verify_until(&token) {
+                        let answer = match cx.env.verifier().verify_until(&token) {
                             Ok((sub, exp)) if *sub == **user => {
                                 ws.expires_ms = crate::auth::expiry_ms(exp, cx.now_ms);
                                 serde_json::json!({"type": "refreshed", "expires": exp}).to_string()
@@ -100,12 +97,11 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
                         // `ready` was true before this frame; the token is taken when a request is whole.
                         ws.bucket.take(cx.now_ms, rate, burst);
                         let ev = Event::Received {
-                            conn: me,
+                            conn: cx.me,
                             user: user.clone(),
                             msg: m,
                         };
-                        if cx.shared.backplane.try_send(ev).is_err() {
-                            cx.metrics().backplane_full.fetch_add(1, Relaxed);
+                        if !cx.offer(ev) {
                             push_json(
                                 out,
                                 &msg::error("overloaded", "server busy, retry", None),
@@ -129,7 +125,7 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
                         &mut v,
                     );
                     out.push_vec(v);
-                    ws.close_sent = true;
+                    *closing = Closing::CloseSent;
                     cx.metrics().close(CloseCode::UNSUPPORTED.0);
                     return Flow::Continue;
                 }
@@ -150,7 +146,7 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
                     None => encode_frame(Opcode::Close, true, &[], &mut v),
                 }
                 out.push_vec(v);
-                *close_after_flush = true;
+                *closing = Closing::AfterFlush;
                 cx.metrics().close(code.map_or(1005, |c| c.0));
                 return Flow::Continue;
             }
@@ -158,32 +154,25 @@ pub fn on_data(conn: &mut Conn, data: &mut [u8], cx: &mut Ctx, me: ConnRef) -> F
     }
 }
 
-fn echo(out: &mut super::WriteQueue, op: Opcode, payload: &[u8], cx: &Ctx) {
+fn echo(out: &mut super::WriteQueue, op: Opcode, payload: &[u8], cx: &Cx<'_>) {
     let mut v = Vec::with_capacity(payload.len() + 10);
     encode_frame(op, true, payload, &mut v);
     out.push_vec(v);
     cx.metrics().frames_out.fetch_add(1, Relaxed);
 }
 
-fn push_json(out: &mut super::WriteQueue, json: &str, cx: &Ctx) {
+fn push_json(out: &mut super::WriteQueue, json: &str, cx: &Cx<'_>) {
     echo(out, Opcode::Text, json.as_bytes(), cx);
 }
 
 /// Starts a server-side close: queue a close frame; the loop shuts the write side once it is flushed and
-/// waits (linger) for the peer to close.
-pub fn start_close(conn: &mut Conn, code: CloseCode, reason: &str, cx: &Ctx) {
-    if let Mode::WebSocket(ws) = &mut conn.mode
-        && !ws.close_sent
-    {
+/// waits (linger) for the peer to close. Only an open WebSocket: one closing already says nothing more.
+pub(crate) fn start_close(conn: &mut Conn, code: CloseCode, reason: &str, cx: &Cx<'_>) {
+    if conn.is_websocket() && conn.closing == Closing::Open {
         let mut v = Vec::with_capacity(4 + reason.len());
         encode_close(code, reason, &mut v);
         conn.out.push_vec(v);
-        ws.close_sent = true;
+        conn.closing = Closing::CloseSent;
         cx.metrics().close(code.0);
     }
-}
-
-/// Whether a WebSocket connection is in its closing phase.
-pub fn closing(ws: &WsState) -> bool {
-    ws.close_sent
 }

@@ -2,21 +2,20 @@
 
 use std::sync::Arc;
 
+use super::super::Cx;
 use super::{ErrorKind, HttpError};
-use crate::backplane::ConnRef;
-use crate::worker::Ctx;
 use corelay_proto::http1::RequestHead;
 
 /// The user of a client request's token, and the loop ms at which the token expires.
-pub fn user(head: &RequestHead, cx: &Ctx, me: ConnRef) -> Result<(Arc<str>, u64), HttpError> {
+pub fn user(head: &RequestHead, cx: &Cx<'_>) -> Result<(Arc<str>, u64), HttpError> {
     let verified = match head.bearer_token() {
         None => Err(crate::auth::AuthError::Missing),
-        Some(t) => cx.shared.verifier.verify_until(&t),
+        Some(t) => cx.env.verifier().verify_until(&t),
     };
     verified
         .map(|(user, exp)| (Arc::from(user), crate::auth::expiry_ms(exp, cx.now_ms)))
         .map_err(|e| {
-            tracing::debug!(worker = cx.id, conn = me.index, error = %e, "unauthorized");
+            tracing::debug!(worker = cx.id(), conn = cx.me.index, error = %e, "unauthorized");
             HttpError::of(
                 ErrorKind::Unauthorized,
                 match e {
@@ -31,7 +30,7 @@ pub fn user(head: &RequestHead, cx: &Ctx, me: ConnRef) -> Result<(Arc<str>, u64)
 }
 
 /// The internal API's key (`Authorization: Bearer KEY`), compared in constant time.
-pub fn api_key(head: &RequestHead, cx: &Ctx) -> Result<(), HttpError> {
+pub fn api_key(head: &RequestHead, cx: &Cx<'_>) -> Result<(), HttpError> {
     let given = head
         .authorization
         .as_deref()
@@ -42,7 +41,7 @@ pub fn api_key(head: &RequestHead, cx: &Ctx) -> Result<(), HttpError> {
                 "missing API key (Authorization: Bearer KEY)",
             )
         })?;
-    if crate::auth::key_matches(&cx.shared.api_key, given.trim()) {
+    if crate::auth::key_matches(cx.env.api_key(), given.trim()) {
         Ok(())
     } else {
         Err(HttpError::of(ErrorKind::Unauthorized, "invalid API key"))

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 
+use super::super::Cx;
 use super::super::{Bucket, Conn, Mode, WsState, until_expiry};
 use super::respond::{self, ms};
 use super::{ErrorKind, HttpError, auth, cors, fail, hand_over};
 use crate::backplane::{ConnRef, Event};
 use crate::metrics::Transport;
-use crate::worker::Ctx;
 use corelay_proto::http1::{self, RequestHead};
 use corelay_proto::ws::{Decoder, Limits as WsLimits, Opcode, encode_frame};
 use corelay_proto::{cursor, msg};
@@ -20,14 +20,14 @@ fn bad(reason: impl Into<std::borrow::Cow<'static, str>>) -> HttpError {
 }
 
 /// `/ws` (`echo`: the echo path, no token, no subprotocol).
-pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me: ConnRef) {
+pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>) {
     let supported: &[&'static str] = if echo { &[] } else { &[msg::SUBPROTOCOL] };
-    let up = match http1::validate_upgrade(head, supported, &cx.shared.cfg.allowed_origins) {
+    let up = match http1::validate_upgrade(head, supported, &cx.cfg().allowed_origins) {
         Ok(up) => up,
         Err(e) => {
             tracing::debug!(
-                worker = cx.id,
-                conn = me.index,
+                worker = cx.id(),
+                conn = cx.me.index,
                 status = e.status(),
                 reason = %e.reason,
                 "upgrade refused"
@@ -38,7 +38,7 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me
     let (user, expires_ms) = if echo {
         (None, 0)
     } else {
-        match auth::user(head, cx, me) {
+        match auth::user(head, cx) {
             Ok((u, exp)) => (Some(u), exp),
             Err(e) => return fail(conn, cx, e, &[]),
         }
@@ -54,19 +54,19 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me
     let mut out = Vec::with_capacity(256);
     http1::encode_upgrade(&up, &mut out);
     if let Some(u) = &user {
-        let hb = cx.shared.cfg.heartbeat_interval.as_secs().max(1);
+        let hb = cx.cfg().heartbeat_interval.as_secs().max(1);
         encode_frame(
             Opcode::Text,
             true,
-            msg::welcome(u, &cx.shared.cfg.node_id, hb).as_bytes(),
+            msg::welcome(u, &cx.cfg().node_id, hb).as_bytes(),
             &mut out,
         );
         cx.metrics().frames_out.fetch_add(1, Relaxed);
     }
     respond::queue(conn, cx, 101, out);
     let limits = WsLimits {
-        max_frame_len: cx.shared.cfg.limits.max_frame_bytes,
-        max_message_len: cx.shared.cfg.limits.max_message_bytes,
+        max_frame_len: cx.cfg().limits.max_frame_bytes,
+        max_message_len: cx.cfg().limits.max_message_bytes,
     };
     cx.metrics().conn_closed(Transport::Http);
     cx.metrics().conn_opened(if echo {
@@ -75,8 +75,8 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me
         Transport::WebSocket
     });
     if let Some(u) = &user {
-        cx.to_backplane(Event::Opened {
-            conn: me,
+        cx.send(Event::Opened {
+            conn: cx.me,
             user: u.clone(),
             cursor: resume,
         });
@@ -85,16 +85,13 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Ctx, me
         decoder: Decoder::new(limits),
         user,
         ping_sent_ms: 0,
-        close_sent: false,
-        bucket: Bucket::full(cx.shared.cfg.limits.client_burst, cx.now_ms),
+        bucket: Bucket::full(cx.cfg().limits.client_burst, cx.now_ms),
         paused: false,
         expires_ms,
     }));
     // Heartbeats start now; the handshake deadline is replaced.
-    let at = cx
-        .now_ms
-        .saturating_add(ms(cx.shared.cfg.heartbeat_interval));
-    cx.schedule(conn, me, until_expiry(at, expires_ms));
+    let at = cx.now_ms.saturating_add(ms(cx.cfg().heartbeat_interval));
+    cx.schedule(until_expiry(at, expires_ms));
 }
 
 /// Channels and cursor of an SSE or poll request; a refusal is a 400 with the reason.
@@ -112,12 +109,12 @@ fn channels_and_cursor(
 }
 
 /// `GET /sse`: resumes from `Last-Event-ID` (or `?last_event_id=`).
-pub fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
+pub fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Cx<'_>) {
     let cors = match cors::of(head, cx) {
         Ok(c) => c,
         Err(e) => return fail(conn, cx, e, &[]),
     };
-    let (user, expires_ms) = match auth::user(head, cx, me) {
+    let (user, expires_ms) = match auth::user(head, cx) {
         Ok(u) => u,
         Err(e) => return fail(conn, cx, e, &[]),
     };
@@ -130,7 +127,7 @@ pub fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
         Err(e) => return fail(conn, cx, e, &[]),
     };
     let ev = Event::Stream {
-        conn: me,
+        conn: cx.me,
         user: user.clone(),
         channels,
         cursor: cur.unwrap_or_default(),
@@ -142,12 +139,12 @@ pub fn stream(conn: &mut Conn, head: &RequestHead, cx: &mut Ctx, me: ConnRef) {
 }
 
 /// `GET /poll`: held up to `timeout=` seconds for a delivery.
-pub fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: ConnRef) {
+pub fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Cx<'_>) {
     let cors = match cors::of(head, cx) {
         Ok(c) => c,
         Err(e) => return fail(conn, cx, e, &[]),
     };
-    let user = match auth::user(head, cx, me) {
+    let user = match auth::user(head, cx) {
         Ok((u, _)) => u,
         Err(e) => return fail(conn, cx, e, &[]),
     };
@@ -155,12 +152,12 @@ pub fn poll(conn: &mut Conn, head: &RequestHead, served: u32, cx: &mut Ctx, me: 
         Ok(v) => v,
         Err(e) => return fail(conn, cx, e, &[]),
     };
-    let max = cx.shared.cfg.max_poll_timeout;
+    let max = cx.cfg().max_poll_timeout;
     let Some(hold_ms) = poll_hold_ms(head.query_param("timeout").as_deref(), max) else {
         return fail(conn, cx, bad("timeout= is whole seconds"), &[]);
     };
     let ev = Event::Poll {
-        conn: me,
+        conn: cx.me,
         user: user.clone(),
         channels,
         cursor: cur,
@@ -182,8 +179,8 @@ fn poll_hold_ms(timeout: Option<&str>, max: std::time::Duration) -> Option<u64> 
 
 /// The body of `POST /send`: a client request (ack, read, history, subscribe, refresh, …) on behalf of the
 /// token's user; `"stream"` names the SSE stream it is for. The event for the backplane, or the refusal.
-pub fn send(head: &RequestHead, body: &[u8], cx: &Ctx, me: ConnRef) -> Result<Event, HttpError> {
-    let (user, _) = auth::user(head, cx, me)?;
+pub fn send(head: &RequestHead, body: &[u8], cx: &Cx<'_>) -> Result<Event, HttpError> {
+    let (user, _) = auth::user(head, cx)?;
     let stream = msg::stream_of(body).map(|s| ConnRef::parse_stream_id(&s));
     if let Some(None) = stream {
         return Err(bad("\"stream\" is not a stream id"));
@@ -194,9 +191,9 @@ pub fn send(head: &RequestHead, body: &[u8], cx: &Ctx, me: ConnRef) -> Result<Ev
             let Some(Some(stream)) = stream else {
                 return Err(bad("refresh needs the \"stream\" it is for"));
             };
-            match cx.shared.verifier.verify_until(&token) {
+            match cx.env.verifier().verify_until(&token) {
                 Ok((sub, exp)) if *sub == *user => Ok(Event::Send {
-                    conn: me,
+                    conn: cx.me,
                     user,
                     msg: msg::ClientMsg::Refresh {
                         token: String::new(),
@@ -212,7 +209,7 @@ pub fn send(head: &RequestHead, body: &[u8], cx: &Ctx, me: ConnRef) -> Result<Ev
             }
         }
         Ok(m) => Ok(Event::Send {
-            conn: me,
+            conn: cx.me,
             user,
             msg: m,
             stream: stream.flatten(),

@@ -15,12 +15,11 @@ mod respond;
 mod route;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
-use super::{Conn, Mode, PollState, StreamState};
-use crate::backplane::{ConnRef, CursorVec, Event};
+use super::Cx;
+use super::{Closing, Conn, Mode, PollState, StreamState};
+use crate::backplane::{CursorVec, Event};
 use crate::metrics::Transport;
-use crate::worker::Ctx;
 use corelay_proto::{http1, sse};
 pub use error::{ErrorKind, HttpError};
 use respond::{Framing, Reply, ms};
@@ -34,7 +33,7 @@ pub enum Flow {
 }
 
 /// Feeds bytes to a connection in an HTTP mode (and, after an upgrade, the rest to the WebSocket decoder).
-pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow {
+pub(crate) fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Cx<'_>) -> Flow {
     if let Mode::Sse(_) = conn.mode {
         // A stream is one-way; whatever the client sends is dropped.
         conn.inbuf = Vec::new();
@@ -52,12 +51,12 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
                             source,
                             destination,
                         } => {
-                            tracing::debug!(worker = cx.id, conn = me.index, client = %source, via = %destination, "accepted (PROXY protocol)");
+                            tracing::debug!(worker = cx.id(), conn = cx.me.index, client = %source, via = %destination, "accepted (PROXY protocol)");
                         }
                         corelay_proto::proxy::ProxyHeader::Local => {
                             tracing::debug!(
-                                worker = cx.id,
-                                conn = me.index,
+                                worker = cx.id(),
+                                conn = cx.me.index,
                                 "accepted (PROXY LOCAL: balancer health check)"
                             );
                         }
@@ -69,22 +68,22 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(worker = cx.id, conn = me.index, error = %e, "bad PROXY header");
+                    tracing::debug!(worker = cx.id(), conn = cx.me.index, error = %e, "bad PROXY header");
                     return Flow::Close;
                 }
             },
             Mode::Http { served } => {
                 let served = *served;
                 let limits = http1::HeadLimits {
-                    max_header_bytes: cx.shared.cfg.limits.max_header_bytes,
-                    max_headers: cx.shared.cfg.limits.max_headers,
+                    max_header_bytes: cx.cfg().limits.max_header_bytes,
+                    max_headers: cx.cfg().limits.max_headers,
                 };
                 match http1::parse_request(&conn.inbuf, &limits) {
                     Ok(None) => return Flow::Continue,
                     Err(e) => {
                         tracing::debug!(
-                            worker = cx.id,
-                            conn = me.index,
+                            worker = cx.id(),
+                            conn = cx.me.index,
                             status = e.status(),
                             reason = %e.reason,
                             "bad request"
@@ -94,7 +93,7 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
                     }
                     Ok(Some((head, n))) => {
                         conn.inbuf.drain(..n);
-                        route::head(conn, head, served, cx, me);
+                        route::head(conn, head, served, cx);
                     }
                 }
             }
@@ -108,11 +107,11 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
                 let head = std::mem::take(head);
                 let body: Vec<u8> = conn.inbuf.drain(..need).collect();
                 conn.mode = Mode::Http { served };
-                route::body(conn, &head, &body, served, cx, me);
+                route::body(conn, &head, &body, served, cx);
             }
             Mode::HttpAwait { .. } | Mode::PollHeld(_) | Mode::Sse(_) => {
                 // A request pipelined behind one that is still being answered waits in `inbuf` (bounded).
-                let limits = &cx.shared.cfg.limits;
+                let limits = &cx.cfg().limits;
                 if conn.inbuf.len()
                     > limits
                         .max_header_bytes
@@ -124,10 +123,10 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
             }
             Mode::WebSocket(_) => {
                 let mut rest = std::mem::take(&mut conn.inbuf);
-                return super::ws::on_data(conn, &mut rest, cx, me);
+                return super::ws::on_data(conn, &mut rest, cx);
             }
         }
-        if conn.close_after_flush {
+        if conn.closing != Closing::Open {
             return Flow::Continue;
         }
         if conn.inbuf.is_empty() {
@@ -140,7 +139,7 @@ pub fn on_data(conn: &mut Conn, data: &[u8], cx: &mut Ctx, me: ConnRef) -> Flow 
 
 /// Answers an error and closes after the answer is written. `extra` header lines follow the kind's own (the
 /// worker's timers answer 408 and 504 through here).
-pub fn fail(conn: &mut Conn, cx: &Ctx, e: HttpError, extra: &[&str]) {
+pub(crate) fn fail(conn: &mut Conn, cx: &Cx<'_>, e: HttpError, extra: &[&str]) {
     respond::refuse(conn, cx, &e, extra, false);
 }
 
@@ -150,10 +149,9 @@ fn hand_over(
     ev: Event,
     (keep_alive, served, cors): (bool, u32, Option<u16>),
     user: Option<Arc<str>>,
-    cx: &mut Ctx,
+    cx: &mut Cx<'_>,
 ) {
-    if cx.shared.backplane.try_send(ev).is_err() {
-        cx.metrics().backplane_full.fetch_add(1, Relaxed);
+    if !cx.offer(ev) {
         let e = HttpError::of(ErrorKind::Overloaded, "overloaded, retry later");
         return fail(conn, cx, e, &[]);
     }
@@ -167,18 +165,18 @@ fn hand_over(
 }
 
 /// The backplane's answer to a request handed over.
-pub fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &mut Ctx, me: ConnRef) {
-    if conn.close_after_flush {
+pub(crate) fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &mut Cx<'_>) {
+    if conn.closing != Closing::Open {
         return; // already answered (an error, or a 504 when the answer came too late)
     }
     if let Mode::HttpAwait { keep_alive, .. } = conn.mode {
         let reply = Reply::new(status, "application/json", body.as_bytes());
-        respond::answer(conn, cx, me, reply, Framing::with_body(keep_alive));
+        respond::answer(conn, cx, reply, Framing::with_body(keep_alive));
     }
 }
 
 /// The backplane accepted an SSE stream.
-pub fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Ctx, me: ConnRef) {
+pub(crate) fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Cx<'_>) {
     let Mode::HttpAwait {
         user: Some(user),
         cors,
@@ -192,9 +190,9 @@ pub fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Ctx, me: Con
     let lines = cors::lines(cors, cx);
     let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
     let mut out = Vec::with_capacity(256);
-    sse::encode_head(ms(cx.shared.cfg.sse_retry), &extra, &mut out);
+    sse::encode_head(ms(cx.cfg().sse_retry), &extra, &mut out);
     // The first event names the stream, for `POST /send` operations on it (subscribe, refresh).
-    let id = serde_json::json!({"type": "stream", "id": me.stream_id()}).to_string();
+    let id = serde_json::json!({"type": "stream", "id": cx.me.stream_id()}).to_string();
     sse::encode_body("stream", id.as_bytes(), &mut out);
     out.push(b'\n');
     respond::queue(conn, cx, 200, out);
@@ -205,14 +203,12 @@ pub fn on_stream_start(conn: &mut Conn, cursor: CursorVec, cx: &mut Ctx, me: Con
     }));
     cx.metrics().conn_closed(Transport::Http);
     cx.metrics().conn_opened(Transport::Sse);
-    let at = cx
-        .now_ms
-        .saturating_add(ms(cx.shared.cfg.heartbeat_interval));
-    cx.schedule(conn, me, super::until_expiry(at, expires_ms));
+    let at = cx.after(cx.cfg().heartbeat_interval);
+    cx.schedule(super::until_expiry(at, expires_ms));
 }
 
 /// The backplane holds a long poll.
-pub fn on_poll_hold(conn: &mut Conn, cursor: CursorVec, hold_ms: u64, cx: &mut Ctx, me: ConnRef) {
+pub(crate) fn on_poll_hold(conn: &mut Conn, cursor: CursorVec, hold_ms: u64, cx: &mut Cx<'_>) {
     let Mode::HttpAwait {
         keep_alive,
         served,
@@ -230,21 +226,22 @@ pub fn on_poll_hold(conn: &mut Conn, cursor: CursorVec, hold_ms: u64, cx: &mut C
     }));
     cx.metrics().conn_closed(Transport::Http);
     cx.metrics().conn_opened(Transport::LongPoll);
-    cx.schedule(conn, me, cx.now_ms.saturating_add(hold_ms));
+    let at = cx.now_ms.saturating_add(hold_ms);
+    cx.schedule(at);
 }
 
 /// A held poll ends: with messages (200) or at its timeout (204). The backplane stops routing to it.
-pub fn finish_poll(conn: &mut Conn, body: Option<String>, cx: &mut Ctx, me: ConnRef) {
+pub(crate) fn finish_poll(conn: &mut Conn, body: Option<String>, cx: &mut Cx<'_>) {
     let Mode::PollHeld(p) = &conn.mode else {
         return;
     };
     let keep_alive = p.keep_alive;
     cx.metrics().conn_closed(Transport::LongPoll);
     cx.metrics().conn_opened(Transport::Http);
-    cx.to_backplane(Event::Unfollow { conn: me });
+    cx.send(Event::Unfollow { conn: cx.me });
     let reply = match &body {
         Some(b) => Reply::new(200, "application/json", b.as_bytes()),
         None => Reply::new(204, "application/json", b""),
     };
-    respond::answer(conn, cx, me, reply, Framing::with_body(keep_alive));
+    respond::answer(conn, cx, reply, Framing::with_body(keep_alive));
 }

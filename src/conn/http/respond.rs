@@ -6,11 +6,10 @@
 
 use std::borrow::Cow;
 
-use super::super::{Conn, Mode};
+use super::super::Cx;
+use super::super::{Closing, Conn, Mode};
 use super::HttpError;
 use super::cors;
-use crate::backplane::ConnRef;
-use crate::worker::Ctx;
 use corelay_proto::http1::{self, Method, RequestHead};
 
 /// How an answer is framed on the wire.
@@ -71,14 +70,14 @@ impl<'a> Reply<'a> {
 }
 
 /// Counts a response and queues its bytes: the last step of every response this module writes.
-pub fn queue(conn: &mut Conn, cx: &Ctx, status: u16, out: Vec<u8>) {
+pub fn queue(conn: &mut Conn, cx: &Cx<'_>, status: u16, out: Vec<u8>) {
     cx.metrics().response(status);
     conn.out.push_vec(out);
 }
 
 /// Encodes and queues a response with a `Content-Length`: the whole of it, or only its head for HEAD. `cors`
 /// lines come first, then the reply's own.
-fn write(conn: &mut Conn, cx: &Ctx, reply: &Reply<'_>, cors: &[String], framing: Framing) {
+fn write(conn: &mut Conn, cx: &Cx<'_>, reply: &Reply<'_>, cors: &[String], framing: Framing) {
     let lines: Vec<&str> = cors
         .iter()
         .chain(&reply.headers)
@@ -96,7 +95,7 @@ fn write(conn: &mut Conn, cx: &Ctx, reply: &Reply<'_>, cors: &[String], framing:
 
 /// Answers the request and returns the connection to reading requests (or closes it after the write). The
 /// CORS lines are those the request was accepted with (kept in the mode while the backplane answers).
-pub fn answer(conn: &mut Conn, cx: &mut Ctx, me: ConnRef, reply: Reply<'_>, framing: Framing) {
+pub fn answer(conn: &mut Conn, cx: &mut Cx<'_>, reply: Reply<'_>, framing: Framing) {
     let (served, cors) = match &conn.mode {
         Mode::Http { served } | Mode::HttpBody { served, .. } => (*served, None),
         Mode::HttpAwait { served, cors, .. } => (*served, *cors),
@@ -108,18 +107,16 @@ pub fn answer(conn: &mut Conn, cx: &mut Ctx, me: ConnRef, reply: Reply<'_>, fram
         served: served.saturating_add(1),
     };
     if framing.keep_alive {
-        let at = cx
-            .now_ms
-            .saturating_add(ms(cx.shared.cfg.keepalive_timeout));
-        cx.schedule(conn, me, at);
+        let at = cx.now_ms.saturating_add(ms(cx.cfg().keepalive_timeout));
+        cx.schedule(at);
     } else {
-        conn.close_after_flush = true;
+        conn.closing = Closing::AfterFlush;
     }
 }
 
 /// Answers an error and closes the connection after the answer is written; `head_only` for a HEAD request.
 /// `extra` header lines follow the kind's own.
-pub fn refuse(conn: &mut Conn, cx: &Ctx, e: &HttpError, extra: &[&str], head_only: bool) {
+pub fn refuse(conn: &mut Conn, cx: &Cx<'_>, e: &HttpError, extra: &[&str], head_only: bool) {
     let framing = Framing {
         keep_alive: false,
         head_only,
@@ -127,7 +124,7 @@ pub fn refuse(conn: &mut Conn, cx: &Ctx, e: &HttpError, extra: &[&str], head_onl
     let mut reply = Reply::error(e);
     reply.headers.extend(extra.iter().map(|l| l.to_string()));
     write(conn, cx, &reply, &[], framing);
-    conn.close_after_flush = true;
+    conn.closing = Closing::AfterFlush;
     conn.inbuf = Vec::new();
     conn.mode = Mode::HttpAwait {
         keep_alive: false,
