@@ -1,36 +1,141 @@
-//! A seeded, deterministic simulation of one node: the real router and the real embedded store (in memory),
-//! driven on a virtual clock by simulated WebSocket clients that behave like the SDK: several devices per user,
-//! random sends (retried with the same `client_id` until `sent`), acks and reads, disconnects and reconnects that
-//! resume from the device's cursor, store requests answered late and in batches, and store commits that fail.
+//! A seeded, deterministic simulation of corelay: the real routers and the real embedded store (in memory),
+//! and for WebSockets the real connection state machines (HTTP upgrade, frame codec, rate limit, heartbeats and
+//! close handshake), driven on a virtual clock by simulated clients that behave like the SDK: several devices
+//! per user, random sends (retried with the same `client_id` until `sent`), acks and reads, disconnects and
+//! reconnects that resume from the device's cursor, clients whose network dies (only the heartbeat notices),
+//! store requests answered late and in batches, store commits and reads that fail.
+//!
+//! Each connection is a WebSocket (resuming at connect with `?cursor=` or with `subscribe`), an SSE stream
+//! (resuming from `Last-Event-ID`, requests by `POST /send`; its deliveries pass the loop's cursor filter), or
+//! long polling (each poll carries the cursor; a held poll ends with the first message past it, or at its
+//! timeout); a device picks one on every reconnect. Half the seeds run one node; the others two or three nodes on
+//! one store, over a simulated bus that keeps Redis's order per node, interleaves the nodes, and breaks a
+//! node's connection (what was in flight is lost; it resubscribes and fills from the store).
 //!
 //! After every step it checks what a client can observe:
 //! - on one connection, a channel's offsets arrive strictly increasing, and with no gap after a resume cursor;
+//! - `subscribed` never comes before the replay it acknowledges;
 //! - every `sent` for one `(user, conversation, client_id)` names the same offset, and offsets are never reused;
-//! - receipts on a sender's `user:` channel never go backwards for one (conversation, member);
-//! - store requests in flight stay within the configured bound (plus what the one event that passed it queued).
+//! - receipts on a sender's `user:` channel never go backwards for one (conversation, member) (on one node; see
+//!   the known gap in `docs/RELIABILITY.md` for a cluster);
+//! - store requests in flight stay within the configured bound (plus what the one event that passed it queued,
+//!   and, in a cluster, the node's bus sync reads);
+//! - every live connection has its timer armed, holds no more partial input than a request head, and has
+//!   written all it queued.
 //!
-//! At the end every device reconnects, resumes and the store catches up; then every device holds every committed
-//! message of each of its conversations exactly once, in offset order; every send its user made was committed
-//! exactly once; and the router holds no connection once all are closed.
+//! At the end every device reconnects, resumes and the store and bus settle; then every device holds every
+//! committed message of each of its conversations exactly once, in offset order; every send its user made was
+//! committed exactly once; and no router holds a connection once all are closed.
 //!
-//! `SIM_SEEDS=N` runs seeds 0..N (default 300; CI runs the default); `SIM_SEED=S` replays one seed, and a
-//! failure prints the seed and the step that broke. What is not simulated yet: the connection state machines
-//! and timer wheel of the loops (they own sockets; #13), SSE/poll transports, and several nodes over a bus.
+//! `SIM_SEEDS=N` runs seeds 0..N (default 300; CI runs the default); `SIM_SEED=S` replays one, and a failure
+//! prints the seed and the step that broke; `SIM_TRACE=1` prints every client message, reply, item, store
+//! request and bus event. Not simulated: the loops' timer wheel itself (each connection's one timer is fired
+//! directly), SSE and polls through the connection state machines (their loop-side filters are modelled),
+//! short polls, and slow readers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use std::collections::VecDeque;
 
+use corelay::auth::Verifier;
 use corelay::backplane::bus::{BusCmd, BusEvent, CONTROL_CHANNEL};
 use corelay::backplane::router::{GAP_WAIT_MS, HistoryLimits, Out, Router};
 use corelay::backplane::{ApiRequest, ConnRef, Event, LoopCmd};
+use corelay::cluster::ring::Ring;
+use corelay::config::Config;
+use corelay::conn::{Conn, ConnId, Effects, Env, LoopId};
+use corelay::metrics::LoopMetrics;
 use corelay::store::embedded::Embedded;
 use corelay::store::thread::{Completion, Request, answer};
 use corelay::store::{
     PushJob, PushRow, Receipts, Store, StoreError, StoredMessage, Write, WriteResult,
 };
 use corelay_proto::msg::parse_client;
+
+/// The secret the simulated clients' tokens are signed with.
+const SECRET: &str = "simulation-secret-of-at-least-32-bytes";
+
+/// What a real connection state machine sees of its loop: settings, the token verifier, counters, and the
+/// backplane (events are kept in `sent` and handed to the node's router by the simulation).
+struct SimEnv {
+    cfg: Config,
+    verifier: Verifier,
+    metrics: LoopMetrics,
+    ring: Ring,
+    sent: Vec<Event>,
+}
+
+impl Env for SimEnv {
+    fn loop_id(&self) -> LoopId {
+        LoopId(0)
+    }
+    fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+    fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+    fn metrics(&self) -> &LoopMetrics {
+        &self.metrics
+    }
+    fn offer(&mut self, ev: Event) -> Result<(), Event> {
+        self.sent.push(ev);
+        Ok(())
+    }
+    fn send(&mut self, ev: Event) {
+        self.sent.push(ev);
+    }
+    fn api_key(&self) -> &str {
+        "simulation-api-key-of-at-least-32-bytes"
+    }
+    fn bus_up(&self) -> bool {
+        true
+    }
+    fn draining(&self) -> bool {
+        false
+    }
+    fn ring(&self) -> &Ring {
+        &self.ring
+    }
+    fn render_metrics(&self) -> String {
+        String::new()
+    }
+}
+
+/// A WebSocket device's connection as the gateway runs it: the real connection state machine (HTTP upgrade,
+/// frame codec, rate limit, heartbeats, close handshake), fed the bytes a client sends, with its one timer.
+struct RealWs {
+    conn: Conn,
+    timer_at: Option<u64>,
+    /// Bytes the client sent that the loop has not read yet (it reads only while the connection wants input).
+    pending_in: Vec<u8>,
+    /// Bytes the connection wrote that the client has not parsed yet (the HTTP head first, then frames).
+    to_client: Vec<u8>,
+    upgraded: bool,
+    /// A client that stopped answering (a dead network): it neither reads nor pongs; heartbeats must end it.
+    silent: bool,
+}
+
+/// A masked client frame.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x13, 0xc7, 0x2e];
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
 
 /// SplitMix64: a small, well-mixed generator; the whole run is a function of the seed.
 struct Rng(u64);
@@ -152,6 +257,8 @@ struct Device {
     conn: Option<ConnRef>,
     /// The transport of the live connection: a WebSocket, or an SSE stream whose requests go by `POST /send`.
     sse: bool,
+    /// A WebSocket through the real connection state machine.
+    ws: Option<RealWs>,
     /// An SSE stream's cursor as its loop keeps it (a delivery not past it is dropped, as the loop does).
     sse_cursor: Option<corelay_proto::cursor::CursorVec>,
     /// Long polling instead of a stream: the poll in flight, and (once held) its cursor and deadline.
@@ -186,6 +293,8 @@ struct Sim {
     cur: usize,
     /// One store shared by every node (as Redis is in a cluster).
     store: Faulty,
+    /// The loops' side of the WebSocket connections.
+    env: SimEnv,
     max_pending: usize,
     read_bytes: usize,
     devices: Vec<Device>,
@@ -221,6 +330,7 @@ impl Sim {
                     node: 0,
                     conn: None,
                     sse: false,
+                    ws: None,
                     sse_cursor: None,
                     polling: false,
                     poll: None,
@@ -293,6 +403,18 @@ impl Sim {
             nodes,
             cur: 0,
             store,
+            env: SimEnv {
+                cfg: Config {
+                    // Short heartbeats, so that runs of a few virtual seconds ping and time out.
+                    heartbeat_interval: std::time::Duration::from_millis(1_500),
+                    heartbeat_timeout: std::time::Duration::from_millis(1_000),
+                    ..Config::default()
+                },
+                verifier: Verifier::new(SECRET),
+                metrics: LoopMetrics::default(),
+                ring: Ring::new(Vec::<String>::new(), 1),
+                sent: Vec::new(),
+            },
             max_pending,
             read_bytes,
             devices,
@@ -480,8 +602,184 @@ impl Sim {
                 stream: None,
                 expires: None,
             });
+        } else if self.devices[d].ws.is_some() {
+            drop(msg);
+            let frame = client_frame(1, json.as_bytes());
+            self.to_server(d, frame);
         } else {
             self.event(Event::Received { conn, user, msg });
+        }
+    }
+
+    /// Bytes from device `d`'s client to its connection; read by the loop while the connection wants input.
+    fn to_server(&mut self, d: usize, bytes: Vec<u8>) {
+        let Some(ws) = self.devices[d].ws.as_mut() else {
+            return;
+        };
+        if ws.silent {
+            return; // lost on the dead network
+        }
+        ws.pending_in.extend_from_slice(&bytes);
+        self.pump(d);
+    }
+
+    /// The loop's turn for device `d`'s connection: read what it wants, apply effects, and let the client
+    /// read what was written.
+    fn pump(&mut self, d: usize) {
+        for _ in 0..100 {
+            let now = self.now;
+            let Some(ws) = self.devices[d].ws.as_mut() else {
+                return;
+            };
+            let mut fx = Effects::default();
+            if ws.conn.wants_input() && !ws.pending_in.is_empty() {
+                let mut data = std::mem::take(&mut ws.pending_in);
+                fx = ws.conn.on_bytes(&mut data, &mut self.env, now);
+            }
+            let more = self.apply(d, fx);
+            self.forward_env_events(d);
+            self.client_reads(d);
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// Applies a connection's effects as the loop does; true when the loop should read again.
+    fn apply(&mut self, d: usize, fx: Effects) -> bool {
+        let now = self.now;
+        let Some(ws) = self.devices[d].ws.as_mut() else {
+            return false;
+        };
+        if let Some(at) = fx.schedule {
+            ws.timer_at = Some(at);
+        }
+        if fx.close {
+            // The loop closes the socket: the connection tells the backplane.
+            let mut ws = self.devices[d].ws.take().expect("ws");
+            ws.conn.on_closed(&mut self.env);
+            self.devices[d].conn = None;
+            self.forward_env_events(d);
+            if trace() {
+                eprintln!(
+                    "step {} device {d}: the gateway closed the connection",
+                    self.step
+                );
+            }
+            return false;
+        }
+        // Everything queued is written at once here (the client's window is never full).
+        let mut out = Vec::new();
+        ws.conn.out.write_to(&mut out).expect("write queue");
+        ws.to_client.extend_from_slice(&out);
+        let fx2 = ws.conn.on_flushed(now);
+        if fx2 != Effects::default() {
+            return self.apply(d, fx2) || fx.read;
+        }
+        fx.read && !ws.pending_in.is_empty()
+    }
+
+    /// Hands the events a connection produced to its node's router.
+    fn forward_env_events(&mut self, d: usize) {
+        let events = std::mem::take(&mut self.env.sent);
+        for ev in events {
+            self.cur = self.devices[d].node;
+            self.event(ev);
+        }
+    }
+
+    /// The client parses what its connection wrote: the upgrade's head, then frames (answering pings and
+    /// closes as a client library does).
+    fn client_reads(&mut self, d: usize) {
+        loop {
+            let Some(ws) = self.devices[d].ws.as_mut() else {
+                return;
+            };
+            if ws.silent {
+                ws.to_client.clear();
+                return;
+            }
+            if !ws.upgraded {
+                let Some(end) = ws.to_client.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&ws.to_client[..end]).into_owned();
+                ws.to_client.drain(..end + 4);
+                if !head.starts_with("HTTP/1.1 101") {
+                    self.fail(format!("device {d}: the upgrade was refused: {head}"));
+                }
+                ws.upgraded = true;
+                continue;
+            }
+            let (h, n) = match corelay_proto::ws::decode_header(&ws.to_client) {
+                Ok(Some(x)) => x,
+                Ok(None) => return,
+                Err(e) => self.fail(format!("device {d}: bad frame from the gateway: {e:?}")),
+            };
+            let len = n + h.payload_len as usize;
+            if ws.to_client.len() < len {
+                return;
+            }
+            let payload: Vec<u8> = ws.to_client[n..len].to_vec();
+            ws.to_client.drain(..len);
+            match h.opcode {
+                1 => {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&payload).expect("frame json");
+                    self.on_frame_json(d, &v);
+                }
+                9 => self.to_server(d, client_frame(10, &payload)),
+                8 => {
+                    // The gateway's close: the client answers it and the connection ends.
+                    self.to_server(d, client_frame(8, &payload));
+                    if let Some(mut ws) = self.devices[d].ws.take() {
+                        ws.conn.on_closed(&mut self.env);
+                        self.devices[d].conn = None;
+                        self.forward_env_events(d);
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A text frame on a WebSocket: a channel item (it names its channel) or a reply.
+    fn on_frame_json(&mut self, d: usize, v: &serde_json::Value) {
+        let item = matches!(
+            v["type"].as_str(),
+            Some("message" | "receipt" | "notice" | "reset")
+        ) && v.get("channel").is_some();
+        if item {
+            let channel: Arc<str> = Arc::from(v["channel"].as_str().unwrap_or_default());
+            let offset = v["channel_offset"]
+                .as_u64()
+                .or(v["offset"].as_u64())
+                .unwrap_or_default();
+            self.on_item(d, &channel, offset, v);
+        } else {
+            self.on_reply(d, v);
+        }
+    }
+
+    /// Fires the connections' timers that are due (heartbeats, deadlines).
+    fn fire_timers(&mut self) {
+        for d in 0..self.devices.len() {
+            let due = self.devices[d]
+                .ws
+                .as_ref()
+                .and_then(|w| w.timer_at)
+                .is_some_and(|at| at <= self.now);
+            if !due {
+                continue;
+            }
+            let now = self.now;
+            let ws = self.devices[d].ws.as_mut().expect("ws");
+            ws.timer_at = None;
+            let fx = ws.conn.on_timer(&mut self.env, now);
+            self.apply(d, fx);
+            self.forward_env_events(d);
+            self.client_reads(d);
         }
     }
 
@@ -650,6 +948,17 @@ impl Sim {
                             self.on_item(d, &delivery.channel, delivery.offset, &v);
                             continue;
                         }
+                        if let Some(d) = self.device_of(c)
+                            && self.devices[d].ws.is_some()
+                        {
+                            let now = self.now;
+                            let ws = self.devices[d].ws.as_mut().expect("ws");
+                            let fx = ws.conn.deliver(&delivery, &mut self.env, now);
+                            self.apply(d, fx);
+                            self.forward_env_events(d);
+                            self.client_reads(d);
+                            continue;
+                        }
                         if let Some(d) = self.device_of(c) {
                             if let Some(cur) = self.devices[d].sse_cursor.as_mut()
                                 && !corelay_proto::cursor::advance(
@@ -673,7 +982,16 @@ impl Sim {
                         serde_json::from_slice(&frame[n..]).expect("frame json");
                     for c in to {
                         if let Some(d) = self.device_of(c) {
-                            self.on_reply(d, &v);
+                            if self.devices[d].ws.is_some() {
+                                let now = self.now;
+                                let ws = self.devices[d].ws.as_mut().expect("ws");
+                                let fx = ws.conn.send_frame(&frame, &mut self.env, now);
+                                self.apply(d, fx);
+                                self.forward_env_events(d);
+                                self.client_reads(d);
+                            } else {
+                                self.on_reply(d, &v);
+                            }
                         }
                     }
                 }
@@ -683,7 +1001,17 @@ impl Sim {
                             eprintln!("step {} {conn:?} closed {code} {reason}", self.step);
                         }
                         if let Some(d) = self.device_of(conn) {
-                            self.disconnect(d);
+                            if self.devices[d].ws.is_some() {
+                                // The connection sends its close frame; the client answers and it ends.
+                                let now = self.now;
+                                let ws = self.devices[d].ws.as_mut().expect("ws");
+                                let fx = ws.conn.close_by(code, reason, &mut self.env, now);
+                                self.apply(d, fx);
+                                self.forward_env_events(d);
+                                self.client_reads(d);
+                            } else {
+                                self.disconnect(d);
+                            }
                         }
                     }
                     LoopCmd::Respond { status, body, .. } => {
@@ -940,21 +1268,56 @@ impl Sim {
                 channels: Vec::new(),
                 cursor,
             });
-        } else if how == 1 {
-            self.event(Event::Opened {
-                conn,
-                user: user.clone(),
-                cursor,
-            });
         } else {
-            self.event(Event::Opened {
-                conn,
-                user: user.clone(),
-                cursor: BTreeMap::new(),
+            // A WebSocket through the real connection state machine: the client's upgrade request, with the
+            // cursor in the URL (how 1) or a `subscribe` right after the welcome (how 0).
+            let (c, fx) = Conn::accept(
+                ConnId {
+                    index: conn.index,
+                    generation: conn.generation,
+                },
+                false,
+                false,
+                &mut self.env,
+                self.now,
+            );
+            self.devices[d].ws = Some(RealWs {
+                conn: c,
+                timer_at: None,
+                pending_in: Vec::new(),
+                to_client: Vec::new(),
+                upgraded: false,
+                silent: false,
             });
-            let json =
-                serde_json::json!({"type": "subscribe", "channels": channels, "cursor": cursor});
-            self.client(d, &json.to_string());
+            self.apply(d, fx);
+            let token = corelay::auth::mint(SECRET, &user, std::time::Duration::from_secs(86_400))
+                .expect("token");
+            let query = if how == 1 {
+                let text =
+                    corelay_proto::cursor::format(cursor.iter().map(|(c, o)| (c.as_str(), *o)));
+                let enc: String = text
+                    .bytes()
+                    .map(|b| match b {
+                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                            (b as char).to_string()
+                        }
+                        _ => format!("%{b:02X}"),
+                    })
+                    .collect();
+                format!("&cursor={enc}")
+            } else {
+                String::new()
+            };
+            let req = format!(
+                "GET /ws?token={token}{query} HTTP/1.1\r\nHost: sim\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: corelay.v1\r\n\r\n"
+            );
+            self.to_server(d, req.into_bytes());
+            if how == 0 && self.devices[d].conn.is_some() {
+                let json = serde_json::json!({"type": "subscribe", "channels": channels, "cursor": cursor});
+                self.client(d, &json.to_string());
+            }
         }
         let outbox = self.devices[d].outbox.clone();
         for p in outbox {
@@ -969,6 +1332,13 @@ impl Sim {
         self.cur = self.devices[d].node;
         if trace() {
             eprintln!("step {} device {d} disconnects", self.step);
+        }
+        if let Some(mut ws) = self.devices[d].ws.take() {
+            // The client's socket is gone: the loop sees the close and the connection tells the backplane.
+            let _ = conn;
+            ws.conn.on_closed(&mut self.env);
+            self.forward_env_events(d);
+            return;
         }
         if self.devices[d].polling {
             self.devices[d].polling = false;
@@ -1064,6 +1434,12 @@ impl Sim {
                 let n = self.rng.below(self.nodes.len() as u64) as usize;
                 self.break_bus(n);
             }
+            81 => {
+                // The client's network dies without a FIN: only the heartbeat can notice.
+                if let Some(ws) = self.devices[d].ws.as_mut() {
+                    ws.silent = true;
+                }
+            }
             67..=69 => self.store.fail_next_commit = true,
             70..=71 => self.store.fail_next_read = true,
             _ => {
@@ -1072,6 +1448,25 @@ impl Sim {
             }
         }
         self.tick();
+        self.fire_timers();
+        // Every live connection has its timer armed (a heartbeat or a deadline: one that loses it would never
+        // notice a dead peer), holds no partial input beyond a request head, and has written everything.
+        for (i, dev) in self.devices.iter().enumerate() {
+            if let Some(ws) = &dev.ws {
+                if ws.timer_at.is_none() {
+                    self.fail(format!("device {i}: a live connection without a timer"));
+                }
+                if ws.conn.inbuf.len() > self.env.cfg.limits.max_header_bytes {
+                    self.fail(format!(
+                        "device {i}: {} bytes of partial input",
+                        ws.conn.inbuf.len()
+                    ));
+                }
+                if !ws.conn.out.is_empty() {
+                    self.fail(format!("device {i}: output left unwritten"));
+                }
+            }
+        }
         // The bound is checked before an event's requests are queued, so one event (a resume with a cursor:
         // one read per channel, the flush and the ack) may pass it by its own requests, never more.
         // In a cluster, a node also reads to sync and fill the channels it follows on the bus (never refused:
@@ -1193,7 +1588,7 @@ fn run_seed(seed: u64) {
 }
 
 #[test]
-fn seeded_simulation_of_one_node_keeps_every_promise() {
+fn seeded_simulation_keeps_every_promise() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
         Ok(s) => vec![s.parse().expect("SIM_SEED is a number")],
         Err(_) => {
