@@ -605,14 +605,14 @@ impl Sim {
         } else if self.devices[d].ws.is_some() {
             drop(msg);
             let frame = client_frame(1, json.as_bytes());
-            self.to_server(d, frame);
+            self.client_sends(d, frame);
         } else {
             self.event(Event::Received { conn, user, msg });
         }
     }
 
     /// Bytes from device `d`'s client to its connection; read by the loop while the connection wants input.
-    fn to_server(&mut self, d: usize, bytes: Vec<u8>) {
+    fn client_sends(&mut self, d: usize, bytes: Vec<u8>) {
         let Some(ws) = self.devices[d].ws.as_mut() else {
             return;
         };
@@ -728,10 +728,10 @@ impl Sim {
                         serde_json::from_slice(&payload).expect("frame json");
                     self.on_frame_json(d, &v);
                 }
-                9 => self.to_server(d, client_frame(10, &payload)),
+                9 => self.client_sends(d, client_frame(10, &payload)),
                 8 => {
                     // The gateway's close: the client answers it and the connection ends.
-                    self.to_server(d, client_frame(8, &payload));
+                    self.client_sends(d, client_frame(8, &payload));
                     if let Some(mut ws) = self.devices[d].ws.take() {
                         ws.conn.on_closed(&mut self.env);
                         self.devices[d].conn = None;
@@ -1313,7 +1313,7 @@ impl Sim {
                  Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: corelay.v1\r\n\r\n"
             );
-            self.to_server(d, req.into_bytes());
+            self.client_sends(d, req.into_bytes());
             if how == 0 && self.devices[d].conn.is_some() {
                 let json = serde_json::json!({"type": "subscribe", "channels": channels, "cursor": cursor});
                 self.client(d, &json.to_string());
