@@ -3,6 +3,7 @@
 //! close handshake), driven on a virtual clock by simulated clients that behave like the SDK: several devices
 //! per user, random sends (retried with the same `client_id` until `sent`), acks and reads, disconnects and
 //! reconnects that resume from the device's cursor, clients whose network dies (only the heartbeat notices),
+//! slow readers (cut at the write-queue cap, they resume),
 //! store requests answered late and in batches, store commits and reads that fail.
 //!
 //! Each connection is a WebSocket (resuming at connect with `?cursor=` or with `subscribe`), an SSE stream
@@ -31,7 +32,7 @@
 //! prints the seed and the step that broke; `SIM_TRACE=1` prints every client message, reply, item, store
 //! request and bus event. Not simulated: the loops' timer wheel itself (each connection's one timer is fired
 //! directly), SSE and polls through the connection state machines (their loop-side filters are modelled),
-//! short polls, and slow readers.
+//! and short polls.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -115,6 +116,8 @@ struct RealWs {
     upgraded: bool,
     /// A client that stopped answering (a dead network): it neither reads nor pongs; heartbeats must end it.
     silent: bool,
+    /// A slow reader: until then the client reads nothing, so the connection's queue grows to its cap.
+    slow_until: Option<u64>,
 }
 
 /// A masked client frame.
@@ -356,6 +359,7 @@ impl Sim {
             conversations.insert(format!("c{c}"), members);
         }
         let max_pending = 4 + rng.below(60) as usize;
+        let write_queue = 256 + rng.below(2048) as usize;
         let read_bytes = 64 + rng.below(2048) as usize;
         let limits = HistoryLimits {
             // A small window, so that resumes read from the store as well as from memory.
@@ -404,11 +408,16 @@ impl Sim {
             cur: 0,
             store,
             env: SimEnv {
-                cfg: Config {
-                    // Short heartbeats, so that runs of a few virtual seconds ping and time out.
-                    heartbeat_interval: std::time::Duration::from_millis(1_500),
-                    heartbeat_timeout: std::time::Duration::from_millis(1_000),
-                    ..Config::default()
+                cfg: {
+                    let mut cfg = Config {
+                        // Short heartbeats, so that runs of a few virtual seconds ping and time out.
+                        heartbeat_interval: std::time::Duration::from_millis(400),
+                        heartbeat_timeout: std::time::Duration::from_millis(300),
+                        ..Config::default()
+                    };
+                    // A small write queue, so that a slow reader is cut within a few messages.
+                    cfg.limits.max_write_queue_bytes = write_queue;
+                    cfg
                 },
                 verifier: Verifier::new(SECRET),
                 metrics: LoopMetrics::default(),
@@ -668,7 +677,12 @@ impl Sim {
             }
             return false;
         }
-        // Everything queued is written at once here (the client's window is never full).
+        if ws.slow_until.is_some_and(|t| t > now) {
+            // The client's window is full: nothing is written until it reads again.
+            return fx.read && !ws.pending_in.is_empty();
+        }
+        ws.slow_until = None;
+        // Everything queued is written at once here (the client reads as fast as it is written).
         let mut out = Vec::new();
         ws.conn.out.write_to(&mut out).expect("write queue");
         ws.to_client.extend_from_slice(&out);
@@ -730,6 +744,13 @@ impl Sim {
                 }
                 9 => self.client_sends(d, client_frame(10, &payload)),
                 8 => {
+                    if trace() {
+                        let why = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
+                        eprintln!(
+                            "step {} device {d}: the gateway sent close: {why}",
+                            self.step
+                        );
+                    }
                     // The gateway's close: the client answers it and the connection ends.
                     self.client_sends(d, client_frame(8, &payload));
                     if let Some(mut ws) = self.devices[d].ws.take() {
@@ -777,6 +798,9 @@ impl Sim {
             let ws = self.devices[d].ws.as_mut().expect("ws");
             ws.timer_at = None;
             let fx = ws.conn.on_timer(&mut self.env, now);
+            if trace() {
+                eprintln!("step {} device {d}: timer at {now}: {fx:?}", self.step);
+            }
             self.apply(d, fx);
             self.forward_env_events(d);
             self.client_reads(d);
@@ -1288,6 +1312,7 @@ impl Sim {
                 to_client: Vec::new(),
                 upgraded: false,
                 silent: false,
+                slow_until: None,
             });
             self.apply(d, fx);
             let token = corelay::auth::mint(SECRET, &user, std::time::Duration::from_secs(86_400))
@@ -1440,6 +1465,17 @@ impl Sim {
                     ws.silent = true;
                 }
             }
+            82..=86 => {
+                // A slow reader: it stops reading for a while; past the write-queue cap the gateway cuts it
+                // (1013) and it resumes from its cursor.
+                let until = self.now + 200 + self.rng.below(3_000);
+                if let Some(ws) = self.devices[d].ws.as_mut() {
+                    ws.slow_until = Some(until);
+                    if trace() {
+                        eprintln!("step {} device {d}: reads nothing until {until}", self.step);
+                    }
+                }
+            }
             67..=69 => self.store.fail_next_commit = true,
             70..=71 => self.store.fail_next_read = true,
             _ => {
@@ -1449,6 +1485,19 @@ impl Sim {
         }
         self.tick();
         self.fire_timers();
+        // Slow readers whose pause is over read what was queued.
+        for i in 0..self.devices.len() {
+            let over = self.devices[i]
+                .ws
+                .as_ref()
+                .and_then(|w| w.slow_until)
+                .is_some_and(|t| t <= self.now);
+            if over {
+                let fx = Effects::default();
+                self.apply(i, fx);
+                self.client_reads(i);
+            }
+        }
         // Every live connection has its timer armed (a heartbeat or a deadline: one that loses it would never
         // notice a dead peer), holds no partial input beyond a request head, and has written everything.
         for (i, dev) in self.devices.iter().enumerate() {
@@ -1462,8 +1511,17 @@ impl Sim {
                         ws.conn.inbuf.len()
                     ));
                 }
-                if !ws.conn.out.is_empty() {
+                let slow = ws.slow_until.is_some_and(|t| t > self.now);
+                if !slow && !ws.conn.out.is_empty() {
                     self.fail(format!("device {i}: output left unwritten"));
+                }
+                // What a slow reader costs is bounded by the cap (plus the one item that passed it).
+                let cap = self.env.cfg.limits.max_write_queue_bytes + 4096;
+                if ws.conn.out.len() > cap {
+                    self.fail(format!(
+                        "device {i}: {} bytes queued past the cap",
+                        ws.conn.out.len()
+                    ));
                 }
             }
         }
@@ -1496,8 +1554,15 @@ impl Sim {
             // whole store budget on resumes, round after round.
             for d in 0..self.devices.len() {
                 self.disconnect(d);
-                self.connect(d);
-                self.settle_backplane();
+                // A resume refused as busy (the client is closed, or told `store_busy`) is tried again.
+                for _ in 0..20 {
+                    self.connect(d);
+                    self.settle_backplane();
+                    if self.devices[d].conn.is_some() {
+                        break;
+                    }
+                    self.now += 1_000;
+                }
                 self.poll_until_held(d);
                 // The SDK's retry timer: sends refused as `store_busy` behind the resume go again.
                 for p in self.devices[d].outbox.clone() {
@@ -1505,7 +1570,11 @@ impl Sim {
                 }
                 self.settle_backplane();
             }
-            if self.devices.iter().all(|d| d.outbox.is_empty()) {
+            if self
+                .devices
+                .iter()
+                .all(|d| d.outbox.is_empty() && d.conn.is_some())
+            {
                 break;
             }
             if round == 49 {
@@ -1585,6 +1654,13 @@ fn run_seed(seed: u64) {
         sim.random_step();
     }
     sim.settle_and_check();
+    if trace() {
+        let m = &sim.env.metrics;
+        eprintln!(
+            "seed {seed}: slow consumers cut {}",
+            m.slow_consumers.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
 }
 
 #[test]

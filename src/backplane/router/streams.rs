@@ -23,6 +23,8 @@ pub(super) struct PollWait {
     hold_ms: u64,
     /// Found in memory already (topics of a single node).
     items: Vec<Arc<Delivery>>,
+    /// Cluster: the channels this node follows on the bus while the read runs (released after it).
+    interest: Vec<String>,
 }
 
 /// A poll's first part: the user's offline queue, for the durable channels it had no position on.
@@ -286,6 +288,18 @@ impl Router {
         if self.store_busy() {
             return http(out, conn, 503, busy_error());
         }
+        // Cluster: follow the channels on the bus from before the read, so that this node's sync point for
+        // them is read no later than the poll's own read. A channel first followed after the read (when the
+        // poll is held) would sync past messages other nodes committed in between, and the poll, whose cursor
+        // moves past them with the next message, would never get them.
+        let interest: Vec<String> = if self.cluster.is_some() {
+            reads.iter().map(|(c, _)| c.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        for ch in &interest {
+            self.interest(ch, 1);
+        }
         self.pending.read(
             |token| Request::ReadMany {
                 token,
@@ -297,6 +311,7 @@ impl Router {
                 cursor: cur,
                 hold_ms,
                 items,
+                interest,
             }),
         );
     }
@@ -349,6 +364,7 @@ impl Router {
             mut cursor,
             hold_ms,
             mut items,
+            interest,
         } = p;
         match result {
             Ok(msgs) => {
@@ -369,6 +385,10 @@ impl Router {
                     msg::error("store_unavailable", "retry the poll", None),
                 );
             }
+        }
+        // A held poll follows its channels now; the read's own interest ends.
+        for ch in &interest {
+            self.interest(ch, -1);
         }
     }
 
