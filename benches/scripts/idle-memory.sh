@@ -3,7 +3,8 @@
 # and print the load generator's RESULT line (server RSS delta per connection, server CPU while idle).
 # Usage: benches/scripts/idle-memory.sh [N] [PROCS] [HOLD]   (defaults 10000 2 10s)
 # Environment: HEARTBEAT (corelay --heartbeat-interval, default 5s: shorter than HOLD so every connection is pinged
-# during the hold), THREADS (event loops, default 2), TRANSPORTS (default "ws sse longpoll").
+# during the hold), THREADS (event loops, default 2), TRANSPORTS (default "ws sse longpoll"), CORELAY_BIN (another
+# gateway binary to measure, e.g. an older build, side by side).
 # The full side-by-side report with the baselines is benches/scripts/report.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,7 +12,7 @@ N=${1:-10000}; PROCS=${2:-2}; HOLD=${3:-10s}
 HEARTBEAT=${HEARTBEAT:-5s}; THREADS=${THREADS:-2}; TRANSPORTS=${TRANSPORTS:-ws sse longpoll}
 timeout 900 cargo build --release --locked -p corelay -p corelay-load --bins >/dev/null
 # private copies: a rebuild of the tree during the run cannot swap the binaries
-bin=$(mktemp -d); cp target/release/corelay target/release/corelay-load "$bin/"
+bin=$(mktemp -d); cp "${CORELAY_BIN:-target/release/corelay}" "$bin/corelay"; cp target/release/corelay-load "$bin/"
 pid=""; data=""; log=""
 cleanup() { [[ -n $pid ]] && kill -9 "$pid" 2>/dev/null; rm -rf "$bin" "$data" "$log"; }
 trap cleanup EXIT
