@@ -35,6 +35,8 @@
 //! * **Big jumps** (the loop was stalled for more than a revolution) visit every occupied slot once rather
 //!   than every tick in between; the expired entries are collected with their ticks into a reused scratch
 //!   vector and sorted, so the output is still in deadline order.
+//!
+//! About 360 lines of wheel; the rest of the file is its unit and property tests.
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,9 @@
 //! The embedded store (the default): one `redb` file under `--data-dir`.
 //!
+//! Longer than 600 lines on purpose: it implements the whole `Store` trait over one set of tables (messages,
+//! dedupe, offline queue, receipts, conversations, devices, push rows) that one group commit writes in one
+//! transaction; the contract suite in `tests/support/store_contract.rs` tests it as one.
+//!
 //! Why redb: a pure-Rust, well-kept, ACID B-tree with copy-on-write pages and checksummed commits, so a
 //! `kill -9` or power cut leaves the last committed transaction intact; one file; and a per-transaction
 //! durability switch, which is exactly the group-commit knob we need (see `docs/ARCHITECTURE.md` for the

@@ -33,6 +33,9 @@
 //! Redis Cluster: every key of a channel would carry the channel in a hash tag (`log:{conversation:c1}`) so the
 //! script's keys land in one slot; the offline queue and presence keys are per user and touched by separate
 //! scripts. This store targets a single Redis (with replicas/Sentinel for failover).
+//!
+//! Longer than 600 lines: the whole `Store` trait over Redis, most of it the Lua scripts that make each write
+//! atomic (one script per write kind); the last 240 lines are tests against a real redis-server.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;

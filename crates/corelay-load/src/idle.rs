@@ -2,6 +2,10 @@
 //! measure what they cost: the server's resident memory and CPU (summed over all of its processes), the
 //! kernel's memory (slab, TCP buffer pages, sockets), and the load generator's own memory.
 //!
+//! Longer than 600 lines: the scenario, its many-process coordination and its measurements (RSS, CPU and kernel
+//! memory sampled around a hold, the optional broadcast) are one measurement; helpers shared with other
+//! scenarios live in `net.rs`, `stats.rs` and `workers.rs`.
+//!
 //! With `--follow TOPIC` every WebSocket subscribes to a topic after its `welcome` and counts as open
 //! only once the subscription is answered; `--broadcast` then publishes one message to the topic after
 //! the hold (`POST /api/publish`) and measures when each connection had it.

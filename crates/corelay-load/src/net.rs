@@ -6,6 +6,9 @@
 //! drain the socket until `WouldBlock`; writes go straight to the socket and the rest waits in a per-
 //! connection buffer until the next writable edge. Client frames are masked with a fresh key per frame;
 //! server pings are answered with masked pongs carrying the same payload, inside the engine.
+//!
+//! Longer than 600 lines: the client side of every transport (WebSocket handshake and frames, SSE, polls) on one
+//! event loop, with the source-address rotation that lets one host open a million sockets.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
