@@ -52,7 +52,11 @@ use corelay::store::thread::{Completion, Request, answer};
 use corelay::store::{
     PushJob, PushRow, Receipts, Store, StoreError, StoredMessage, Write, WriteResult,
 };
+use corelay::timer::{TimerKey, TimerWheel};
 use corelay_proto::msg::parse_client;
+
+/// The virtual clock's start (Unix ms).
+const START_MS: u64 = 1_800_000_000_000;
 
 /// The secret the simulated clients' tokens are signed with.
 const SECRET: &str = "simulation-secret-of-at-least-32-bytes";
@@ -108,7 +112,8 @@ impl Env for SimEnv {
 /// frame codec, rate limit, heartbeats, close handshake), fed the bytes a client sends, with its one timer.
 struct RealWs {
     conn: Conn,
-    timer_at: Option<u64>,
+    /// The connection's one timer, in the loop's timer wheel.
+    timer: Option<TimerKey>,
     /// Bytes the client sent that the loop has not read yet (it reads only while the connection wants input).
     pending_in: Vec<u8>,
     /// Bytes the connection wrote that the client has not parsed yet (the HTTP head first, then frames).
@@ -298,6 +303,9 @@ struct Sim {
     store: Faulty,
     /// The loops' side of the WebSocket connections.
     env: SimEnv,
+    /// The loops' timer wheel (one for all simulated connections), on the virtual clock from `epoch`.
+    wheel: TimerWheel<(usize, u32)>,
+    epoch: std::time::Instant,
     max_pending: usize,
     read_bytes: usize,
     devices: Vec<Device>,
@@ -400,13 +408,16 @@ impl Sim {
                 subs,
             });
         }
+        let epoch = std::time::Instant::now();
         let mut sim = Sim {
             rng,
-            now: 1_800_000_000_000,
+            now: START_MS,
             step: 0,
             nodes,
             cur: 0,
             store,
+            wheel: TimerWheel::new(std::time::Duration::from_millis(10), 4096, epoch),
+            epoch,
             env: SimEnv {
                 cfg: {
                     let mut cfg = Config {
@@ -661,11 +672,24 @@ impl Sim {
             return false;
         };
         if let Some(at) = fx.schedule {
-            ws.timer_at = Some(at);
+            let key = ws.timer.take();
+            let deadline = self.epoch + std::time::Duration::from_millis(at - START_MS);
+            let gen_ = ws.conn.id.generation;
+            if let Some(k) = key {
+                self.wheel.cancel(k);
+            }
+            let k = self.wheel.insert(deadline, (d, gen_));
+            if let Some(ws) = self.devices[d].ws.as_mut() {
+                ws.timer = Some(k);
+            }
         }
+        let Some(ws) = self.devices[d].ws.as_mut() else {
+            return false;
+        };
         if fx.close {
             // The loop closes the socket: the connection tells the backplane.
-            let mut ws = self.devices[d].ws.take().expect("ws");
+            let _ = ws;
+            let mut ws = self.take_ws(d).expect("ws");
             ws.conn.on_closed(&mut self.env);
             self.devices[d].conn = None;
             self.forward_env_events(d);
@@ -753,7 +777,7 @@ impl Sim {
                     }
                     // The gateway's close: the client answers it and the connection ends.
                     self.client_sends(d, client_frame(8, &payload));
-                    if let Some(mut ws) = self.devices[d].ws.take() {
+                    if let Some(mut ws) = self.take_ws(d) {
                         ws.conn.on_closed(&mut self.env);
                         self.devices[d].conn = None;
                         self.forward_env_events(d);
@@ -783,20 +807,20 @@ impl Sim {
         }
     }
 
-    /// Fires the connections' timers that are due (heartbeats, deadlines).
+    /// Fires the connections' timers that are due (heartbeats, deadlines), from the loop's timer wheel.
     fn fire_timers(&mut self) {
-        for d in 0..self.devices.len() {
-            let due = self.devices[d]
-                .ws
-                .as_ref()
-                .and_then(|w| w.timer_at)
-                .is_some_and(|at| at <= self.now);
-            if !due {
-                continue;
-            }
+        let now_at = self.epoch + std::time::Duration::from_millis(self.now - START_MS);
+        let mut due = Vec::new();
+        self.wheel.poll_expired(now_at, &mut due);
+        for (d, generation) in due {
             let now = self.now;
-            let ws = self.devices[d].ws.as_mut().expect("ws");
-            ws.timer_at = None;
+            let Some(ws) = self.devices[d].ws.as_mut() else {
+                continue;
+            };
+            if ws.conn.id.generation != generation {
+                continue; // a stale key of a closed connection would have been cancelled
+            }
+            ws.timer = None;
             let fx = ws.conn.on_timer(&mut self.env, now);
             if trace() {
                 eprintln!("step {} device {d}: timer at {now}: {fx:?}", self.step);
@@ -805,6 +829,15 @@ impl Sim {
             self.forward_env_events(d);
             self.client_reads(d);
         }
+    }
+
+    /// Takes device `d`'s connection away (it closed), cancelling its timer as the loop does.
+    fn take_ws(&mut self, d: usize) -> Option<RealWs> {
+        let ws = self.devices[d].ws.take()?;
+        if let Some(k) = ws.timer {
+            self.wheel.cancel(k);
+        }
+        Some(ws)
     }
 
     /// Answers up to `n` queued store requests, oldest first, as the store thread would.
@@ -1307,7 +1340,7 @@ impl Sim {
             );
             self.devices[d].ws = Some(RealWs {
                 conn: c,
-                timer_at: None,
+                timer: None,
                 pending_in: Vec::new(),
                 to_client: Vec::new(),
                 upgraded: false,
@@ -1358,7 +1391,7 @@ impl Sim {
         if trace() {
             eprintln!("step {} device {d} disconnects", self.step);
         }
-        if let Some(mut ws) = self.devices[d].ws.take() {
+        if let Some(mut ws) = self.take_ws(d) {
             // The client's socket is gone: the loop sees the close and the connection tells the backplane.
             let _ = conn;
             ws.conn.on_closed(&mut self.env);
@@ -1502,7 +1535,7 @@ impl Sim {
         // notice a dead peer), holds no partial input beyond a request head, and has written everything.
         for (i, dev) in self.devices.iter().enumerate() {
             if let Some(ws) = &dev.ws {
-                if ws.timer_at.is_none() {
+                if ws.timer.is_none_or(|k| self.wheel.deadline(k).is_none()) {
                     self.fail(format!("device {i}: a live connection without a timer"));
                 }
                 if ws.conn.inbuf.len() > self.env.cfg.limits.max_header_bytes {
@@ -1626,6 +1659,12 @@ impl Sim {
             self.disconnect(d);
         }
         self.settle_backplane();
+        if !self.wheel.is_empty() {
+            self.fail(format!(
+                "{} timers left in the wheel with every connection closed",
+                self.wheel.len()
+            ));
+        }
         for dev in &self.devices {
             if self
                 .nodes
