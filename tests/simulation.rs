@@ -30,9 +30,10 @@
 //!
 //! `SIM_SEEDS=N` runs seeds 0..N (default 300; CI runs the default); `SIM_SEED=S` replays one, and a failure
 //! prints the seed and the step that broke; `SIM_TRACE=1` prints every client message, reply, item, store
-//! request and bus event. Not simulated: the loops' timer wheel itself (each connection's one timer is fired
-//! directly), SSE and polls through the connection state machines (their loop-side filters are modelled),
-//! and short polls.
+//! request and bus event. Connection timers run on the real timer wheel (`corelay::timer::TimerWheel`) on the
+//! virtual clock; with every connection closed at the end, the wheel must be empty (no timer leaks). Not
+//! simulated: SSE and polls through the connection state machines (their loop-side filters are modelled), and
+//! short polls.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
