@@ -866,7 +866,7 @@ impl Sim {
             let c = match req {
                 Request::Commit { token, batch } => Completion::Committed {
                     token,
-                    result: self.store.commit(&batch).map_err(|e| e.to_string()),
+                    result: self.store.commit(&batch),
                 },
                 read => answer(&mut self.store, read, self.read_bytes),
             };

@@ -203,15 +203,40 @@ pub struct Receipts {
     pub read: u64,
 }
 
-/// Which side failed, so logs and metrics can tell a full disk from a bad request.
-#[derive(Debug, Error)]
+/// Which side failed, so logs, metrics and answers can tell a full disk from corrupt data. Client input never
+/// reaches the store unchecked (the router refuses it with its own codes), so a store error is either the
+/// backend's (worth retrying: 503) or ours (not: 500). It travels typed in every completion.
+#[derive(Clone, Debug, Error)]
 pub enum StoreError {
+    /// The backend failed the operation (I/O error, full disk, a script error).
     #[error("store backend: {0}")]
     Backend(String),
+    /// The backend cannot be reached (connection refused, timed out).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A stored record does not decode.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// A request the store thread cannot serve as asked (a bug on our side).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// Whether retrying later can succeed (the backend's side), as opposed to our own fault.
+    pub fn retryable(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::Unavailable(_))
+    }
+
+    /// The HTTP status and error code a client is answered with: 503 `store_unavailable` (retry with the same
+    /// `client_id`) for the backend's side, 500 `internal` for ours.
+    pub fn status(&self) -> (u16, &'static str) {
+        if self.retryable() {
+            (503, "store_unavailable")
+        } else {
+            (500, "internal")
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -283,6 +308,24 @@ pub trait Store: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_error_says_which_side_failed() {
+        for e in [
+            StoreError::Backend("disk full".into()),
+            StoreError::Unavailable("connection refused".into()),
+        ] {
+            assert!(e.retryable(), "{e}");
+            assert_eq!(e.status(), (503, "store_unavailable"));
+        }
+        for e in [
+            StoreError::Corrupt("c1@7".into()),
+            StoreError::Internal("a commit is not a read".into()),
+        ] {
+            assert!(!e.retryable(), "{e}");
+            assert_eq!(e.status(), (500, "internal"));
+        }
+    }
 
     #[test]
     fn offline_entries_stay_deliverable_only_to_members() {

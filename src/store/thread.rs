@@ -66,23 +66,23 @@ pub enum Request {
 pub enum Completion {
     Committed {
         token: Token,
-        result: Result<Vec<WriteResult>, String>,
+        result: Result<Vec<WriteResult>, super::StoreError>,
     },
     Messages {
         token: Token,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, super::StoreError>,
     },
     Offset {
         token: Token,
-        result: Result<u64, String>,
+        result: Result<u64, super::StoreError>,
     },
     Conversations {
         token: Token,
-        result: Result<Vec<(String, Vec<String>)>, String>,
+        result: Result<Vec<(String, Vec<String>)>, super::StoreError>,
     },
     PushJobs {
         token: Token,
-        result: Result<Vec<super::PushJob>, String>,
+        result: Result<Vec<super::PushJob>, super::StoreError>,
     },
 }
 
@@ -235,7 +235,7 @@ pub fn spawn(
 /// are bounded in bytes as well as in count: they stop once `max_bytes` of message JSON is in (always at least
 /// one message), reading the store in chunks of [`READ_CHUNK`].
 pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion {
-    let err = |e: super::StoreError| e.to_string();
+    let err = |e: super::StoreError| e;
     match r {
         Request::PushClaim {
             token,
@@ -325,7 +325,7 @@ pub fn answer(store: &mut dyn Store, r: Request, max_bytes: usize) -> Completion
         },
         Request::Commit { token, .. } => Completion::Committed {
             token,
-            result: Err("a commit is not a read".into()),
+            result: Err(super::StoreError::Internal("a commit is not a read".into())),
         },
     }
 }
@@ -365,11 +365,10 @@ fn group_commit(
             } else {
                 SUPPRESSED.fetch_add(1, Relaxed);
             }
-            let msg = e.to_string();
             for (token, _) in sizes {
                 let _ = done.send(Completion::Committed {
                     token,
-                    result: Err(msg.clone()),
+                    result: Err(e.clone()),
                 });
             }
             false

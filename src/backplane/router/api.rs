@@ -187,7 +187,7 @@ impl Router {
     pub(super) fn on_published(
         &mut self,
         p: PublishWait,
-        result: Result<Vec<WriteResult>, String>,
+        result: Result<Vec<WriteResult>, crate::store::StoreError>,
         now_ms: u64,
         out: &mut Vec<Out>,
     ) {
@@ -224,17 +224,20 @@ impl Router {
         conn: ConnRef,
         status: u16,
         body: String,
-        result: Result<Vec<WriteResult>, String>,
+        result: Result<Vec<WriteResult>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) {
         match result {
             Ok(_) => http(out, conn, status, body),
-            Err(_) => http(
-                out,
-                conn,
-                503,
-                msg::error("store_unavailable", "not stored; retry", None),
-            ),
+            Err(e) => {
+                let (status, code) = e.status();
+                http(
+                    out,
+                    conn,
+                    status,
+                    msg::error(code, "not stored; retry", None),
+                )
+            }
         }
     }
 }

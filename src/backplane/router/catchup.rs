@@ -299,7 +299,7 @@ impl Router {
     fn catch_up_page(
         &mut self,
         conn: ConnRef,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) -> Option<Vec<StoredMessage>> {
         match result {
@@ -330,7 +330,7 @@ impl Router {
         &mut self,
         conn: ConnRef,
         user: String,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) {
         let Some(msgs) = self.catch_up_page(conn, result, out) else {
@@ -353,7 +353,7 @@ impl Router {
         &mut self,
         conn: ConnRef,
         from: Vec<(String, u64)>,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) {
         let Some(msgs) = self.catch_up_page(conn, result, out) else {

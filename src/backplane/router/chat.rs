@@ -401,7 +401,7 @@ impl Router {
     pub(super) fn on_send_stored(
         &mut self,
         s: SendWait,
-        result: Result<Vec<WriteResult>, String>,
+        result: Result<Vec<WriteResult>, crate::store::StoreError>,
         now_ms: u64,
         out: &mut Vec<Out>,
     ) {
@@ -428,9 +428,10 @@ impl Router {
             Ok(_) => Err(refuse("internal", 500, "unexpected store answer")),
             Err(e) => {
                 tracing::debug!(error = %e, "send not stored");
+                let (status, code) = e.status();
                 Err(refuse(
-                    "store_unavailable",
-                    503,
+                    code,
+                    status,
                     "message not stored; retry with the same client_id",
                 ))
             }
@@ -448,7 +449,7 @@ impl Router {
     pub(super) fn on_receipt_stored(
         &mut self,
         r: ReceiptWait,
-        result: Result<Vec<WriteResult>, String>,
+        result: Result<Vec<WriteResult>, crate::store::StoreError>,
         now_ms: u64,
         out: &mut Vec<Out>,
     ) {
@@ -456,8 +457,9 @@ impl Router {
             Ok(res) => res,
             Err(e) => {
                 tracing::debug!(error = %e, "receipt not stored");
-                let err = msg::error("store_unavailable", "receipt not stored; retry", None);
-                return answer(out, r.reply, 503, err);
+                let (status, code) = e.status();
+                let err = msg::error(code, "receipt not stored; retry", None);
+                return answer(out, r.reply, status, err);
             }
         };
         if let ReplyTo::Http(c) = r.reply {
@@ -493,7 +495,7 @@ impl Router {
     pub(super) fn on_notices_stored(
         &mut self,
         items: Vec<(Arc<str>, String, u64)>,
-        result: Result<Vec<WriteResult>, String>,
+        result: Result<Vec<WriteResult>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) {
         let Ok(res) = result else { return };
@@ -508,7 +510,7 @@ impl Router {
     pub(super) fn on_senders_read(
         &mut self,
         s: SendersWait,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, crate::store::StoreError>,
     ) {
         match result {
             Ok(msgs) => {
@@ -538,7 +540,7 @@ impl Router {
         reply: ReplyTo,
         conversation: &str,
         limit: usize,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) {
         let (status, page) = match result {
@@ -549,10 +551,8 @@ impl Router {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "history read failed");
-                (
-                    503,
-                    msg::error("store_unavailable", "history unavailable; retry", None),
-                )
+                let (status, code) = e.status();
+                (status, msg::error(code, "history unavailable; retry", None))
             }
         };
         answer(out, reply, status, page);

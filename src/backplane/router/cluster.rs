@@ -278,7 +278,7 @@ impl Router {
     pub(super) fn on_synced(
         &mut self,
         channel: Arc<str>,
-        result: Result<u64, String>,
+        result: Result<u64, crate::store::StoreError>,
         now_ms: u64,
         out: &mut Vec<Out>,
     ) {
@@ -299,7 +299,7 @@ impl Router {
     pub(super) fn on_filled(
         &mut self,
         channel: Arc<str>,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, crate::store::StoreError>,
         now_ms: u64,
         out: &mut Vec<Out>,
     ) {

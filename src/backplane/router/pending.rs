@@ -199,7 +199,7 @@ impl Router {
     fn after_commit(
         &mut self,
         next: OnCommit,
-        result: Result<Vec<WriteResult>, String>,
+        result: Result<Vec<WriteResult>, crate::store::StoreError>,
         now_ms: u64,
         out: &mut Vec<Out>,
     ) {
@@ -219,7 +219,7 @@ impl Router {
     fn after_read(
         &mut self,
         next: OnRead,
-        result: Result<Vec<crate::store::StoredMessage>, String>,
+        result: Result<Vec<crate::store::StoredMessage>, crate::store::StoreError>,
         now_ms: u64,
         out: &mut Vec<Out>,
     ) {

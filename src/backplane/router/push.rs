@@ -143,7 +143,11 @@ impl Router {
     }
 
     /// Claimed obligations: to the push thread (a user with no device: dropped at once).
-    pub(super) fn on_push_jobs(&mut self, result: Result<Vec<PushJob>, String>, now_ms: u64) {
+    pub(super) fn on_push_jobs(
+        &mut self,
+        result: Result<Vec<PushJob>, crate::store::StoreError>,
+        now_ms: u64,
+    ) {
         let Some(p) = &mut self.push else {
             return;
         };
@@ -295,7 +299,7 @@ impl Router {
         &mut self,
         reply: ReplyTo,
         json: String,
-        result: Result<Vec<WriteResult>, String>,
+        result: Result<Vec<WriteResult>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) {
         match result {
@@ -309,7 +313,10 @@ impl Router {
     }
 
     /// [`OnCommit::PushWrite`]: nothing to answer.
-    pub(super) fn on_push_written(&mut self, result: Result<Vec<WriteResult>, String>) {
+    pub(super) fn on_push_written(
+        &mut self,
+        result: Result<Vec<WriteResult>, crate::store::StoreError>,
+    ) {
         if let Err(e) = result {
             // The rows stay as they were; a claimed one is retried when its lease runs out.
             tracing::warn!(error = %e, "writing push outcomes failed");

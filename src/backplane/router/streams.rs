@@ -356,7 +356,7 @@ impl Router {
     pub(super) fn on_poll_read(
         &mut self,
         p: PollWait,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) {
         let PollWait {
@@ -378,12 +378,8 @@ impl Router {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "poll read failed");
-                http(
-                    out,
-                    conn,
-                    503,
-                    msg::error("store_unavailable", "retry the poll", None),
-                );
+                let (status, code) = e.status();
+                http(out, conn, status, msg::error(code, "retry the poll", None));
             }
         }
         // A held poll follows its channels now; the read's own interest ends.
@@ -397,7 +393,7 @@ impl Router {
     pub(super) fn on_poll_flush_read(
         &mut self,
         p: PollFlushWait,
-        result: Result<Vec<StoredMessage>, String>,
+        result: Result<Vec<StoredMessage>, crate::store::StoreError>,
         out: &mut Vec<Out>,
     ) {
         let PollFlushWait {

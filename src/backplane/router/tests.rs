@@ -50,7 +50,7 @@ impl Harness {
                 let c = match req {
                     Request::Commit { token, batch } => Completion::Committed {
                         token,
-                        result: self.store.commit(&batch).map_err(|e| e.to_string()),
+                        result: self.store.commit(&batch),
                     },
                     read => crate::store::thread::answer(&mut self.store, read, self.r.read_bytes),
                 };
