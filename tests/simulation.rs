@@ -329,11 +329,16 @@ const API: ConnRef = ConnRef {
 };
 
 impl Sim {
-    fn new(seed: u64) -> Sim {
+    /// A world from `seed`: a few users in a few conversations, or (`crowd`) hundreds of users and devices in
+    /// dozens of conversations.
+    fn new(seed: u64, crowd: bool) -> Sim {
         let mut rng = Rng(seed);
-        let users: Vec<Arc<str>> = (0..2 + rng.below(4))
-            .map(|i| Arc::from(format!("u{i}")))
-            .collect();
+        let n_users = if crowd {
+            300 + rng.below(200)
+        } else {
+            2 + rng.below(4)
+        };
+        let users: Vec<Arc<str>> = (0..n_users).map(|i| Arc::from(format!("u{i}"))).collect();
         let mut devices = Vec::new();
         for u in &users {
             for _ in 0..1 + rng.below(2) {
@@ -355,10 +360,15 @@ impl Sim {
             }
         }
         let mut conversations = BTreeMap::new();
-        for c in 0..1 + rng.below(3) {
-            let mut members: Vec<Arc<str>> =
-                users.iter().filter(|_| rng.chance(70)).cloned().collect();
-            while members.len() < 2 {
+        let n_conversations = if crowd { 40 } else { 1 + rng.below(3) };
+        for c in 0..n_conversations {
+            let mut members: Vec<Arc<str>> = if crowd {
+                Vec::new()
+            } else {
+                users.iter().filter(|_| rng.chance(70)).cloned().collect()
+            };
+            let want = if crowd { 2 + rng.below(7) as usize } else { 2 };
+            while members.len() < want {
                 let u = users[rng.below(users.len() as u64) as usize].clone();
                 if !members.contains(&u) {
                     members.push(u);
@@ -1687,9 +1697,13 @@ fn trace() -> bool {
     *ON.get_or_init(|| std::env::var_os("SIM_TRACE").is_some())
 }
 
-fn run_seed(seed: u64) {
-    let mut sim = Sim::new(seed);
-    let steps = 150 + sim.rng.below(250);
+fn run_seed(seed: u64, crowd: bool) {
+    let mut sim = Sim::new(seed, crowd);
+    let steps = if crowd {
+        4_000
+    } else {
+        150 + sim.rng.below(250)
+    };
     for _ in 0..steps {
         sim.random_step();
     }
@@ -1717,7 +1731,7 @@ fn seeded_simulation_keeps_every_promise() {
     };
     let total = seeds.len();
     for seed in seeds {
-        if let Err(e) = std::panic::catch_unwind(|| run_seed(seed)) {
+        if let Err(e) = std::panic::catch_unwind(|| run_seed(seed, false)) {
             let why = e
                 .downcast_ref::<String>()
                 .cloned()
@@ -1729,4 +1743,33 @@ fn seeded_simulation_keeps_every_promise() {
         }
     }
     eprintln!("simulation: {total} seeds passed");
+}
+
+/// The same promises with a crowd: 300 to 500 users with one or two devices each (450 to 1,000 clients) in 40
+/// conversations of 2 to 8 members, 4,000 steps. `SIM_CROWDS=N` runs N crowds (default 5; their seeds start at
+/// 1,000,000); `SIM_CROWD=S` replays one.
+#[test]
+fn seeded_simulation_of_a_crowd_keeps_every_promise() {
+    let seeds: Vec<u64> = match std::env::var("SIM_CROWD") {
+        Ok(s) => vec![s.parse().expect("SIM_CROWD is a number")],
+        Err(_) => {
+            let n: u64 = std::env::var("SIM_CROWDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(5);
+            (1_000_000..1_000_000 + n).collect()
+        }
+    };
+    for seed in seeds {
+        if let Err(e) = std::panic::catch_unwind(|| run_seed(seed, true)) {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!(
+                "crowd {seed} failed: {why}\nreplay: SIM_CROWD={seed} cargo test --test simulation crowd"
+            );
+        }
+    }
 }
