@@ -28,7 +28,7 @@
 //! committed message of each of its conversations exactly once, in offset order; every send its user made was
 //! committed exactly once; and no router holds a connection once all are closed.
 //!
-//! `SIM_SEEDS=N` runs seeds 0..N (default 300; CI runs the default); `SIM_SEED=S` replays one, and a failure
+//! `SIM_SEEDS=N` runs seeds 0..N (default 2,000, about 3 minutes in a debug build; CI runs the default); `SIM_SEED=S` replays one, and a failure
 //! prints the seed and the step that broke; `SIM_TRACE=1` prints every client message, reply, item, store
 //! request and bus event. Connection timers run on the real timer wheel (`corelay::timer::TimerWheel`) on the
 //! virtual clock; with every connection closed at the end, the wheel must be empty (no timer leaks). Not
@@ -1725,7 +1725,7 @@ fn seeded_simulation_keeps_every_promise() {
             let n: u64 = std::env::var("SIM_SEEDS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(300);
+                .unwrap_or(2000);
             (0..n).collect()
         }
     };
