@@ -519,13 +519,9 @@ impl Sim {
     /// Hands up to `k` events from the bus to their nodes, a random node at a time.
     fn deliver_bus(&mut self, k: usize) {
         for _ in 0..k {
-            let ready: Vec<usize> = (0..self.nodes.len())
-                .filter(|&n| !self.nodes[n].bus_in.is_empty())
-                .collect();
-            if ready.is_empty() {
+            let Some(n) = self.pick_node(|n| !n.bus_in.is_empty()) else {
                 return;
-            }
-            let n = ready[self.rng.below(ready.len() as u64) as usize];
+            };
             let ev = self.nodes[n].bus_in.pop_front().expect("ready");
             if trace() {
                 let what = match &ev {
@@ -851,18 +847,24 @@ impl Sim {
         Some(ws)
     }
 
-    /// Answers up to `n` queued store requests, oldest first, as the store thread would.
+    /// A random node among those `has` says have work; None when none has.
+    fn pick_node(&mut self, has: impl Fn(&NodeSim) -> bool) -> Option<usize> {
+        let ready: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| has(&self.nodes[n]))
+            .collect();
+        if ready.is_empty() {
+            return None;
+        }
+        Some(ready[self.rng.below(ready.len() as u64) as usize])
+    }
+
     /// Answers up to `k` queued store requests: each from a random node's queue, oldest first there (each node
     /// has its own store thread; they interleave at the shared store).
     fn answer_store(&mut self, k: usize) {
         for _ in 0..k {
-            let ready: Vec<usize> = (0..self.nodes.len())
-                .filter(|&n| !self.nodes[n].queue.is_empty())
-                .collect();
-            if ready.is_empty() {
+            let Some(n) = self.pick_node(|n| !n.queue.is_empty()) else {
                 return;
-            }
-            let n = ready[self.rng.below(ready.len() as u64) as usize];
+            };
             let req = self.nodes[n].queue.pop_front().expect("ready");
             if trace() {
                 let what = format!("{req:?}");
@@ -1717,6 +1719,20 @@ fn run_seed(seed: u64, crowd: bool) {
     }
 }
 
+/// Runs one seed; a failure names the seed and how to replay it.
+fn run_reporting(seed: u64, crowd: bool, replay_var: &str) {
+    if let Err(e) = std::panic::catch_unwind(|| run_seed(seed, crowd)) {
+        let why = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        panic!(
+            "seed {seed} failed: {why}\nreplay: {replay_var}={seed} cargo test --test simulation"
+        );
+    }
+}
+
 #[test]
 fn seeded_simulation_keeps_every_promise() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
@@ -1731,16 +1747,7 @@ fn seeded_simulation_keeps_every_promise() {
     };
     let total = seeds.len();
     for seed in seeds {
-        if let Err(e) = std::panic::catch_unwind(|| run_seed(seed, false)) {
-            let why = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!(
-                "seed {seed} failed: {why}\nreplay: SIM_SEED={seed} cargo test --test simulation"
-            );
-        }
+        run_reporting(seed, false, "SIM_SEED");
     }
     eprintln!("simulation: {total} seeds passed");
 }
@@ -1761,15 +1768,6 @@ fn seeded_simulation_of_a_crowd_keeps_every_promise() {
         }
     };
     for seed in seeds {
-        if let Err(e) = std::panic::catch_unwind(|| run_seed(seed, true)) {
-            let why = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            panic!(
-                "crowd {seed} failed: {why}\nreplay: SIM_CROWD={seed} cargo test --test simulation crowd"
-            );
-        }
+        run_reporting(seed, true, "SIM_CROWD");
     }
 }
