@@ -11,7 +11,7 @@ pub mod pinning;
 mod sockets;
 pub mod tls;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -70,8 +70,9 @@ struct Slot {
     want_write: bool,
     /// The per-address count this connection holds (`per_address`; 0 = none).
     addr_key: u32,
-    /// The TLS session of a connection accepted on the TLS listener (boxed: a plain connection pays 8 bytes).
-    tls: Option<Box<tls::TlsSession>>,
+    /// Accepted on the TLS listener: its session is in `Worker::sessions` (kept out of the slot, so that a
+    /// plain connection pays nothing for TLS; this flag sits in padding).
+    tls: bool,
     conn: Conn,
 }
 
@@ -89,6 +90,8 @@ pub struct Worker {
     /// TLS connections' plaintext: decrypted records handed to a connection, queued frames gathered into a
     /// record. One per loop, allocated when the loop has a TLS listener.
     plain: Vec<u8>,
+    /// The TLS sessions of this loop's TLS connections, by slot.
+    sessions: HashMap<usize, Box<tls::TlsSession>>,
     cmds: Receiver<LoopCmd>,
     next_generation: u32,
     pending: Vec<usize>,
@@ -165,6 +168,7 @@ impl Worker {
                     Vec::new()
                 },
                 tls_listener,
+                sessions: HashMap::new(),
                 admin,
                 accepting: true,
                 conns: Slab::new(),
@@ -410,6 +414,10 @@ impl Worker {
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         // Behind TLS the PROXY header is read by the TLS session, before the handshake.
         let proxied = self.shared.cfg.proxy_protocol && !admin && tls.is_none();
+        let is_tls = tls.is_some();
+        if let Some(session) = tls {
+            self.sessions.insert(index, session);
+        }
         let id = ConnId {
             index: index as u32,
             generation,
@@ -420,7 +428,7 @@ impl Worker {
             timer: None,
             want_write: false,
             addr_key,
-            tls,
+            tls: is_tls,
             conn,
         });
         if let Some(at) = fx.schedule {

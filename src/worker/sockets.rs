@@ -10,7 +10,7 @@ use std::time::Duration;
 use mio::{Interest, Token};
 
 use super::tls::{self, Established, Input};
-use super::{READS_PER_WAKE, Shared, Slot, Worker, env};
+use super::{READS_PER_WAKE, Shared, Worker, env};
 use crate::auth::Verifier;
 use crate::backplane::Event;
 use crate::cluster::ring::Ring;
@@ -107,7 +107,7 @@ impl Worker {
     /// is a revisit); otherwise a short read ends the turn, saving the read() that would return `WouldBlock`
     /// (epoll reports a new edge for anything that arrives after our read).
     pub(super) fn readable(&mut self, i: usize, drain: bool) {
-        if self.conns.get(i).is_some_and(|s| s.tls.is_some()) {
+        if self.conns.get(i).is_some_and(|s| s.tls) {
             return self.readable_tls(i, drain);
         }
         let mut reads = 0;
@@ -197,8 +197,10 @@ impl Worker {
             let now = self.now_ms;
             let mut schedule = None;
             let mut close = false;
-            let Slot { tls, conn, .. } = &mut self.conns[i];
-            let session = tls.as_deref_mut().expect("a TLS connection");
+            let conn = &mut self.conns[i].conn;
+            let Some(session) = self.sessions.get_mut(&i) else {
+                return;
+            };
             let plain = &mut self.plain;
             let mut env = env!(self);
             let input = session.on_ciphertext(
@@ -243,9 +245,8 @@ impl Worker {
                     tracing::debug!(worker = self.id.0, conn = i, reason = %why, "TLS connection failed");
                     self.metrics().tls_failures.fetch_add(1, Relaxed);
                     // Its last word (an alert, a plain-text 400), if the socket takes it now.
-                    let slot = &mut self.conns[i];
-                    if let Some(t) = slot.tls.as_deref_mut() {
-                        let _ = t.write_to(&mut slot.socket);
+                    if let Some(t) = self.sessions.get_mut(&i) {
+                        let _ = t.write_to(&mut self.conns[i].socket);
                     }
                     self.close(i);
                     return;
@@ -264,7 +265,12 @@ impl Worker {
         let Some(slot) = self.conns.get_mut(i) else {
             return;
         };
-        let written = match slot.tls.as_deref_mut() {
+        let session = if slot.tls {
+            self.sessions.get_mut(&i)
+        } else {
+            None
+        };
+        let written = match session {
             None if slot.conn.out.is_empty() => Ok(0),
             None => slot.conn.out.write_to(&mut slot.socket),
             Some(t) => tls::write(t, &mut slot.socket, &mut slot.conn.out, &mut self.plain),
@@ -282,7 +288,12 @@ impl Worker {
             }
         }
         let slot = &mut self.conns[i];
-        if !slot.conn.out.is_empty() || slot.tls.as_ref().is_some_and(|t| !t.pending().is_empty()) {
+        let mut session = if slot.tls {
+            self.sessions.get_mut(&i)
+        } else {
+            None
+        };
+        if !slot.conn.out.is_empty() || session.as_ref().is_some_and(|t| !t.pending().is_empty()) {
             if !slot.want_write {
                 slot.want_write = true;
                 let _ = self.registry.reregister(
@@ -301,7 +312,7 @@ impl Worker {
         }
         let fx = slot.conn.on_flushed(self.now_ms);
         if (fx.shutdown_write || fx.close)
-            && let Some(t) = slot.tls.as_deref_mut()
+            && let Some(t) = session.as_deref_mut()
         {
             // A graceful end: tell the TLS peer (best effort: one small record on an empty socket buffer).
             t.close_notify();
@@ -323,6 +334,9 @@ impl Worker {
             return;
         }
         let mut slot = self.conns.remove(i);
+        if slot.tls {
+            self.sessions.remove(&i);
+        }
         self.shared.per_address.release(slot.addr_key);
         if let Some(k) = slot.timer.take() {
             self.wheel.cancel(k);
