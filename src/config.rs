@@ -19,6 +19,15 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Long-lived connections a draining node closes per second (all loops together): its clients reconnect
+/// to the other nodes at this rate, not all at once.
+pub const DEFAULT_DRAIN_RATE: u32 = 1_000;
+/// New connections accepted per second (all loops together) before the rest wait in the kernel's backlog.
+pub const DEFAULT_ACCEPT_RATE: u32 = 20_000;
+/// How long new connections may wait for their turn before they are refused (503 + `Retry-After`).
+pub const DEFAULT_ACCEPT_QUEUE: Duration = Duration::from_secs(1);
+/// The longest a drain spreads its closes over, whatever the rate.
+pub const DEFAULT_DRAIN_WINDOW: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
 pub use corelay_proto::http1::MAX_HEADERS_CEILING;
@@ -156,6 +165,16 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub drain_timeout: Duration,
+    /// A drain closes long-lived connections (WebSocket, SSE, held polls) at this rate per second, spread
+    /// over at most `drain_window`; then it waits up to `drain_timeout` for the last close handshakes.
+    pub drain_rate: u32,
+    pub drain_window: Duration,
+    /// Accept-side protection: new connections per second (all loops together); a burst of one second's
+    /// worth is taken at once. Beyond it connections wait in the kernel backlog; once they have waited
+    /// `accept_queue`, the waiting ones are accepted and refused: `503` with `Retry-After` (on the TLS
+    /// listener, closed before the handshake: its cost is what the limit protects).
+    pub accept_rate: u32,
+    pub accept_queue: Duration,
     /// WebSocket echo endpoint (no auth, no chat protocol) for conformance runs and load generators.
     pub echo_path: Option<String>,
     /// Messages kept per topic and `user:` channel for resume (SSE, polls, subscribe with a cursor).
@@ -218,6 +237,10 @@ impl Default for Config {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            drain_rate: DEFAULT_DRAIN_RATE,
+            accept_rate: DEFAULT_ACCEPT_RATE,
+            accept_queue: DEFAULT_ACCEPT_QUEUE,
+            drain_window: DEFAULT_DRAIN_WINDOW,
             echo_path: None,
             topic_history: DEFAULT_TOPIC_HISTORY,
             topic_history_bytes: DEFAULT_TOPIC_HISTORY_BYTES,
@@ -344,9 +367,24 @@ pub struct Options {
     /// Idle keep-alive HTTP connections are closed after this [default: 60s].
     #[arg(long)]
     pub keepalive_timeout: Option<String>,
-    /// How long a drain waits for clients to close [default: 5s].
+    /// How long a drain waits for clients to close, after its spread [default: 5s].
     #[arg(long)]
     pub drain_timeout: Option<String>,
+    /// Long-lived connections closed per second by a drain, all loops together, so that clients reconnect
+    /// elsewhere gradually [default: 1000].
+    #[arg(long)]
+    pub drain_rate: Option<u32>,
+    /// The longest a drain spreads its closes over, whatever the rate [default: 30s].
+    #[arg(long)]
+    pub drain_window: Option<String>,
+    /// New connections accepted per second, all loops together; the rest wait in the backlog
+    /// [default: 20000].
+    #[arg(long)]
+    pub accept_rate: Option<u32>,
+    /// How long new connections wait beyond --accept-rate before they are refused with 503 + Retry-After
+    /// [default: 1s].
+    #[arg(long)]
+    pub accept_queue: Option<String>,
     /// Serve a WebSocket echo endpoint at this path (off by default).
     #[arg(long)]
     pub echo_path: Option<String>,
@@ -484,6 +522,8 @@ impl Options {
             cfg.tls_key = self.tls_key;
         }
         set(&mut cfg.threads, self.threads);
+        set(&mut cfg.drain_rate, self.drain_rate);
+        set(&mut cfg.accept_rate, self.accept_rate);
         set(&mut cfg.data_dir, self.data_dir);
         set(&mut cfg.node_id, self.node_id);
         if self.auth_secret.is_some() {
@@ -514,6 +554,8 @@ impl Options {
                 &mut cfg.keepalive_timeout,
             ),
             ("drain_timeout", self.drain_timeout, &mut cfg.drain_timeout),
+            ("drain_window", self.drain_window, &mut cfg.drain_window),
+            ("accept_queue", self.accept_queue, &mut cfg.accept_queue),
             (
                 "topic_history_age",
                 self.topic_history_age,
@@ -650,6 +692,12 @@ impl Config {
         self.push.validate()?;
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
+        }
+        if self.accept_rate == 0 {
+            return Err(invalid("accept_rate", "must be at least 1 per second"));
+        }
+        if self.drain_rate == 0 {
+            return Err(invalid("drain_rate", "must be at least 1 per second"));
         }
         match (&self.tls_listen, &self.tls_cert, &self.tls_key) {
             (None, None, None) | (Some(_), Some(_), Some(_)) => {}

@@ -167,6 +167,9 @@ pub struct Conn {
     pub closing: Closing,
     /// Accepted on the internal admin listener (`--admin-listen`).
     pub admin: bool,
+    /// Accepted only to be refused: new connections arrived faster than `accept_rate` for longer than
+    /// `accept_queue`. Its first request (but a health check) is answered 503 with `Retry-After`.
+    pub refused: bool,
 }
 
 impl Conn {
@@ -190,6 +193,7 @@ impl Conn {
             out: WriteQueue::default(),
             last_rx_ms: now_ms,
             closing: Closing::Open,
+            refused: false,
         };
         let mut cx = Cx::new(env, id, now_ms);
         let at = cx.after(cx.cfg().handshake_timeout);
@@ -198,6 +202,14 @@ impl Conn {
         m.accepted.fetch_add(1, Relaxed);
         m.conn_opened(Transport::Http);
         (conn, cx.fx)
+    }
+
+    /// A connection that stays open (WebSocket, SSE stream, held poll): a drain spreads these closes.
+    pub fn is_long_lived(&self) -> bool {
+        matches!(
+            self.mode,
+            Mode::WebSocket(_) | Mode::Sse(_) | Mode::PollHeld(_)
+        )
     }
 
     pub fn is_websocket(&self) -> bool {
@@ -347,9 +359,12 @@ impl Conn {
     pub fn drain(&mut self, env: &mut dyn Env, now_ms: u64) -> Effects {
         let mut cx = Cx::new(env, self.id, now_ms);
         match &self.mode {
-            Mode::WebSocket(_) => {
-                ws::start_close(self, CloseCode::GOING_AWAY, "server shutting down", &cx)
-            }
+            Mode::WebSocket(_) => ws::start_close(
+                self,
+                CloseCode::GOING_AWAY,
+                "server draining: reconnect",
+                &cx,
+            ),
             Mode::HttpAwait { .. } | Mode::HttpBody { .. } | Mode::Sse(_) | Mode::PollHeld(_) => {
                 self.closing = Closing::AfterFlush
             }

@@ -38,6 +38,16 @@ pub fn head(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Cx<'_>) {
             return refuse(conn, cx, HttpError::of(ErrorKind::NotFound, "not found"));
         }
     }
+    if conn.refused && path != "/healthz" && path != "/readyz" {
+        return refuse(
+            conn,
+            cx,
+            HttpError::of(
+                ErrorKind::Overloaded,
+                "too many new connections; retry later",
+            ),
+        );
+    }
     match path {
         "/send" | "/sse" | "/poll" if method == Method::Options => {
             cors::preflight(conn, &head, cx);
