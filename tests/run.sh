@@ -8,6 +8,7 @@ need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
@@ -18,6 +19,11 @@ fi
 
 echo "== cargo test"
 cargo test --locked --workspace --lib --bins --tests --benches 2>&1
+
+echo "== JS client SDK (node --test, against the debug binary cargo just built)"
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+[ "$node_major" -ge 20 ] || { echo "the JS SDK tests need Node.js >= 20 (found: $(node --version 2>&1))" >&2; exit 1; }
+(cd clients/js && node --experimental-websocket --test test/)
 
 echo "== autobahn (RFC 6455 cases 1-10, over ws:// and wss://)"
 tests/autobahn.sh
