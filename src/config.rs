@@ -153,6 +153,8 @@ pub struct Config {
     pub tls_listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The demo chat at `/demo/`, with its token endpoint (anyone may become anyone: never in production).
+    pub demo: bool,
     pub threads: usize,
     pub data_dir: PathBuf,
     /// Empty = host name + port, decided when the listener is bound.
@@ -227,6 +229,7 @@ impl Default for Config {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            demo: false,
             threads: default_threads(),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             node_id: default_node_id(),
@@ -321,6 +324,10 @@ pub struct Options {
     /// Serve `/api/*` and `/metrics` only on this internal address (and refuse them on --listen).
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// Serve the demo chat at /demo/ and let it mint tokens for any user (development only).
+    #[arg(long)]
+    #[serde(default)]
+    pub demo: bool,
     /// Also listen for TLS (`wss://`, `https://`) on this address; needs --tls-cert and --tls-key.
     #[arg(long)]
     pub tls_listen: Option<String>,
@@ -518,6 +525,7 @@ impl Options {
         if self.tls_cert.is_some() {
             cfg.tls_cert = self.tls_cert;
         }
+        cfg.demo |= self.demo;
         if self.tls_key.is_some() {
             cfg.tls_key = self.tls_key;
         }
@@ -692,6 +700,12 @@ impl Config {
         self.push.validate()?;
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
+        }
+        if self.demo && self.admin_listen.is_some() {
+            return Err(invalid(
+                "demo",
+                "the demo creates its conversations through the public listener: drop admin_listen",
+            ));
         }
         if self.accept_rate == 0 {
             return Err(invalid("accept_rate", "must be at least 1 per second"));

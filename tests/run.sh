@@ -20,10 +20,11 @@ fi
 echo "== cargo test"
 cargo test --locked --workspace --lib --bins --tests --benches 2>&1
 
-echo "== JS client SDK (node --test, against the debug binary cargo just built)"
+echo "== JS client SDK and the demo in headless Chromium (node --test, against the debug binary cargo just built)"
 node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
 [ "$node_major" -ge 20 ] || { echo "the JS SDK tests need Node.js >= 20 (found: $(node --version 2>&1))" >&2; exit 1; }
-(cd clients/js && node --experimental-websocket --test test/)
+# puppeteer-core (the browser tests' driver; it downloads no browser: Debian's chromium is used) from the lock file.
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && node --experimental-websocket --test test/)
 
 echo "== autobahn (RFC 6455 cases 1-10, over ws:// and wss://)"
 tests/autobahn.sh

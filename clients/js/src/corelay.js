@@ -146,8 +146,12 @@ export class Corelay extends Emitter {
     this._timers = new Set();
     this._load();
     if (typeof globalThis.addEventListener === "function") {
+      // The browser knows when the network went away: drop the connection at once (it would otherwise
+      // linger, half-dead, until the liveness check) and come back as soon as the network does.
       this._online = () => this._reconnectNow();
+      this._offline = () => this._dropForOffline();
       globalThis.addEventListener("online", this._online);
+      globalThis.addEventListener("offline", this._offline);
     }
     this._connect();
   }
@@ -200,6 +204,7 @@ export class Corelay extends Emitter {
     for (const t of this._timers) clearTimeout(t);
     this._timers.clear();
     if (this._online) globalThis.removeEventListener("online", this._online);
+    if (this._offline) globalThis.removeEventListener("offline", this._offline);
     this._conn?.close();
     this._conn = null;
     this._setState("closed");
@@ -284,6 +289,15 @@ export class Corelay extends Emitter {
     if (hint.fast) delay = Math.min(delay, 250);
     if (hint.retryAfterMs) delay = Math.max(delay, hint.retryAfterMs + Math.floor(Math.random() * 500));
     this._reconnectTimer = this._later(delay, () => this._connect(!!hint.expired));
+  }
+
+  _dropForOffline() {
+    if (this._closed || !this._conn) return;
+    const conn = this._conn;
+    this._conn = null;
+    conn.close();
+    this._setState("reconnecting");
+    this._scheduleReconnect();
   }
 
   _reconnectNow() {

@@ -66,7 +66,7 @@ export class Gateway {
   }
 
   async stop() {
-    if (this.child.exitCode === null) await this.kill();
+    if (this.child.exitCode === null && this.child.signalCode === null) await this.kill();
     rmSync(this.dir, { recursive: true, force: true });
   }
 

@@ -233,10 +233,13 @@ pub fn stream_of(bytes: &[u8]) -> Option<String> {
     serde_json::from_slice::<S>(bytes).ok()?.stream
 }
 
-/// `{"type":"welcome",…}`, the first frame on every WebSocket.
-pub fn welcome(user: &str, node: &str, heartbeat_s: u64) -> String {
-    serde_json::json!({"type": "welcome", "user": user, "node": node, "heartbeat_s": heartbeat_s})
-        .to_string()
+/// `{"type":"welcome",…}`, the first frame on every WebSocket: who, where, and the liveness contract (the
+/// server pings after `heartbeat_s` of silence and gives up `heartbeat_timeout_s` later; a client that sees
+/// nothing for that long may presume the connection dead).
+pub fn welcome(user: &str, node: &str, heartbeat_s: u64, heartbeat_timeout_s: u64) -> String {
+    serde_json::json!({"type": "welcome", "user": user, "node": node, "heartbeat_s": heartbeat_s,
+        "heartbeat_timeout_s": heartbeat_timeout_s})
+    .to_string()
 }
 
 /// `{"type":"error",…}` with `ref` = the client id when there is one.

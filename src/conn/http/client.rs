@@ -55,10 +55,11 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>)
     http1::encode_upgrade(&up, &mut out);
     if let Some(u) = &user {
         let hb = cx.cfg().heartbeat_interval.as_secs().max(1);
+        let timeout = cx.cfg().heartbeat_timeout.as_secs().max(1);
         encode_frame(
             Opcode::Text,
             true,
-            msg::welcome(u, &cx.cfg().node_id, hb).as_bytes(),
+            msg::welcome(u, &cx.cfg().node_id, hb, timeout).as_bytes(),
             &mut out,
         );
         cx.metrics().frames_out.fetch_add(1, Relaxed);
