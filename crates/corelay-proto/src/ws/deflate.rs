@@ -1,0 +1,684 @@
+//! permessage-deflate (RFC 7692), server side: negotiation (`Sec-WebSocket-Extensions` offers → the answer)
+//! and the two codecs, each meant to be owned once per event loop, never per connection.
+//!
+//! corelay always answers `server_no_context_takeover; client_no_context_takeover` (the server may add the
+//! client one unasked, §7.1.1.2), so that every message is compressed and decompressed on its own: no LZ77
+//! window survives a message, and a connection carries only its negotiated window size (one byte), never a
+//! zlib stream. [`Inflater`] and [`Deflater`] are reset per message and shared by every connection of a loop.
+//!
+//! `server_max_window_bits=N` (9..=15) is honoured by compressing with an N-bit window; N = 8 is declined
+//! (that offer is skipped): zlib cannot produce raw DEFLATE with a 256-byte window (it silently uses 9 bits,
+//! which could reference 512 bytes back and break the client). `client_max_window_bits` needs nothing from us:
+//! the inflater's 15-bit window reads any smaller one, so the answer never limits the client.
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use super::decoder::WsError;
+use super::frame::{CloseCode, Opcode};
+
+/// The extension's name in `Sec-WebSocket-Extensions`.
+pub const EXTENSION: &str = "permessage-deflate";
+
+/// What a negotiation settled, all a connection keeps (2 bytes). Both directions are no-context-takeover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The LZ77 window we compress with: 15, or the client's `server_max_window_bits` (9..=15).
+    pub server_window_bits: u8,
+    /// The client asked for `server_max_window_bits`: the answer must carry it (RFC 7692 §7.1.2.1).
+    pub server_window_echo: bool,
+}
+
+impl Negotiated {
+    /// The value of the answer's `Sec-WebSocket-Extensions` header.
+    pub fn response(&self) -> String {
+        let mut s = String::from(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        );
+        if self.server_window_echo {
+            s.push_str("; server_max_window_bits=");
+            s.push_str(&self.server_window_bits.to_string());
+        }
+        s
+    }
+}
+
+/// Picks the first acceptable `permessage-deflate` offer of a `Sec-WebSocket-Extensions` value (all the
+/// request's such headers, joined with commas), in the client's order of preference. An offer with an unknown
+/// or repeated parameter, a value where none belongs, a missing or invalid value, or `server_max_window_bits=8`
+/// is declined and the next one considered. `None`: answer without the extension. Never panics.
+pub fn negotiate(offers: &str) -> Option<Negotiated> {
+    split_quoted(offers, b',').find_map(accept_offer)
+}
+
+/// One offer: `permessage-deflate *( ";" param [ "=" value ] )`.
+fn accept_offer(offer: &str) -> Option<Negotiated> {
+    let mut parts = split_quoted(offer, b';');
+    if !parts.next()?.trim().eq_ignore_ascii_case(EXTENSION) {
+        return None;
+    }
+    // Seen parameters, one bit each: a repeat declines the offer (§7, "MUST decline").
+    let mut seen = 0u8;
+    let mut server_bits = None;
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(unquote(v.trim())?)),
+            None => (param.trim(), None),
+        };
+        let (bit, ok) = match name.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" => (1, value.is_none()),
+            "client_no_context_takeover" => (2, value.is_none()),
+            "server_max_window_bits" => {
+                // A value is required (§7.1.2.1); 8 is valid but beyond zlib.
+                server_bits = value.as_deref().and_then(window_bits);
+                (4, server_bits.is_some_and(|b| b >= 9))
+            }
+            // The value is optional here (§7.1.2.2).
+            "client_max_window_bits" => {
+                (8, value.as_deref().is_none_or(|v| window_bits(v).is_some()))
+            }
+            _ => return None,
+        };
+        if !ok || seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+    }
+    Some(Negotiated {
+        server_window_bits: server_bits.unwrap_or(15),
+        server_window_echo: server_bits.is_some(),
+    })
+}
+
+/// `8`..=`15`, decimal, no leading zero (RFC 7692 §7.1.2.1).
+fn window_bits(v: &str) -> Option<u8> {
+    match v.as_bytes() {
+        [d @ b'8'..=b'9'] => Some(d - b'0'),
+        [b'1', d @ b'0'..=b'5'] => Some(10 + d - b'0'),
+        _ => None,
+    }
+}
+
+/// A token or a quoted-string (RFC 7230 §3.2.6) as its content; `None` for an unterminated quote.
+fn unquote(v: &str) -> Option<String> {
+    let Some(inner) = v.strip_prefix('"') else {
+        return Some(v.to_owned());
+    };
+    let inner = inner.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// Splits at `sep` outside quoted strings (a quoted value may hold a comma or a semicolon).
+fn split_quoted(s: &str, sep: u8) -> impl Iterator<Item = &str> {
+    let mut rest = Some(s);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, b) in s.bytes().enumerate() {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if quoted => escaped = true,
+                b'"' => quoted = !quoted,
+                _ if b == sep && !quoted => {
+                    rest = Some(&s[i + 1..]);
+                    return Some(&s[..i]);
+                }
+                _ => {}
+            }
+        }
+        rest = None;
+        Some(s)
+    })
+}
+
+/// The tail a sender strips from each compressed message (an empty stored block, RFC 7692 §7.2.1) and the
+/// receiver appends back before inflating (§7.2.2).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
+
+/// How much output buffer the inflater adds at a time (bounded by the message limit).
+const INFLATE_CHUNK: usize = 16 * 1024;
+
+/// An inflater output buffer bigger than this is not kept between messages.
+const RETAIN: usize = 256 * 1024;
+
+/// Decompresses whole messages, one at a time, each with a fresh window (client_no_context_takeover). One per
+/// event loop: about 40 KiB (zlib state and its 32 KiB window) plus the output buffer.
+pub struct Inflater {
+    z: Decompress,
+    out: Vec<u8>,
+}
+
+impl Default for Inflater {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inflater {
+    pub fn new() -> Self {
+        Self {
+            z: Decompress::new(false),
+            out: Vec::new(),
+        }
+    }
+
+    /// Inflates one message's payload (RSV1 set, tail stripped by the sender). The output never grows past
+    /// `max` bytes: one more and it stops with 1009, so a zip bomb costs at most `max` bytes and the CPU to
+    /// produce them. Corrupt DEFLATE data is 1007, and so is invalid UTF-8 in a text message.
+    pub fn inflate(&mut self, payload: &[u8], text: bool, max: usize) -> Result<&[u8], WsError> {
+        if self.out.capacity() > RETAIN {
+            self.out = Vec::new();
+        }
+        self.out.clear();
+        self.z.reset(false);
+        for (i, input) in [payload, &TAIL[..]].into_iter().enumerate() {
+            let mut pos = 0;
+            loop {
+                if self.out.len() == self.out.capacity() {
+                    if self.out.len() > max {
+                        return Err(too_big());
+                    }
+                    // Capacity never exceeds max + 1: one byte past the limit proves the message too big.
+                    let room =
+                        (max + 1 - self.out.len()).min(self.out.capacity().max(INFLATE_CHUNK));
+                    self.out.reserve_exact(room);
+                }
+                let (in0, out0) = (self.z.total_in(), self.z.total_out());
+                let status = self
+                    .z
+                    .decompress_vec(&input[pos..], &mut self.out, FlushDecompress::None)
+                    .map_err(|_| corrupt())?;
+                pos += (self.z.total_in() - in0) as usize;
+                if self.out.len() > max {
+                    return Err(too_big());
+                }
+                if status == Status::StreamEnd {
+                    // A final block (BFINAL) ends the message: bytes after it are an error, our tail is not.
+                    if i == 0 && pos < input.len() {
+                        return Err(corrupt());
+                    }
+                    return self.finish(text);
+                }
+                let room = self.out.len() < self.out.capacity();
+                if pos == input.len() && room {
+                    break; // everything this input gives is out
+                }
+                let progress = self.z.total_in() != in0 || self.z.total_out() != out0;
+                if !progress && room {
+                    return Err(corrupt());
+                }
+            }
+        }
+        self.finish(text)
+    }
+
+    fn finish(&self, text: bool) -> Result<&[u8], WsError> {
+        if text && std::str::from_utf8(&self.out).is_err() {
+            return Err(WsError {
+                code: CloseCode::INVALID_DATA,
+                reason: "invalid UTF-8 in text message",
+            });
+        }
+        Ok(&self.out)
+    }
+
+    /// Heap bytes held between messages (the output buffer).
+    pub fn heap_bytes(&self) -> usize {
+        self.out.capacity()
+    }
+}
+
+const fn corrupt() -> WsError {
+    WsError {
+        code: CloseCode::INVALID_DATA,
+        reason: "invalid permessage-deflate data",
+    }
+}
+
+const fn too_big() -> WsError {
+    WsError {
+        code: CloseCode::TOO_BIG,
+        reason: "message too big (inflated)",
+    }
+}
+
+/// Compresses whole messages into frames with RSV1 set, each with a fresh window (server_no_context_takeover).
+/// One per event loop; a compressor per window size is made the first time a client asks for it (zlib-rs:
+/// about 270 KiB at 15 bits, less below).
+pub struct Deflater {
+    level: Compression,
+    /// Index: window bits - 9.
+    z: [Option<Box<Compress>>; 7],
+    scratch: Vec<u8>,
+}
+
+impl Deflater {
+    /// `level`: 1 (fastest) to 9 (smallest).
+    pub fn new(level: u32) -> Self {
+        Self {
+            level: Compression::new(level.clamp(1, 9)),
+            z: Default::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Appends one final frame with `payload` compressed (RSV1 set) to `out`, using a window of
+    /// `window_bits` (9..=15). Returns `false` and appends nothing when compressing would not make the frame
+    /// smaller (the caller sends it plain: RSV1 is per message).
+    pub fn frame(
+        &mut self,
+        opcode: Opcode,
+        payload: &[u8],
+        window_bits: u8,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        match self.compress(payload, window_bits) {
+            Some(body) if body.len() < payload.len() => {
+                super::frame::encode_frame_rsv1(opcode, body, out);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `payload` as one permessage-deflate message body: a fresh window of `window_bits` (9..=15), a sync
+    /// flush, the tail stripped. `None` if zlib fails (never seen; the caller sends the message plain).
+    pub fn compress(&mut self, payload: &[u8], window_bits: u8) -> Option<&[u8]> {
+        let bits = window_bits.clamp(9, 15);
+        let level = self.level;
+        let z = self.z[usize::from(bits - 9)]
+            .get_or_insert_with(|| Box::new(Compress::new_with_window_bits(level, false, bits)));
+        z.reset();
+        if self.scratch.capacity() > RETAIN {
+            self.scratch = Vec::new();
+        }
+        let buf = &mut self.scratch;
+        buf.clear();
+        buf.reserve(payload.len() / 2 + 64);
+        let mut pos = 0;
+        loop {
+            let in0 = z.total_in();
+            z.compress_vec(&payload[pos..], buf, FlushCompress::Sync)
+                .ok()?;
+            pos += (z.total_in() - in0) as usize;
+            if pos == payload.len() && buf.len() < buf.capacity() {
+                break;
+            }
+            buf.reserve(buf.capacity().max(64));
+        }
+        // A sync flush ends with the empty stored block the receiver appends back (§7.2.1).
+        buf.strip_suffix(&TAIL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::decode_header;
+
+    fn n(bits: u8) -> Option<Negotiated> {
+        Some(Negotiated {
+            server_window_bits: bits,
+            server_window_echo: bits != 15,
+        })
+    }
+
+    const PLAIN: Option<Negotiated> = Some(Negotiated {
+        server_window_bits: 15,
+        server_window_echo: false,
+    });
+
+    #[test]
+    fn negotiation_table() {
+        let echo15 = Some(Negotiated {
+            server_window_bits: 15,
+            server_window_echo: true,
+        });
+        let cases: &[(&str, Option<Negotiated>)] = &[
+            ("", None),
+            ("x-webkit-deflate-frame", None),
+            ("permessage-deflate", PLAIN),
+            ("PerMessage-Deflate", PLAIN),
+            ("  permessage-deflate  ", PLAIN),
+            // RFC 7692 §7.1 examples, and what browsers send.
+            ("permessage-deflate; client_max_window_bits", PLAIN),
+            ("permessage-deflate; client_max_window_bits=10", PLAIN),
+            ("permessage-deflate; server_no_context_takeover", PLAIN),
+            ("permessage-deflate; client_no_context_takeover", PLAIN),
+            ("permessage-deflate; server_max_window_bits=10", n(10)),
+            ("permessage-deflate; server_max_window_bits=15", echo15),
+            (
+                "permessage-deflate;server_max_window_bits=9;client_max_window_bits",
+                n(9),
+            ),
+            ("permessage-deflate; server_max_window_bits=\"12\"", n(12)),
+            // Autobahn 13.7: the first offer has bits 9.
+            (
+                "permessage-deflate; client_no_context_takeover; client_max_window_bits; server_no_context_takeover; server_max_window_bits=9, permessage-deflate",
+                n(9),
+            ),
+            // RFC 7692 §7.1.3 example: the first offer declined (8 is beyond zlib), the second accepted.
+            (
+                "permessage-deflate; server_max_window_bits=8, permessage-deflate; server_max_window_bits=10",
+                n(10),
+            ),
+            ("permessage-deflate; server_max_window_bits=8", None),
+            // Invalid: decline that offer, take the next.
+            ("permessage-deflate; server_max_window_bits", None),
+            ("permessage-deflate; server_max_window_bits=16", None),
+            ("permessage-deflate; server_max_window_bits=7", None),
+            ("permessage-deflate; server_max_window_bits=010", None),
+            ("permessage-deflate; server_max_window_bits=1a", None),
+            ("permessage-deflate; client_max_window_bits=0", None),
+            ("permessage-deflate; client_max_window_bits=", None),
+            ("permessage-deflate; server_no_context_takeover=1", None),
+            ("permessage-deflate; client_no_context_takeover=\"\"", None),
+            ("permessage-deflate; mystery", None),
+            (
+                "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+                None,
+            ),
+            (
+                "permessage-deflate; client_max_window_bits; client_max_window_bits=9",
+                None,
+            ),
+            ("permessage-deflate; mystery, permessage-deflate", PLAIN),
+            (
+                "foo, permessage-deflate; server_max_window_bits=11, permessage-deflate",
+                n(11),
+            ),
+            ("foo; x=\"a, permessage-deflate\", bar", None),
+            ("foo; x=\"a, permessage-deflate", None),
+            ("permessage-deflate; server_max_window_bits=\"1", None),
+            (";;;,,,==", None),
+            ("permessage-deflate;", None),
+        ];
+        for (offer, want) in cases {
+            assert_eq!(negotiate(offer), *want, "{offer:?}");
+        }
+    }
+
+    #[test]
+    fn response_header() {
+        assert_eq!(
+            PLAIN.unwrap().response(),
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        );
+        assert_eq!(
+            n(10).unwrap().response(),
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10"
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let bytes: Vec<u8> = (0u8..=255).collect();
+        for i in 0..bytes.len() {
+            for j in i..bytes.len().min(i + 40) {
+                if let Ok(s) = std::str::from_utf8(&bytes[i..j]) {
+                    let _ = negotiate(s);
+                }
+            }
+        }
+        for s in ["\"", "\\", "\"\\", "permessage-deflate; a=\"\\", "é;é=é,é"] {
+            let _ = negotiate(s);
+        }
+    }
+
+    #[test]
+    fn rfc7692_hello_example() {
+        // §7.2.3.1: "Hello" compressed without context takeover.
+        let mut d = Deflater::new(6);
+        let mut out = Vec::new();
+        assert_eq!(
+            d.compress(b"Hello", 15).unwrap(),
+            [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]
+        );
+        // 5 bytes do not get smaller (7 compressed): sent plain.
+        assert!(!d.frame(Opcode::Text, b"Hello", 15, &mut out));
+        assert!(out.is_empty());
+        let mut inf = Inflater::new();
+        let got = inf.inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], true, 100);
+        assert_eq!(got.unwrap(), b"Hello");
+        // §7.2.3.3: the same with a stored (uncompressed) block.
+        let got = inf.inflate(
+            &[
+                0x00, 0x05, 0x00, 0xfa, 0xff, b'H', b'e', b'l', b'l', b'o', 0x00,
+            ],
+            true,
+            100,
+        );
+        assert_eq!(got.unwrap(), b"Hello");
+        // §7.2.3.4: two blocks in one message.
+        let got = inf.inflate(
+            &[
+                0xf2, 0x48, 0x05, 0x00, 0x00, 0x00, 0xff, 0xff, 0xca, 0xc9, 0xc9, 0x07, 0x00,
+            ],
+            true,
+            100,
+        );
+        assert_eq!(got.unwrap(), b"Hello");
+        // §7.2.3.5: a final block (BFINAL set), then nothing.
+        let got = inf.inflate(&[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], true, 100);
+        assert_eq!(got.unwrap(), b"Hello");
+        // An empty message compressed (§7.2.3.6).
+        assert_eq!(inf.inflate(&[0x00], true, 100).unwrap(), b"");
+        assert_eq!(inf.inflate(&[], false, 100).unwrap(), b"");
+    }
+
+    #[test]
+    fn roundtrip_every_window() {
+        let text: Vec<u8> = (0..5000)
+            .flat_map(|i| format!("{{\"seq\":{i},\"body\":\"hello hello\"}}").into_bytes())
+            .collect();
+        let mut d = Deflater::new(6);
+        let mut inf = Inflater::new();
+        for bits in 9..=15 {
+            let mut out = Vec::new();
+            assert!(d.frame(Opcode::Text, &text, bits, &mut out));
+            let (h, hl) = decode_header(&out).unwrap().unwrap();
+            assert_eq!((h.fin, h.rsv, h.opcode), (true, 4, 1));
+            assert_eq!(h.payload_len as usize, out.len() - hl);
+            assert!(out.len() < text.len() / 4, "{bits}: {}", out.len());
+            // A decompressor limited to the window must read it.
+            let mut z = Decompress::new_with_window_bits(false, bits.max(9));
+            let mut payload = out[hl..].to_vec();
+            payload.extend_from_slice(&TAIL);
+            let mut back = Vec::with_capacity(text.len() + 10);
+            z.decompress_vec(&payload, &mut back, FlushDecompress::Sync)
+                .unwrap();
+            assert_eq!(back, text, "{bits}");
+            assert_eq!(
+                inf.inflate(&out[hl..], true, text.len()).unwrap(),
+                &text[..]
+            );
+        }
+        // The same bytes twice: no context carried over.
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        d.frame(Opcode::Binary, &text, 15, &mut a);
+        d.frame(Opcode::Binary, &text, 15, &mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn zip_bomb_stops_at_the_limit() {
+        // 16 MiB of zeros compress to ~16 KiB; the limit is 1 MiB.
+        let zeros = vec![0u8; 16 << 20];
+        let mut d = Deflater::new(9);
+        let mut frame = Vec::new();
+        assert!(d.frame(Opcode::Binary, &zeros, 15, &mut frame));
+        drop(zeros);
+        let hl = decode_header(&frame).unwrap().unwrap().1;
+        let mut inf = Inflater::new();
+        let err = inf.inflate(&frame[hl..], false, 1 << 20).unwrap_err();
+        assert_eq!(err.code, CloseCode::TOO_BIG);
+        assert!(
+            inf.out.capacity() <= (1 << 20) + 1,
+            "{}",
+            inf.out.capacity()
+        );
+        // Exactly at the limit is fine.
+        let mut frame = Vec::new();
+        assert!(d.frame(Opcode::Binary, &vec![0u8; 1 << 20], 15, &mut frame));
+        let hl = decode_header(&frame).unwrap().unwrap().1;
+        assert_eq!(
+            inf.inflate(&frame[hl..], false, 1 << 20).unwrap().len(),
+            1 << 20
+        );
+        assert_eq!(
+            inf.inflate(&frame[hl..], false, (1 << 20) - 1)
+                .unwrap_err()
+                .code,
+            CloseCode::TOO_BIG
+        );
+        // Retained buffers are bounded.
+        let _ = inf.inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], true, 100);
+        assert!(inf.heap_bytes() <= RETAIN);
+    }
+
+    #[test]
+    fn corrupt_data_and_bad_utf8() {
+        let mut inf = Inflater::new();
+        // BTYPE 11 is reserved.
+        assert_eq!(
+            inf.inflate(&[0xff, 0xff, 0xff], false, 100)
+                .unwrap_err()
+                .code,
+            CloseCode::INVALID_DATA
+        );
+        // A stored block whose length check fails.
+        assert_eq!(
+            inf.inflate(&[0x00, 0x05, 0x00, 0x00, 0x00], false, 100)
+                .unwrap_err()
+                .code,
+            CloseCode::INVALID_DATA
+        );
+        // Data after a final block.
+        assert_eq!(
+            inf.inflate(&[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00], true, 100)
+                .unwrap_err()
+                .code,
+            CloseCode::INVALID_DATA
+        );
+        // Valid DEFLATE, invalid UTF-8: 1007 for text, fine for binary.
+        let mut d = Deflater::new(6);
+        let bad = [0xC0u8; 300];
+        let mut f = Vec::new();
+        assert!(d.frame(Opcode::Text, &bad, 15, &mut f));
+        let hl = decode_header(&f).unwrap().unwrap().1;
+        assert_eq!(
+            inf.inflate(&f[hl..], true, 1000).unwrap_err().code,
+            CloseCode::INVALID_DATA
+        );
+        assert_eq!(inf.inflate(&f[hl..], false, 1000).unwrap(), &bad[..]);
+        // Still usable afterwards.
+        assert_eq!(
+            inf.inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], true, 100)
+                .unwrap(),
+            b"Hello"
+        );
+    }
+
+    /// A masked client frame with raw first byte `b0`.
+    fn client(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x11, 0x22, 0x33, 0x44];
+        let mut out = vec![b0];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().zip(key.iter().cycle()).map(|(b, k)| b ^ k));
+        out
+    }
+
+    /// Decodes `stream` whole, then byte by byte; both must agree. The first event or error.
+    fn decode(deflate: bool, stream: &[u8]) -> Result<(bool, bool, Vec<u8>), u16> {
+        let run = |cuts: bool| {
+            let mut d = crate::ws::Decoder::new(crate::ws::Limits {
+                max_frame_len: 1 << 20,
+                max_message_len: 1 << 20,
+            });
+            if deflate {
+                d.enable_deflate();
+            }
+            let mut pending = Vec::new();
+            let step = if cuts { 1 } else { stream.len().max(1) };
+            for piece in stream.chunks(step) {
+                pending.extend_from_slice(piece);
+                let mut off = 0;
+                loop {
+                    match d.decode(&mut pending[off..]) {
+                        Err(e) => return Err(e.code.0),
+                        Ok((0, None)) => break,
+                        Ok((n, None)) => off += n,
+                        Ok((_, Some(crate::ws::Event::Compressed { text, payload }))) => {
+                            return Ok((true, text, payload.to_vec()));
+                        }
+                        Ok((_, Some(crate::ws::Event::Text(p)))) => {
+                            return Ok((false, true, p.to_vec()));
+                        }
+                        Ok((_, Some(crate::ws::Event::Binary(p)))) => {
+                            return Ok((false, false, p.to_vec()));
+                        }
+                        Ok((_, Some(_))) => return Err(0),
+                    }
+                }
+                pending.clear();
+            }
+            Err(1)
+        };
+        let whole = run(false);
+        assert_eq!(whole, run(true), "whole vs byte by byte");
+        whole
+    }
+
+    #[test]
+    fn decoder_rsv_rules() {
+        let hello = [0xf2u8, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+        // Not negotiated: RSV1 is still 1002.
+        assert_eq!(decode(false, &client(0xC1, &hello)), Err(1002));
+        // Negotiated: a compressed text message, UTF-8 unchecked (these bytes are not UTF-8).
+        assert_eq!(
+            decode(true, &client(0xC1, &hello)),
+            Ok((true, true, hello.to_vec()))
+        );
+        assert_eq!(
+            decode(true, &client(0xC2, &hello)),
+            Ok((true, false, hello.to_vec()))
+        );
+        // Fragmented: RSV1 on the first frame only.
+        let mut s = client(0x41, &hello[..3]);
+        s.extend(client(0x80, &hello[3..]));
+        assert_eq!(decode(true, &s), Ok((true, true, hello.to_vec())));
+        let mut s = client(0x41, &hello[..3]);
+        s.extend(client(0xC0, &hello[3..]));
+        assert_eq!(decode(true, &s), Err(1002), "RSV1 on a continuation frame");
+        // Control frames never carry RSV1; RSV2 and RSV3 stay errors.
+        for b0 in [0xC9u8, 0xCA, 0xC8, 0xA1, 0x91, 0xE1] {
+            assert_eq!(decode(true, &client(b0, b"")), Err(1002), "{b0:02X}");
+        }
+        // A plain message still has its UTF-8 checked.
+        assert_eq!(decode(true, &client(0x81, &[0xC0, 0x80])), Err(1007));
+        assert_eq!(
+            decode(true, &client(0x81, b"hi")),
+            Ok((false, true, b"hi".to_vec()))
+        );
+        // A compressed message after a plain one, and a plain one after a compressed one.
+        let mut s = client(0x01, b"ab");
+        s.extend(client(0x80, b"c"));
+        assert_eq!(decode(true, &s), Ok((false, true, b"abc".to_vec())));
+    }
+}
