@@ -488,7 +488,7 @@ mod tests {
             assert_eq!((h.fin, h.rsv, h.opcode), (true, 4, 1));
             assert_eq!(h.payload_len as usize, out.len() - hl);
             assert!(out.len() < text.len() / 4, "{bits}: {}", out.len());
-            // A decompressor limited to the window must read it.
+            // A decompressor announced the same window reads it (zlib does not police distances).
             let mut z = Decompress::new_with_window_bits(false, bits.max(9));
             let mut payload = out[hl..].to_vec();
             payload.extend_from_slice(&TAIL);
