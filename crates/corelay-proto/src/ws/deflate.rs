@@ -681,4 +681,29 @@ mod tests {
         s.extend(client(0x80, b"c"));
         assert_eq!(decode(true, &s), Ok((false, true, b"abc".to_vec())));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn inflate_never_panics_nor_passes_the_limit(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            max in 0usize..2000,
+        ) {
+            let mut inf = Inflater::new();
+            if let Ok(out) = inf.inflate(&data, false, max) {
+                proptest::prop_assert!(out.len() <= max);
+            }
+            proptest::prop_assert!(inf.heap_bytes() <= max + 1 + INFLATE_CHUNK);
+        }
+
+        #[test]
+        fn compress_then_inflate_round_trips(
+            data in proptest::collection::vec(0u8..4, 0..3000),
+            bits in 9u8..=15,
+        ) {
+            let mut d = Deflater::new(6);
+            let body = d.compress(&data, bits).unwrap().to_vec();
+            let mut inf = Inflater::new();
+            proptest::prop_assert_eq!(inf.inflate(&body, false, data.len()).unwrap(), &data[..]);
+        }
+    }
 }
