@@ -18,5 +18,5 @@ fi
 echo "== cargo test"
 cargo test --locked --workspace --lib --bins --tests --benches 2>&1
 
-echo "== autobahn (RFC 6455 cases 1-10)"
+echo "== autobahn (RFC 6455 cases 1-10, RFC 7692 cases 12-13: about 9 min on 2 cores)"
 tests/autobahn.sh
