@@ -403,6 +403,10 @@ mod tests {
         ];
         for (offer, want) in cases {
             assert_eq!(negotiate(offer), *want, "{offer:?}");
+            // Our answer is itself an acceptable offer with the same outcome.
+            if let Some(n) = want {
+                assert_eq!(negotiate(&n.response()), *want, "{offer:?}");
+            }
         }
     }
 
