@@ -55,6 +55,11 @@ pub const DEFAULT_TOPIC_HISTORY_AGE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_POLL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(25);
+/// Messages shorter than this are sent plain on a permessage-deflate connection (a fresh DEFLATE window per
+/// message gains little on a short one, and costs CPU).
+pub const DEFAULT_WS_DEFLATE_MIN_BYTES: usize = 128;
+/// The largest `ws_deflate_min_bytes` accepted (anything bigger is a typo; `--ws-deflate off` turns it off).
+pub const MAX_WS_DEFLATE_MIN_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -179,6 +184,11 @@ pub struct Config {
     pub accept_queue: Duration,
     /// WebSocket echo endpoint (no auth, no chat protocol) for conformance runs and load generators.
     pub echo_path: Option<String>,
+    /// Negotiate permessage-deflate (RFC 7692) with WebSocket clients that offer it (no context takeover:
+    /// per-loop codecs, nothing per connection).
+    pub ws_deflate: bool,
+    /// Messages shorter than this go out uncompressed on a deflate connection.
+    pub ws_deflate_min_bytes: usize,
     /// Messages kept per topic and `user:` channel for resume (SSE, polls, subscribe with a cursor).
     pub topic_history: usize,
     /// Bytes of history kept in memory per topic / `user:` channel.
@@ -245,6 +255,8 @@ impl Default for Config {
             accept_queue: DEFAULT_ACCEPT_QUEUE,
             drain_window: DEFAULT_DRAIN_WINDOW,
             echo_path: None,
+            ws_deflate: true,
+            ws_deflate_min_bytes: DEFAULT_WS_DEFLATE_MIN_BYTES,
             topic_history: DEFAULT_TOPIC_HISTORY,
             topic_history_bytes: DEFAULT_TOPIC_HISTORY_BYTES,
             conversation_window_bytes: DEFAULT_CONVERSATION_WINDOW_BYTES,
@@ -395,6 +407,12 @@ pub struct Options {
     /// Serve a WebSocket echo endpoint at this path (off by default).
     #[arg(long)]
     pub echo_path: Option<String>,
+    /// permessage-deflate for WebSocket clients that offer it: on or off [default: on].
+    #[arg(long)]
+    pub ws_deflate: Option<String>,
+    /// Smallest WebSocket message sent compressed on a deflate connection [default: 128].
+    #[arg(long)]
+    pub ws_deflate_min_bytes: Option<String>,
     /// Messages kept per topic / user channel for resume [default: 1000].
     #[arg(long)]
     pub topic_history: Option<usize>,
@@ -584,6 +602,18 @@ impl Options {
         if self.echo_path.is_some() {
             cfg.echo_path = self.echo_path;
         }
+        if let Some(v) = self.ws_deflate {
+            cfg.ws_deflate = match v.as_str() {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(invalid(
+                        "ws_deflate",
+                        format!("must be on or off (got {other:?})"),
+                    ));
+                }
+            };
+        }
         set(&mut cfg.allowed_origins, self.allowed_origins);
         set(&mut cfg.topic_history, self.topic_history);
         for (key, value, slot) in [
@@ -601,6 +631,11 @@ impl Options {
                 "store_cache_bytes",
                 self.store_cache_bytes,
                 &mut cfg.store_cache_bytes,
+            ),
+            (
+                "ws_deflate_min_bytes",
+                self.ws_deflate_min_bytes,
+                &mut cfg.ws_deflate_min_bytes,
             ),
         ] {
             if let Some(v) = value {
@@ -767,6 +802,9 @@ impl Config {
         {
             return Err(invalid("scylla_keyspace", "must be [A-Za-z0-9_]+"));
         }
+        if self.ws_deflate_min_bytes > MAX_WS_DEFLATE_MIN_BYTES {
+            return Err(invalid("ws_deflate_min_bytes", "must be at most 16MiB"));
+        }
         if self.topic_history == 0 {
             return Err(invalid("topic_history", "must be at least 1"));
         }
@@ -862,6 +900,26 @@ mod tests {
         assert_eq!(cfg.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(cfg.limits.max_frame_bytes, 1 << 20);
         assert!(toml::from_str::<Options>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn ws_deflate_settings() {
+        let cfg = Config::default();
+        assert!(cfg.ws_deflate);
+        assert_eq!(cfg.ws_deflate_min_bytes, DEFAULT_WS_DEFLATE_MIN_BYTES);
+        let mut cfg = Config::default();
+        let f: Options =
+            toml::from_str("ws_deflate = \"off\"\nws_deflate_min_bytes = \"1KiB\"\n").unwrap();
+        f.apply(&mut cfg).unwrap();
+        assert!(!cfg.ws_deflate);
+        assert_eq!(cfg.ws_deflate_min_bytes, 1024);
+        cfg.validate().unwrap();
+        let f: Options = toml::from_str("ws_deflate = \"maybe\"").unwrap();
+        assert!(f.apply(&mut Config::default()).is_err());
+        let f: Options = toml::from_str("ws_deflate_min_bytes = \"17MiB\"").unwrap();
+        let mut cfg = Config::default();
+        f.apply(&mut cfg).unwrap();
+        assert!(cfg.validate().is_err());
     }
 
     /// Flags and file keys go through one struct and one `apply`: the same settings given either way give the

@@ -26,5 +26,5 @@ node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0
 # puppeteer-core (the browser tests' driver; it downloads no browser: Debian's chromium is used) from the lock file.
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && node --experimental-websocket --test test/)
 
-echo "== autobahn (RFC 6455 cases 1-10, over ws:// and wss://)"
+echo "== autobahn (RFC 6455 cases 1-10 and RFC 7692 cases 12-13, over ws:// and wss:// at once: about 10 min on 2 cores)"
 tests/autobahn.sh

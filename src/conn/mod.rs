@@ -8,6 +8,7 @@
 //! belong to an incomplete HTTP head or body are copied into `inbuf`. The WebSocket decoder keeps partial frame
 //! headers and partial messages itself, allocating only while a message is in flight.
 
+mod deflate;
 mod deliver;
 mod env;
 mod heartbeat;
@@ -94,6 +95,9 @@ pub struct WsState {
     /// Input is paused by the rate limit: the socket is not read (TCP pushes back on the client) and the
     /// bytes already read but not yet decoded wait in `Conn::inbuf`, until the bucket has a token again.
     pub paused: bool,
+    /// permessage-deflate: 0 when not negotiated, else the window (9..=15 bits) our messages are compressed
+    /// with. No context takeover either way, so this byte is all the connection keeps (see `deflate`).
+    pub deflate: u8,
     /// Loop ms at which the token expires (0: never, the echo endpoint). The connection is closed with 4001
     /// then, unless a `refresh` with a fresh token of the same user came first.
     pub expires_ms: u64,
