@@ -178,6 +178,11 @@ impl Peer<'_> {
             return true;
         }
         match msg::parse_client(payload) {
+            Ok(msg::ClientMsg::Ping { id }) => {
+                // Answered here, at once: the client measures the connection, not the backplane.
+                self.bucket.take(cx.now_ms, rate, burst);
+                push_json(self.out, &msg::pong(id.as_deref()), self.deflate, cx);
+            }
             Ok(msg::ClientMsg::Refresh { token }) => {
                 self.bucket.take(cx.now_ms, rate, burst);
                 let answer = match cx.env.verifier().verify_until(&token) {
