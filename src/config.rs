@@ -140,6 +140,10 @@ pub struct Config {
     /// A second, internal listener for `/api/*` and `/metrics` (edge deployments). When set, the public
     /// listener answers those paths 404 and the admin listener serves nothing else (but `/healthz`, `/readyz`).
     pub admin_listen: Option<SocketAddr>,
+    /// A TLS listener (`wss://`, `https://`) beside the plain one, with its PEM certificate chain and key.
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub threads: usize,
     pub data_dir: PathBuf,
     /// Empty = host name + port, decided when the listener is bound.
@@ -201,6 +205,9 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             admin_listen: None,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
             threads: default_threads(),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             node_id: default_node_id(),
@@ -291,6 +298,15 @@ pub struct Options {
     /// Serve `/api/*` and `/metrics` only on this internal address (and refuse them on --listen).
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// Also listen for TLS (`wss://`, `https://`) on this address; needs --tls-cert and --tls-key.
+    #[arg(long)]
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain for --tls-listen (leaf first). Reloaded on SIGHUP.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1) for --tls-cert. Reloaded on SIGHUP.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// Event loops (one per core by default).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -457,6 +473,15 @@ impl Options {
         }
         if let Some(v) = self.admin_listen {
             cfg.admin_listen = Some(parse_addr("admin_listen", &v)?);
+        }
+        if let Some(v) = self.tls_listen {
+            cfg.tls_listen = Some(parse_addr("tls_listen", &v)?);
+        }
+        if self.tls_cert.is_some() {
+            cfg.tls_cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            cfg.tls_key = self.tls_key;
         }
         set(&mut cfg.threads, self.threads);
         set(&mut cfg.data_dir, self.data_dir);
@@ -625,6 +650,15 @@ impl Config {
         self.push.validate()?;
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
+        }
+        match (&self.tls_listen, &self.tls_cert, &self.tls_key) {
+            (None, None, None) | (Some(_), Some(_), Some(_)) => {}
+            (Some(_), _, _) => {
+                return Err(invalid("tls_listen", "needs tls_cert and tls_key"));
+            }
+            (None, _, _) => {
+                return Err(invalid("tls_cert", "tls_cert and tls_key need tls_listen"));
+            }
         }
         if self.heartbeat_interval < Duration::from_millis(20) {
             return Err(invalid("heartbeat_interval", "must be at least 20ms"));

@@ -191,6 +191,7 @@ fn run(r: RunArgs) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])?;
     let threads = cfg.threads;
     let server = Server::start(cfg)?;
@@ -199,11 +200,25 @@ fn run(r: RunArgs) -> anyhow::Result<()> {
         "corelay listening on {} ({threads} loops)",
         server.local_addr
     );
+    if let Some(a) = server.tls_addr {
+        println!("corelay tls listening on {a}");
+    }
     use std::io::Write;
     std::io::stdout().flush()?;
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            // Reload: the TLS certificate and key (the one thing read again without a restart).
+            match server.reload_tls() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "SIGHUP: TLS reload failed; the previous certificate stays")
+                }
+            }
+            continue;
+        }
         tracing::info!(signal = sig, "draining");
         server.shutdown();
+        break;
     }
     // A second signal during the drain exits at once.
     std::thread::spawn(move || {

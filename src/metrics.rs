@@ -46,6 +46,11 @@ pub struct LoopMetrics {
     pub rate_limited: AtomicU64,
     /// Connections closed at accept by the per-address cap.
     pub addr_refused: AtomicU64,
+    /// TLS handshakes completed (all), of which resumed (a session ticket or id), and TLS connections that
+    /// ended in an error (a failed handshake, a bad record, bytes that were not TLS).
+    pub tls_handshakes: AtomicU64,
+    pub tls_resumed: AtomicU64,
+    pub tls_failures: AtomicU64,
 }
 
 impl LoopMetrics {
@@ -154,7 +159,22 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 10] = [
+        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 13] = [
+            (
+                "corelay_tls_handshakes_total",
+                "TLS handshakes completed.",
+                |l| &l.tls_handshakes,
+            ),
+            (
+                "corelay_tls_resumed_total",
+                "TLS handshakes that resumed a session (ticket or session id).",
+                |l| &l.tls_resumed,
+            ),
+            (
+                "corelay_tls_failures_total",
+                "TLS connections ended by an error (handshake failure, bad record, not TLS).",
+                |l| &l.tls_failures,
+            ),
             (
                 "corelay_rate_limited_total",
                 "Times a WebSocket's input was paused by its rate limit (nothing is refused).",

@@ -56,6 +56,9 @@ fn open_store(cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
 /// A running gateway.
 pub struct Server {
     pub local_addr: SocketAddr,
+    /// The TLS listener's address (`--tls-listen`).
+    pub tls_addr: Option<SocketAddr>,
+    tls: Option<Arc<crate::worker::tls::TlsSetup>>,
     loops: Vec<LoopHandle>,
     workers: Vec<JoinHandle<()>>,
     backplane: Option<JoinHandle<()>>,
@@ -71,6 +74,22 @@ impl Server {
         let listeners = listener::bind_all(cfg.listen, cfg.threads)
             .with_context(|| format!("binding {}", cfg.listen))?;
         let local_addr = listeners[0].local_addr()?;
+        let (tls, mut tls_listeners, tls_addr) =
+            match (&cfg.tls_listen, &cfg.tls_cert, &cfg.tls_key) {
+                (Some(addr), Some(cert), Some(key)) => {
+                    let setup = crate::worker::tls::TlsSetup::load(cert, key)?;
+                    let ls = listener::bind_all(*addr, cfg.threads)
+                        .with_context(|| format!("binding the TLS listener {addr}"))?;
+                    let a = ls[0].local_addr()?;
+                    tracing::info!(addr = %a, cert = %cert.display(), "TLS listener");
+                    (
+                        Some(Arc::new(setup)),
+                        ls.into_iter().map(Some).collect(),
+                        Some(a),
+                    )
+                }
+                _ => (None, Vec::new(), None),
+            };
         let mut admin = match cfg.admin_listen {
             Some(a) => {
                 let l = listener::bind_all(a, 1)
@@ -118,6 +137,7 @@ impl Server {
                 cfg.ring_nodes.clone(),
                 crate::cluster::ring::Ring::DEFAULT_VNODES,
             )),
+            tls: tls.clone(),
         };
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let host = crate::worker::pinning::host();
@@ -128,7 +148,8 @@ impl Server {
         for (i, l) in listeners.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded(LOOP_QUEUE);
             let admin = if i == 0 { admin.take() } else { None };
-            let (worker, waker) = Worker::new(i as u16, l, admin, rx, shared.clone())?;
+            let tls_l = tls_listeners.get_mut(i).and_then(Option::take);
+            let (worker, waker) = Worker::new(i as u16, l, tls_l, admin, rx, shared.clone())?;
             loops.push(LoopHandle { tx, waker });
             let core = (pin && !cores.is_empty()).then(|| cores[i % cores.len()]);
             workers.push(
@@ -216,12 +237,23 @@ impl Server {
             })?;
         Ok(Server {
             local_addr,
+            tls_addr,
+            tls,
             loops,
             workers,
             backplane: Some(backplane),
             draining,
             lease,
         })
+    }
+
+    /// Reads the TLS certificate and key again (SIGHUP). Connections already open keep their session; new
+    /// ones get the new certificate. On error the old certificate stays in use.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        match &self.tls {
+            Some(t) => t.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Starts a graceful drain: `/readyz` turns 503, loops stop accepting and close clients with 1001.

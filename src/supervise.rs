@@ -73,6 +73,7 @@ pub fn run(
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])?;
     let spawn = |i: usize| -> std::io::Result<Child> {
         use std::os::unix::process::CommandExt;
@@ -108,8 +109,17 @@ pub fn run(
     tracing::info!(processes, node_id, "supervising gateway processes");
     let mut stopping: Option<Instant> = None;
     loop {
-        if stopping.is_none()
-            && let Some(sig) = signals.pending().next()
+        let sig = signals.pending().next();
+        if sig == Some(signal_hook::consts::SIGHUP) {
+            // Reload (the TLS certificate): each process reads it again.
+            tracing::info!("SIGHUP: forwarded to every process");
+            for s in &slots {
+                if let Some(c) = &s.child {
+                    signal(c.id(), libc::SIGHUP);
+                }
+            }
+        } else if stopping.is_none()
+            && let Some(sig) = sig
         {
             tracing::info!(signal = sig, "stopping: every process drains its clients");
             for s in &slots {
@@ -176,13 +186,17 @@ pub fn run(
 
 /// Sends SIGTERM (a graceful drain) to a child.
 fn terminate(pid: u32) {
+    signal(pid, libc::SIGTERM);
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };
     // SAFETY: kill(2) takes plain integers and has no memory effects; `pid` is a child we started and have
     // not reaped yet, so it cannot name another process.
     unsafe {
-        libc::kill(pid, libc::SIGTERM);
+        libc::kill(pid, sig);
     }
 }
 

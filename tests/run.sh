@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
@@ -18,5 +19,5 @@ fi
 echo "== cargo test"
 cargo test --locked --workspace --lib --bins --tests --benches 2>&1
 
-echo "== autobahn (RFC 6455 cases 1-10)"
+echo "== autobahn (RFC 6455 cases 1-10, over ws:// and wss://)"
 tests/autobahn.sh

@@ -9,8 +9,9 @@ pub mod listener;
 pub mod per_address;
 pub mod pinning;
 mod sockets;
+pub mod tls;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -33,6 +34,8 @@ const LISTENER: Token = Token(usize::MAX - 1);
 /// The internal admin listener (`--admin-listen`), on loop 0 only.
 const ADMIN: Token = Token(usize::MAX - 3);
 const WAKER: Token = Token(usize::MAX - 2);
+/// The TLS listener (`--tls-listen`), one per loop like the plain one.
+const TLS_LISTENER: Token = Token(usize::MAX - 4);
 /// Reads per connection per wake before it yields to the others.
 pub const READS_PER_WAKE: usize = 16;
 /// The scratch buffer every read goes through (one per loop, not per connection).
@@ -54,6 +57,8 @@ pub struct Shared {
     pub ring: Arc<crate::cluster::ring::Ring>,
     /// Connections per source address (`--max-connections-per-ip`).
     pub per_address: Arc<per_address::PerAddress>,
+    /// Certificate and rustls configuration for the TLS listener (`--tls-listen`); reloaded on SIGHUP.
+    pub tls: Option<Arc<tls::TlsSetup>>,
 }
 
 /// One slab entry: the loop's side of a connection (its socket, its timer, its registration) beside the
@@ -65,6 +70,9 @@ struct Slot {
     want_write: bool,
     /// The per-address count this connection holds (`per_address`; 0 = none).
     addr_key: u32,
+    /// Accepted on the TLS listener: its session is in `Worker::sessions` (kept out of the slot, so that a
+    /// plain connection pays nothing for TLS; this flag sits in padding).
+    tls: bool,
     conn: Conn,
 }
 
@@ -74,10 +82,16 @@ pub struct Worker {
     poll: Poll,
     registry: Registry,
     listener: TcpListener,
+    tls_listener: Option<TcpListener>,
     admin: Option<TcpListener>,
     accepting: bool,
     conns: Slab<Slot>,
     scratch: Vec<u8>,
+    /// TLS connections' plaintext: decrypted records handed to a connection, queued frames gathered into a
+    /// record. One per loop, allocated when the loop has a TLS listener.
+    plain: Vec<u8>,
+    /// The TLS sessions of this loop's TLS connections, by slot.
+    sessions: HashMap<usize, Box<tls::TlsSession>>,
     cmds: Receiver<LoopCmd>,
     next_generation: u32,
     pending: Vec<usize>,
@@ -112,6 +126,7 @@ impl Worker {
     pub fn new(
         id: u16,
         listener: std::net::TcpListener,
+        tls_listener: Option<std::net::TcpListener>,
         admin: Option<std::net::TcpListener>,
         cmds: Receiver<LoopCmd>,
         shared: Shared,
@@ -120,6 +135,15 @@ impl Worker {
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let tls_listener = match tls_listener {
+            Some(l) => {
+                let mut l = TcpListener::from_std(l);
+                poll.registry()
+                    .register(&mut l, TLS_LISTENER, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
         let admin = match admin {
             Some(l) => {
                 let mut l = TcpListener::from_std(l);
@@ -138,6 +162,13 @@ impl Worker {
                 registry: poll.registry().try_clone()?,
                 poll,
                 listener,
+                plain: if tls_listener.is_some() {
+                    vec![0; tls::RECORD]
+                } else {
+                    Vec::new()
+                },
+                tls_listener,
+                sessions: HashMap::new(),
                 admin,
                 accepting: true,
                 conns: Slab::new(),
@@ -181,7 +212,8 @@ impl Worker {
             self.tick();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => self.accept(false),
+                    TLS_LISTENER => self.accept(true),
                     ADMIN => self.accept_admin(),
                     WAKER => self.commands(),
                     Token(i) => {
@@ -205,7 +237,8 @@ impl Worker {
             self.retry_deferred();
             if self.accept_retry.is_some_and(|t| t <= self.now) {
                 self.accept_retry = None;
-                self.accept();
+                self.accept(false);
+                self.accept(true);
             }
             if let Some(deadline) = self.drain_deadline
                 && (self.conns.is_empty() || self.now >= deadline)
@@ -247,7 +280,7 @@ impl Worker {
                     if self.conns.len() >= self.shared.cfg.limits.max_connections_per_loop {
                         continue; // dropped: closed
                     }
-                    let _ = self.adopt(socket, true, 0);
+                    let _ = self.adopt(socket, true, 0, None);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
@@ -255,19 +288,57 @@ impl Worker {
         }
     }
 
-    fn accept(&mut self) {
+    /// Stops accepting on both listeners (the loop is full, or draining).
+    fn pause_accepting(&mut self) {
+        let _ = self.registry.deregister(&mut self.listener);
+        if let Some(l) = self.tls_listener.as_mut() {
+            let _ = self.registry.deregister(l);
+        }
+        self.accepting = false;
+    }
+
+    /// Accepts again after a connection closed under the limit.
+    fn resume_accepting(&mut self) {
+        self.accepting = true;
+        let plain = self
+            .registry
+            .register(&mut self.listener, LISTENER, Interest::READABLE)
+            .is_ok();
+        let tls = match self.tls_listener.as_mut() {
+            Some(l) => self
+                .registry
+                .register(l, TLS_LISTENER, Interest::READABLE)
+                .is_ok(),
+            None => false,
+        };
+        if plain {
+            self.accept(false);
+        }
+        if tls {
+            self.accept(true);
+        }
+    }
+
+    /// Accepts what waits on the plain listener, or on the TLS one.
+    fn accept(&mut self, tls: bool) {
+        if tls && self.tls_listener.is_none() {
+            return;
+        }
         while self.accepting {
             if self.conns.len() >= self.shared.cfg.limits.max_connections_per_loop {
                 // Full: leave the rest in the kernel backlog until a connection closes.
-                let _ = self.registry.deregister(&mut self.listener);
-                self.accepting = false;
+                self.pause_accepting();
                 tracing::warn!(
                     worker = self.id.0,
                     "connection limit reached; accepting paused"
                 );
                 return;
             }
-            match self.listener.accept() {
+            let listener = match (tls, self.tls_listener.as_ref()) {
+                (true, Some(l)) => l,
+                _ => &self.listener,
+            };
+            match listener.accept() {
                 Ok((socket, peer)) => {
                     #[cfg(debug_assertions)]
                     if std::env::var_os("CORELAY_FAILPOINT_LOOP_PANIC").is_some() {
@@ -288,7 +359,23 @@ impl Worker {
                             }
                         }
                     };
-                    if !self.adopt(socket, false, key) {
+                    let session = match (tls, self.shared.tls.as_ref()) {
+                        (true, Some(setup)) => {
+                            match tls::TlsSession::new(
+                                setup.config(),
+                                self.shared.cfg.proxy_protocol,
+                            ) {
+                                Ok(s) => Some(s),
+                                Err(e) => {
+                                    tracing::warn!(worker = self.id.0, error = %e, "TLS session");
+                                    self.shared.per_address.release(key);
+                                    continue;
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    if !self.adopt(socket, false, key, session) {
                         self.shared.per_address.release(key);
                     }
                 }
@@ -306,7 +393,13 @@ impl Worker {
 
     /// Puts an accepted socket in the slab with its handshake deadline; false when it could not be
     /// registered (it is closed).
-    fn adopt(&mut self, mut socket: TcpStream, admin: bool, addr_key: u32) -> bool {
+    fn adopt(
+        &mut self,
+        mut socket: TcpStream,
+        admin: bool,
+        addr_key: u32,
+        tls: Option<Box<tls::TlsSession>>,
+    ) -> bool {
         let _ = socket.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let index = entry.key();
@@ -319,7 +412,12 @@ impl Worker {
         }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
-        let proxied = self.shared.cfg.proxy_protocol && !admin;
+        // Behind TLS the PROXY header is read by the TLS session, before the handshake.
+        let proxied = self.shared.cfg.proxy_protocol && !admin && tls.is_none();
+        let is_tls = tls.is_some();
+        if let Some(session) = tls {
+            self.sessions.insert(index, session);
+        }
         let id = ConnId {
             index: index as u32,
             generation,
@@ -330,6 +428,7 @@ impl Worker {
             timer: None,
             want_write: false,
             addr_key,
+            tls: is_tls,
             conn,
         });
         if let Some(at) = fx.schedule {
@@ -441,8 +540,7 @@ impl Worker {
         }
         self.drain_deadline = Some(self.now + self.shared.cfg.drain_timeout);
         if self.accepting {
-            let _ = self.registry.deregister(&mut self.listener);
-            self.accepting = false;
+            self.pause_accepting();
         }
         let ids: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
         let now = self.now_ms;

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use mio::{Interest, Token};
 
-use super::{LISTENER, READS_PER_WAKE, Shared, Worker, env};
+use super::tls::{self, Established, Input};
+use super::{READS_PER_WAKE, Shared, Worker, env};
 use crate::auth::Verifier;
 use crate::backplane::Event;
 use crate::cluster::ring::Ring;
@@ -106,6 +107,9 @@ impl Worker {
     /// is a revisit); otherwise a short read ends the turn, saving the read() that would return `WouldBlock`
     /// (epoll reports a new edge for anything that arrives after our read).
     pub(super) fn readable(&mut self, i: usize, drain: bool) {
+        if self.conns.get(i).is_some_and(|s| s.tls) {
+            return self.readable_tls(i, drain);
+        }
         let mut reads = 0;
         loop {
             let Some(slot) = self.conns.get_mut(i) else {
@@ -158,28 +162,138 @@ impl Worker {
         self.flush(i);
     }
 
+    /// [`Worker::readable`] for a TLS connection: ciphertext is read into the scratch buffer, rustls
+    /// decrypts it, and each record's plaintext goes to the connection.
+    fn readable_tls(&mut self, i: usize, drain: bool) {
+        let mut reads = 0;
+        loop {
+            let Some(slot) = self.conns.get_mut(i) else {
+                return;
+            };
+            if !slot.conn.wants_input() {
+                break;
+            }
+            if reads == READS_PER_WAKE {
+                self.pending.push(i);
+                break;
+            }
+            reads += 1;
+            let n = match slot.socket.read(&mut self.scratch) {
+                Ok(0) => {
+                    self.close(i);
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(worker = self.id.0, conn = i, error = %e, "read failed");
+                    self.close(i);
+                    return;
+                }
+            };
+            let metrics = &self.shared.metrics.loops[self.id.0 as usize];
+            metrics.bytes_in.fetch_add(n as u64, Relaxed);
+            let now = self.now_ms;
+            let mut schedule = None;
+            let mut close = false;
+            let conn = &mut self.conns[i].conn;
+            let Some(session) = self.sessions.get_mut(&i) else {
+                return;
+            };
+            let plain = &mut self.plain;
+            let mut env = env!(self);
+            let input = session.on_ciphertext(
+                &mut self.scratch[..n],
+                &mut |p: &[u8]| {
+                    // A record is at most `plain.len()` bytes; `chunks` only guards the copy.
+                    for piece in p.chunks(plain.len()) {
+                        let buf = &mut plain[..piece.len()];
+                        buf.copy_from_slice(piece);
+                        let fx = conn.on_bytes(buf, &mut env, now);
+                        if fx.schedule.is_some() {
+                            schedule = fx.schedule;
+                        }
+                        if fx.close {
+                            close = true;
+                            return false;
+                        }
+                    }
+                    true
+                },
+                &mut |how| {
+                    metrics.tls_handshakes.fetch_add(1, Relaxed);
+                    if let Established::Resumed = how {
+                        metrics.tls_resumed.fetch_add(1, Relaxed);
+                    }
+                },
+            );
+            if let Some(at) = schedule {
+                self.schedule(i, at);
+            }
+            if close {
+                self.close(i);
+                return;
+            }
+            match input {
+                Input::Continue => {}
+                Input::PeerClosed => {
+                    self.close(i);
+                    return;
+                }
+                Input::Fatal(why) => {
+                    tracing::debug!(worker = self.id.0, conn = i, reason = %why, "TLS connection failed");
+                    self.metrics().tls_failures.fetch_add(1, Relaxed);
+                    // Its last word (an alert, a plain-text 400), if the socket takes it now.
+                    if let Some(t) = self.sessions.get_mut(&i) {
+                        let _ = t.write_to(&mut self.conns[i].socket);
+                    }
+                    self.close(i);
+                    return;
+                }
+            }
+            if n < self.scratch.len() && !drain {
+                break;
+            }
+        }
+        self.flush(i);
+    }
+
     /// Writes what is queued; manages WRITABLE interest; once the queue is empty, lets the connection say
     /// what follows (a close, a half-close).
     pub(super) fn flush(&mut self, i: usize) {
         let Some(slot) = self.conns.get_mut(i) else {
             return;
         };
-        if !slot.conn.out.is_empty() {
-            match slot.conn.out.write_to(&mut slot.socket) {
-                Ok(n) => {
-                    self.shared.metrics.loops[self.id.0 as usize]
-                        .bytes_out
-                        .fetch_add(n as u64, Relaxed);
-                }
-                Err(e) => {
-                    tracing::debug!(worker = self.id.0, conn = i, error = %e, "write failed");
-                    self.close(i);
-                    return;
-                }
+        let session = if slot.tls {
+            self.sessions.get_mut(&i)
+        } else {
+            None
+        };
+        let written = match session {
+            None if slot.conn.out.is_empty() => Ok(0),
+            None => slot.conn.out.write_to(&mut slot.socket),
+            Some(t) => tls::write(t, &mut slot.socket, &mut slot.conn.out, &mut self.plain),
+        };
+        match written {
+            Ok(n) => {
+                self.shared.metrics.loops[self.id.0 as usize]
+                    .bytes_out
+                    .fetch_add(n as u64, Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(worker = self.id.0, conn = i, error = %e, "write failed");
+                self.close(i);
+                return;
             }
         }
         let slot = &mut self.conns[i];
-        if !slot.conn.out.is_empty() {
+        let mut session = if slot.tls {
+            self.sessions.get_mut(&i)
+        } else {
+            None
+        };
+        if !slot.conn.out.is_empty() || session.as_ref().is_some_and(|t| !t.pending().is_empty()) {
             if !slot.want_write {
                 slot.want_write = true;
                 let _ = self.registry.reregister(
@@ -197,6 +311,13 @@ impl Worker {
                 .reregister(&mut slot.socket, Token(i), Interest::READABLE);
         }
         let fx = slot.conn.on_flushed(self.now_ms);
+        if (fx.shutdown_write || fx.close)
+            && let Some(t) = session.as_deref_mut()
+        {
+            // A graceful end: tell the TLS peer (best effort: one small record on an empty socket buffer).
+            t.close_notify();
+            let _ = t.write_to(&mut slot.socket);
+        }
         if fx.shutdown_write {
             let _ = slot.socket.shutdown(Shutdown::Write);
         }
@@ -213,6 +334,9 @@ impl Worker {
             return;
         }
         let mut slot = self.conns.remove(i);
+        if slot.tls {
+            self.sessions.remove(&i);
+        }
         self.shared.per_address.release(slot.addr_key);
         if let Some(k) = slot.timer.take() {
             self.wheel.cancel(k);
@@ -220,14 +344,7 @@ impl Worker {
         let _ = self.registry.deregister(&mut slot.socket);
         slot.conn.on_closed(&mut env!(self));
         if !self.accepting && self.drain_deadline.is_none() {
-            self.accepting = true;
-            if self
-                .registry
-                .register(&mut self.listener, LISTENER, Interest::READABLE)
-                .is_ok()
-            {
-                self.accept();
-            }
+            self.resume_accepting();
         }
     }
 }

@@ -15,6 +15,8 @@ pub const API_KEY: &str = "test-api-key-0123456789abcdef0123456789abcdef";
 pub struct Node {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The TLS listener, when started with `--tls-listen`.
+    pub tls_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Remove the data dir on drop (not when a test restarts a node on it).
     owns_dir: bool,
@@ -75,17 +77,25 @@ impl Node {
             .spawn()
             .expect("spawn corelay");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("read listening line");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).expect("read listening line");
         let addr = line
             .split_whitespace()
             .nth(3)
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let tls_addr = extra.contains(&"--tls-listen").then(|| {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("read TLS listening line");
+            line.split_whitespace()
+                .nth(4)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no TLS address in {line:?}"))
+        });
         Node {
             child,
             addr,
+            tls_addr,
             data_dir,
             owns_dir: false,
         }
@@ -138,6 +148,7 @@ impl Node {
         Node {
             child,
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            tls_addr: None,
             data_dir,
             owns_dir: true,
         }
@@ -394,12 +405,18 @@ pub struct Sse {
 impl Sse {
     /// `curl -sN -i` on `path` (which carries `token=`), with an optional `Last-Event-ID`.
     pub fn open(node: &Node, path: &str, last_event_id: Option<&str>) -> Sse {
+        Sse::open_url(&format!("http://{}{}", node.addr, path), &[], last_event_id)
+    }
+
+    /// The same on a full URL, with more curl arguments (`--cacert` for `https://`).
+    pub fn open_url(url: &str, curl_args: &[&str], last_event_id: Option<&str>) -> Sse {
         let mut cmd = Command::new("curl");
         cmd.args(["-sN", "-i", "--max-time", "60"]);
+        cmd.args(curl_args);
         if let Some(id) = last_event_id {
             cmd.args(["-H", &format!("Last-Event-ID: {id}")]);
         }
-        cmd.arg(format!("http://{}{}", node.addr, path));
+        cmd.arg(url);
         let mut child = cmd
             .stdout(Stdio::piped())
             .spawn()
