@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # TLS side by side: corelay (rustls) and nginx + Nchan (OpenSSL), same ECDSA P-256 certificate, same cores.
 #   1. idle memory: N_IDLE idle WebSockets held with pings answered (both servers ping every 5 s), server RSS
-#      growth per connection; wss:// on both, plain ws:// on both for reference.
+#      growth per connection; wss:// on both (full handshakes), plain ws:// on both for reference.
 #   2. handshake storm: N_STORM connections at once (TCP connect + TLS handshake + WebSocket upgrade), TLS
 #      session resumption off and on, wall time, handshakes/s and the server's CPU seconds.
 # corelay and nginx alternate, a fresh server per measurement, RUNS rounds; medians and per-run ratios at the end.
@@ -115,7 +115,7 @@ for run in $(seq "$RUNS"); do
       for scheme in wss ws; do
         "start_$server"
         addr=$plain; tlsargs=()
-        [[ $scheme == wss ]] && { addr=$tls; tlsargs=(--tls-ca "$work/cert.pem" --tls-server-name localhost); }
+        [[ $scheme == wss ]] && { addr=$tls; tlsargs=(--tls-ca "$work/cert.pem" --tls-server-name localhost --tls-resume off); }
         line=$(timeout -k 5 300 "$L" idle --quiet --url "$scheme://$addr$path" "${tlsargs[@]}" --connections "$N_IDLE" \
           --procs "$PROCS" "${measured[@]}" --hold "$HOLD" --timeout 240s | grep '^RESULT' || true)
         record "$server" "idle-$scheme" "$run" "" "$line"

@@ -20,8 +20,9 @@ use rustls::{ClientConfig, NamedGroup, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 
-/// TLS 1.3 tickets kept per server by [`TicketPool`].
-const POOL: usize = 4096;
+/// TLS 1.3 tickets kept per server by [`TicketPool`]: a process's whole share of a storm (at most ~15,000
+/// connections per process here; a ticket is a few hundred bytes).
+const POOL: usize = 16384;
 
 /// What every TLS connection of one process uses.
 #[derive(Clone, Debug)]
