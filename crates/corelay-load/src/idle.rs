@@ -492,6 +492,8 @@ fn work(a: &IdleArgs, link: &Link) -> anyhow::Result<(Value, Net)> {
         "pings_answered": net.stats.pings_answered,
         "longpoll_responses": net.stats.responses,
         "bytes_in": net.stats.bytes_in,
+        "tls_full": net.stats.tls_full,
+        "tls_resumed": net.stats.tls_resumed,
         "handshake_us": stats::encode(&op.handshake),
         "ready_us": stats::encode(&op.ready),
         "server_errors": st.server_errors.to_json(),
@@ -807,6 +809,7 @@ pub fn run(a: IdleArgs) -> anyhow::Result<Report> {
     let mut m = Report::default();
     m.insert("scenario", json!("idle"));
     m.insert("transport", json!(transport.name()));
+    m.insert("tls", json!(target.tls.is_some()));
     m.insert("url", json!(a.common.url));
     m.insert("connections", json!(a.connections));
     m.insert("procs", json!(procs));
@@ -819,6 +822,10 @@ pub fn run(a: IdleArgs) -> anyhow::Result<Report> {
     m.insert("retries", json!(retried.total()));
     m.insert("retry_reasons", retried.to_json());
     m.insert("connect_s", r3(ready.elapsed.as_secs_f64()));
+    if target.tls.is_some() {
+        m.insert("tls_full", json!(stats::sum(&results, "tls_full")));
+        m.insert("tls_resumed", json!(stats::sum(&results, "tls_resumed")));
+    }
     stats::percentiles(&hs, "handshake", &mut m);
     if channel.is_some() {
         stats::percentiles(&ready_h, "ready", &mut m);

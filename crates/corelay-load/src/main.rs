@@ -11,6 +11,7 @@ mod open;
 mod server;
 mod stats;
 mod storm;
+mod tls;
 mod ui;
 mod workers;
 
@@ -80,11 +81,42 @@ pub struct Common {
     /// Do not bind sockets to rotating 127.0.0.2..=250 source addresses before connecting.
     #[arg(long)]
     pub no_source_rotation: bool,
+    /// TLS even for a ws:// or http:// URL (wss:// and https:// always use TLS).
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM file with the certificate(s) to trust: the CA, or the server's self-signed certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<String>,
+    /// TLS server name (SNI and certificate check); default: the URL's host.
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// on: the connections of a process share a session store and resume earlier sessions (connect-storm
+    /// fills it before it starts); off: every connection makes a full handshake.
+    #[arg(long, value_enum, default_value = "on")]
+    pub tls_resume: OnOff,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 impl Common {
     pub fn target(&self, transport: Transport) -> anyhow::Result<Target> {
         let mut t = Target::parse(&self.url, transport, !self.no_source_rotation)?;
+        if t.secure || self.tls {
+            let name = self
+                .tls_server_name
+                .clone()
+                .unwrap_or_else(|| tls::host_of(&t.host).to_string());
+            t.tls = Some(tls::Tls::new(
+                self.tls_ca.as_deref(),
+                &name,
+                self.tls_resume == OnOff::On,
+            )?);
+            t.secure = true;
+        }
         if transport == Transport::Ws && (t.path == "/ws" || t.path.starts_with("/ws?")) {
             t.subprotocol = Some("corelay.v1".into());
         }

@@ -7,6 +7,11 @@
 //! connection buffer until the next writable edge. Client frames are masked with a fresh key per frame;
 //! server pings are answered with masked pongs carrying the same payload, inside the engine.
 //!
+//! With TLS (`wss://`, see `tls.rs`) each connection also carries a rustls `ClientConnection` (sans-IO): the
+//! socket's bytes go through `read_tls`/`process_new_packets` and the plaintext comes out of its reader;
+//! what the connection sends goes into its writer and the records out with `write_tls`. The ClientHello is
+//! sent once the TCP connect completes; the HTTP request is queued behind the TLS handshake.
+//!
 //! Longer than 600 lines: the client side of every transport (WebSocket handshake and frames, SSE, polls) on one
 //! event loop, with the source-address rotation that lets one host open a million sockets.
 
@@ -21,6 +26,8 @@ use corelay_proto::ws::{Opcode, accept_key, apply_mask, decode_header};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::tls::Tls;
 
 /// The token of the engine's waker (other threads poke the loop through it).
 pub const WAKER: Token = Token(usize::MAX);
@@ -70,17 +77,22 @@ pub struct Target {
     pub subprotocol: Option<String>,
     /// Bind each socket to 127.0.0.X:0 first (only when the target is IPv4 loopback).
     pub rotate_source: bool,
+    /// The URL's scheme is `wss` or `https`.
+    pub secure: bool,
+    /// TLS client settings, set by the caller for secure targets (`Common::target`).
+    pub tls: Option<Tls>,
 }
 
 impl Target {
-    /// Parses `ws://host:port/path?query` (also `http://`); `wss`/`https` are not supported.
+    /// Parses `ws://host:port/path?query` (also `http://`, and `wss://`/`https://`, which set `secure`: the
+    /// caller then sets `tls`).
     pub fn parse(url: &str, transport: Transport, rotate: bool) -> anyhow::Result<Target> {
         let (scheme, rest) = url
             .split_once("://")
             .with_context(|| format!("{url}: expected ws://host:port/path"))?;
-        let default_port = match scheme {
-            "ws" | "http" => 80,
-            "wss" | "https" => bail!("{url}: TLS is not supported; use ws:// or http://"),
+        let (default_port, secure) = match scheme {
+            "ws" | "http" => (80, false),
+            "wss" | "https" => (443, true),
             _ => bail!("{url}: unknown scheme {scheme:?}"),
         };
         let (authority, path) = match rest.find(['/', '?']) {
@@ -115,6 +127,8 @@ impl Target {
             transport,
             subprotocol: None,
             rotate_source,
+            secure,
+            tls: None,
         })
     }
 
@@ -219,6 +233,8 @@ enum Body {
 
 struct Conn {
     sock: TcpStream,
+    /// The TLS session (boxed: a few hundred bytes of state, plus its buffers).
+    tls: Option<Box<rustls::ClientConnection>>,
     phase: Phase,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
@@ -240,6 +256,9 @@ pub struct NetStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub responses: u64,
+    /// TLS connections that completed a full handshake, and those the server resumed.
+    pub tls_full: u64,
+    pub tls_resumed: u64,
 }
 
 /// The engine. Connection ids are never reused within one engine (the slot stays `None`).
@@ -309,6 +328,13 @@ impl Net {
     /// caller's global connection index) picks the source address.
     pub fn connect(&mut self, extra_query: &str, tag: usize) -> Result<usize, StartError> {
         let addr = self.target.addr;
+        let tls = match &self.target.tls {
+            Some(t) => Some(Box::new(
+                t.connection()
+                    .map_err(|e| StartError::Other(format!("tls: {e}")))?,
+            )),
+            None => None,
+        };
         let sock = Socket::new(
             Domain::for_address(addr),
             Type::STREAM.nonblocking(),
@@ -341,6 +367,7 @@ impl Net {
         let (request, accept) = self.request(extra_query);
         self.conns.push(Some(Conn {
             sock: stream,
+            tls,
             phase: Phase::Connecting,
             rbuf: Vec::new(),
             wbuf: Vec::new(),
@@ -574,25 +601,43 @@ impl Net {
             let Some(Some(c)) = self.conns.get_mut(id) else {
                 return;
             };
-            loop {
-                match c.sock.read(&mut self.scratch) {
-                    Ok(0) => {
-                        eof = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        self.stats.bytes_in += n as u64;
-                        c.rbuf.extend_from_slice(&self.scratch[..n]);
-                        if c.rbuf.len() > MAX_INPUT {
-                            err = Some("more than 16 MiB of unparsed input".to_string());
+            if let Some(tls) = c.tls.as_deref_mut() {
+                read_tls(
+                    tls,
+                    &mut c.sock,
+                    &mut c.rbuf,
+                    &mut self.scratch,
+                    &mut self.stats,
+                    &mut eof,
+                    &mut err,
+                );
+                // The handshake's answers (the client Finished) and the request queued behind it.
+                if err.is_none()
+                    && let Err(e) = flush(c, &mut self.stats, self.keep)
+                {
+                    err = Some(io_reason(&e));
+                }
+            } else {
+                loop {
+                    match c.sock.read(&mut self.scratch) {
+                        Ok(0) => {
+                            eof = true;
                             break;
                         }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        err = Some(io_reason(&e));
-                        break;
+                        Ok(n) => {
+                            self.stats.bytes_in += n as u64;
+                            c.rbuf.extend_from_slice(&self.scratch[..n]);
+                            if c.rbuf.len() > MAX_INPUT {
+                                err = Some("more than 16 MiB of unparsed input".to_string());
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            err = Some(io_reason(&e));
+                            break;
+                        }
                     }
                 }
             }
@@ -653,6 +698,15 @@ impl Net {
                     };
                 }
                 c.phase = Phase::Open;
+                if let Some(tls) = &c.tls
+                    && !c.opened
+                {
+                    if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        self.stats.tls_resumed += 1;
+                    } else {
+                        self.stats.tls_full += 1;
+                    }
+                }
                 let first = !c.opened;
                 c.opened = true;
                 let handshake = c.started.elapsed();
@@ -844,9 +898,91 @@ fn c_is_live(net: &Net, id: usize) -> bool {
     matches!(net.conns.get(id), Some(Some(_)))
 }
 
-/// Writes what the socket takes; an emptied buffer keeps its allocation up to `keep` bytes.
+/// Reads TLS records until the socket has no more, decrypting them into `rbuf` (the caller then flushes what
+/// the session has to send).
+fn read_tls(
+    tls: &mut rustls::ClientConnection,
+    sock: &mut TcpStream,
+    rbuf: &mut Vec<u8>,
+    scratch: &mut [u8],
+    stats: &mut NetStats,
+    eof: &mut bool,
+    err: &mut Option<String>,
+) {
+    loop {
+        match tls.read_tls(sock) {
+            Ok(0) => {
+                *eof = true;
+                return;
+            }
+            Ok(n) => stats.bytes_in += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                *err = Some(io_reason(&e));
+                return;
+            }
+        }
+        if let Err(e) = tls.process_new_packets() {
+            // Send the alert if the socket takes it.
+            let _ = tls.write_tls(sock);
+            *err = Some(format!("tls: {e}"));
+            return;
+        }
+        loop {
+            match tls.reader().read(scratch) {
+                Ok(0) => {
+                    *eof = true; // close_notify
+                    return;
+                }
+                Ok(n) => {
+                    rbuf.extend_from_slice(&scratch[..n]);
+                    if rbuf.len() > MAX_INPUT {
+                        *err = Some("more than 16 MiB of unparsed input".to_string());
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    *err = Some(io_reason(&e));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes what the socket takes (through the TLS session if there is one); an emptied buffer keeps its
+/// allocation up to `keep` bytes.
 fn flush(c: &mut Conn, stats: &mut NetStats, keep: usize) -> io::Result<()> {
-    while c.wpos < c.wbuf.len() {
+    if let Some(tls) = c.tls.as_deref_mut() {
+        // Plaintext into the session (held there until the handshake is done), records out, until the
+        // socket is full or everything is out.
+        'out: loop {
+            while c.wpos < c.wbuf.len() {
+                match tls.writer().write(&c.wbuf[c.wpos..])? {
+                    0 => break, // the session's buffer is full
+                    n => c.wpos += n,
+                }
+            }
+            if !tls.wants_write() {
+                break;
+            }
+            while tls.wants_write() {
+                match tls.write_tls(&mut c.sock) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => stats.bytes_out += n as u64,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 'out,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if c.wpos == c.wbuf.len() {
+                break;
+            }
+        }
+    }
+    while c.tls.is_none() && c.wpos < c.wbuf.len() {
         match c.sock.write(&c.wbuf[c.wpos..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
