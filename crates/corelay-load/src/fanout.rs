@@ -45,7 +45,7 @@ pub struct FanoutArgs {
     /// Give up waiting for a message's deliveries after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub msg_timeout: Duration,
-    /// Extra bytes of filler in every message body.
+    /// Extra bytes of filler in every message body (English text: it compresses like a chat message).
     #[arg(long, default_value_t = 0)]
     pub pad: usize,
     /// Handshakes in flight per process while opening (0: all at once).
@@ -56,6 +56,25 @@ pub struct FanoutArgs {
     /// stays on --url (cross-node delivery).
     #[arg(long = "sub-url")]
     pub sub_urls: Vec<String>,
+    /// The server under test: corelay (a conversation, a WebSocket publisher), or nchan (subscribers on
+    /// --url, an `nchan_subscriber websocket` location; messages POSTed to --pub-url).
+    #[arg(long, value_enum, default_value = "corelay")]
+    pub peer: Peer,
+    /// Nchan's publisher location, e.g. http://127.0.0.1:8081/pub/bench.
+    #[arg(long)]
+    pub pub_url: Option<String>,
+    /// Server process id(s) whose CPU time over the publishing phase is measured (repeatable).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// Also measure every current child of this process (the nginx master: its workers).
+    #[arg(long, value_name = "PID")]
+    pub server_children_of: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    Corelay,
+    Nchan,
 }
 
 pub fn worker(a: &FanoutArgs, link: Link) {
@@ -73,6 +92,8 @@ struct Seq {
 
 struct Subs<'a> {
     link: &'a Link,
+    /// Nchan: no welcome (an open connection is ready) and messages are the published bodies themselves.
+    raw: bool,
     clock: Clock,
     welcomed: Vec<bool>,
     welcomes: u64,
@@ -86,28 +107,42 @@ struct Subs<'a> {
 }
 
 impl Subs<'_> {
+    fn welcome(&mut self, id: usize) {
+        if id >= self.welcomed.len() {
+            self.welcomed.resize(id + 1, false);
+        }
+        if !self.welcomed[id] {
+            self.welcomed[id] = true;
+            self.welcomes += 1;
+            self.live_welcomed += 1;
+        }
+    }
+
     fn on_event(&mut self, ev: Event<'_>) {
         match ev {
+            Event::Open { id, .. } if self.raw => self.welcome(id),
             Event::Message { id, payload, .. } => {
                 let recv_us = self.clock.now_us();
                 let Ok(v) = serde_json::from_slice::<Value>(payload) else {
                     self.unexpected += 1;
                     return;
                 };
-                match v["type"].as_str() {
-                    Some("welcome") => {
-                        if id >= self.welcomed.len() {
-                            self.welcomed.resize(id + 1, false);
-                        }
-                        if !self.welcomed[id] {
-                            self.welcomed[id] = true;
-                            self.welcomes += 1;
-                            self.live_welcomed += 1;
-                        }
-                    }
+                let ty = if self.raw {
+                    Some("message")
+                } else {
+                    v["type"].as_str()
+                };
+                match ty {
+                    Some("welcome") => self.welcome(id),
                     Some("message") => {
-                        let (Some(seq), Some(t)) =
-                            (v["body"]["seq"].as_u64(), v["body"]["t"].as_u64())
+                        // Nchan delivers what was published: the publisher posts corelay's message shape
+                        // (so both servers carry the same bytes), or a bare body.
+                        let body = if self.raw && v["body"].is_null() {
+                            &v
+                        } else {
+                            &v["body"]
+                        };
+                        let (Some(seq), Some(t)) = (body["seq"].as_u64(), body["t"].as_u64())
                         else {
                             self.unexpected += 1;
                             return;
@@ -154,11 +189,12 @@ impl Subs<'_> {
 }
 
 fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
-    let secret = a
-        .common
-        .token_secret
-        .as_deref()
-        .context("--token-secret is required")?;
+    let raw = a.peer == Peer::Nchan;
+    let secret = match a.common.token_secret.as_deref() {
+        Some(s) => s,
+        None if raw => "",
+        None => bail!("--token-secret is required"),
+    };
     let range = workers::share(a.subscribers, link.index, link.count);
     let deadline = Instant::now() + a.common.timeout + Duration::from_secs(5);
     let target = match a.sub_urls.get(link.index % a.sub_urls.len().max(1)) {
@@ -173,6 +209,9 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
     let mut op = Opener::new(range, a.max_pending, a.common.connect_timeout, deadline);
     let timeout = a.common.timeout;
     let mut query = |i: usize| {
+        if raw {
+            return String::new();
+        }
         format!(
             "token={}",
             mint(secret, &format!("s{i}"), timeout).unwrap_or_default()
@@ -180,6 +219,7 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
     };
     let mut subs = Subs {
         link,
+        raw,
         clock: Clock::new(),
         welcomed: Vec::new(),
         welcomes: 0,
@@ -212,6 +252,7 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
         "READY",
         &json!({"open": subs.live_welcomed, "failed": op.failed.total() + (op.open as u64).saturating_sub(subs.welcomes)}),
     );
+    let bytes_ready = net.stats.bytes_in;
     let mut stop = op.stopped;
     while !stop && Instant::now() < deadline {
         net.poll(Some(Duration::from_millis(50)), &mut |_, ev| {
@@ -236,6 +277,8 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
         "closed": subs.closed.total(),
         "closed_reasons": subs.closed.to_json(),
         "pings_answered": net.stats.pings_answered,
+        "bytes_in_publish": net.stats.bytes_in - bytes_ready,
+        "compressed": net.stats.compressed_in,
         "latency_us": stats::encode(&subs.latency),
         "incomplete": incomplete,
     });
@@ -334,12 +377,21 @@ fn pump(
 pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
     a.common.check()?;
     let quiet = a.common.quiet;
-    let secret = a
-        .common
-        .token_secret
-        .clone()
-        .context("--token-secret is required (subscribers and the publisher need tokens)")?;
+    let nchan = a.peer == Peer::Nchan;
+    let secret = match (&a.common.token_secret, nchan) {
+        (Some(s), _) => s.clone(),
+        (None, true) => String::new(),
+        (None, false) => {
+            bail!("--token-secret is required (subscribers and the publisher need tokens)")
+        }
+    };
+    anyhow::ensure!(
+        !nchan || a.pub_url.is_some(),
+        "--peer nchan needs --pub-url"
+    );
     anyhow::ensure!(a.subscribers > 0, "--subscribers must be positive");
+    let servers = crate::server::Servers::new(a.server_pid.clone(), a.server_children_of);
+    servers.check()?;
     let procs = a.common.procs;
     check_fd_budget(a.subscribers.div_ceil(procs), procs, quiet);
     let started = Instant::now();
@@ -347,7 +399,11 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
     let conv = format!("fanout-{:016x}", Rng::new().next_u64());
     let mut members: Vec<String> = (0..a.subscribers).map(|i| format!("s{i}")).collect();
     members.push("pub".into());
-    let status = create_conversation(&a.api, &a.api_key, &conv, &members)?;
+    let status = if nchan {
+        0
+    } else {
+        create_conversation(&a.api, &a.api_key, &conv, &members)?
+    };
     ui::note(
         quiet,
         &format!(
@@ -363,12 +419,17 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
         move |link| worker(&a, link)
     })
     .context("starting workers")?;
-    let pub_query = format!("token={}", mint(&secret, "pub", a.common.timeout)?);
-    let pub_id = match net.connect(&pub_query, a.subscribers) {
-        Ok(id) => id,
-        Err(e) => bail!("publisher connection: {e:?}"),
-    };
     let mut pubr = Publisher::default();
+    let pub_id = if nchan {
+        pubr.welcomed = true;
+        usize::MAX
+    } else {
+        let pub_query = format!("token={}", mint(&secret, "pub", a.common.timeout)?);
+        match net.connect(&pub_query, a.subscribers) {
+            Ok(id) => id,
+            Err(e) => bail!("publisher connection: {e:?}"),
+        }
+    };
     let pb = ui::bar(quiet, a.subscribers as u64, "connect");
     let ready = ui::await_ready(&mut w, deadline, &pb, &mut || {
         let _ = net.poll(Some(Duration::ZERO), &mut |_, ev| pubr.on_event(ev));
@@ -409,8 +470,14 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
         got: vec![vec![None; w.count]; a.messages],
         expect,
     };
-    let pad = "x".repeat(a.pad);
+    // Filler that compresses like chat text (a run of one letter would compress to almost nothing and
+    // flatter permessage-deflate).
+    const TEXT: &str = "Running ten minutes late, the train stopped at Sydenham again. Can you start the \
+        standup without me? Notes from yesterday are in the doc; Priya has the deploy checklist and the \
+        rollback plan if the canary looks off. Coffee after? ";
+    let pad: String = TEXT.chars().cycle().take(a.pad).collect();
     let mut timeouts = 0u64;
+    let cpu0 = servers.cpu();
     let t0 = Instant::now();
     let pb = ui::bar(quiet, a.messages as u64, "publish");
     for m in 0..a.messages {
@@ -429,14 +496,32 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
         if !pad.is_empty() {
             body["pad"] = json!(pad);
         }
-        let frame = json!({
-            "type": "send",
-            "conversation": conv,
-            "client_id": format!("{conv}-{m}"),
-            "body": body,
-        })
-        .to_string();
-        net.send(pub_id, Opcode::Text, frame.as_bytes());
+        if let (true, Some(url)) = (nchan, &a.pub_url) {
+            // The message as corelay would deliver it, so that both servers carry the same bytes.
+            let msg = json!({
+                "type": "message",
+                "channel": format!("conversation:{conv}"),
+                "offset": m + 1,
+                "from": "pub",
+                "ts": send_us / 1000,
+                "body": body,
+            });
+            let (status, text) = http::post_json(url, "", "", &msg)?;
+            if !(200..300).contains(&status) {
+                pubr.errors.add(&format!("{status}: {}", text.trim()), 1);
+            } else {
+                pubr.acks += 1;
+            }
+        } else {
+            let frame = json!({
+                "type": "send",
+                "conversation": conv,
+                "client_id": format!("{conv}-{m}"),
+                "body": body,
+            })
+            .to_string();
+            net.send(pub_id, Opcode::Text, frame.as_bytes());
+        }
         track.send_us[m] = Some(send_us);
         if a.gap.is_none() {
             let until = (Instant::now() + a.msg_timeout).min(deadline);
@@ -472,6 +557,7 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
         )?;
     }
     pb.finish_and_clear();
+    let cpu1 = servers.cpu();
     for _ in 0..5 {
         pump(
             &mut net,
@@ -531,6 +617,10 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
         }
     }
     let deliveries = stats::sum(&results, "deliveries");
+    let bytes_in = stats::sum(&results, "bytes_in_publish");
+    let compressed = stats::sum(&results, "compressed");
+    let tick_ms = 1000.0 / crate::stats::procfs::clk_tck() as f64;
+    let server_cpu_ms = (!cpu0.is_empty()).then(|| cpu0.ticks_until(&cpu1) as f64 * tick_ms);
     let span_s = first_send.map_or(0.0, |f| last_delivery.saturating_sub(f) as f64 / 1e6);
 
     let mut m = Report::default();
@@ -567,6 +657,26 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
         },
     );
     m.insert("span_s", r3(span_s));
+    m.insert("peer", json!(format!("{:?}", a.peer).to_lowercase()));
+    m.insert("deflate", json!(a.common.deflate));
+    m.insert("compressed_deliveries", json!(compressed));
+    m.insert("bytes_in_publishing", json!(bytes_in));
+    m.insert(
+        "wire_bytes_per_delivery",
+        if deliveries > 0 {
+            r3(bytes_in as f64 / deliveries as f64)
+        } else {
+            Value::Null
+        },
+    );
+    m.insert("server_cpu_ms", server_cpu_ms.map_or(Value::Null, r3));
+    m.insert(
+        "server_cpu_us_per_delivery",
+        match server_cpu_ms {
+            Some(ms) if deliveries > 0 => r3(ms * 1000.0 / deliveries as f64),
+            _ => Value::Null,
+        },
+    );
     stats::percentiles(&last, "last_delivery", &mut m);
     stats::percentiles(&first, "first_delivery", &mut m);
     stats::percentiles(&latency, "delivery", &mut m);

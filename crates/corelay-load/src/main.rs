@@ -94,6 +94,10 @@ pub struct Common {
     /// fills it before it starts); off: every connection makes a full handshake.
     #[arg(long, value_enum, default_value = "on")]
     pub tls_resume: OnOff,
+    /// Offer permessage-deflate (RFC 7692, no context takeover) on WebSocket connections, and inflate the
+    /// compressed messages received.
+    #[arg(long)]
+    pub deflate: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,6 +121,7 @@ impl Common {
             )?);
             t.secure = true;
         }
+        t.deflate = self.deflate && transport == Transport::Ws;
         if transport == Transport::Ws && (t.path == "/ws" || t.path.starts_with("/ws?")) {
             t.subprotocol = Some("corelay.v1".into());
         }

@@ -29,7 +29,6 @@ impl CpuSnap {
             .sum()
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
