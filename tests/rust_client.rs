@@ -1,0 +1,347 @@
+//! The Rust client (`crates/corelay-client`) against the real gateway over real sockets: chat, a gateway
+//! SIGKILL and restart with sends queued, an expiring token, and the typed internal API.
+
+mod support;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use corelay_client::{Api, Client, ClientOptions, Created, Error, Event, Events, Message, State};
+use serde_json::json;
+use support::*;
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+fn base(node: &Node) -> String {
+    format!("http://{}", node.addr)
+}
+
+/// Quick reconnects, as in the JS SDK's tests.
+fn quick(mut o: ClientOptions) -> ClientOptions {
+    o = o.backoff(Duration::from_millis(50), Duration::from_millis(400));
+    o.connect_timeout = Duration::from_secs(3);
+    o
+}
+
+fn client(node: &Node, user: &str) -> (Client, Events) {
+    Client::connect(quick(ClientOptions::new(base(node), token(user))))
+}
+
+/// `fut`, or a panic naming `what` after `within`.
+async fn bounded<T>(within: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(within, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// The first event `pick` accepts (others are skipped), within `WITHIN`.
+async fn next_where<T>(
+    events: &mut Events,
+    what: &str,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
+    bounded(WITHIN, what, async {
+        loop {
+            let ev = events.recv().await.expect("the client's events ended");
+            if let Some(t) = pick(ev) {
+                return t;
+            }
+        }
+    })
+    .await
+}
+
+async fn next_message(events: &mut Events) -> Message {
+    next_where(events, "a message", |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await
+}
+
+async fn opened(c: &Client) {
+    bounded(WITHIN, "the connection to open", c.opened())
+        .await
+        .expect("open");
+}
+
+async fn reached(c: &Client, s: State) {
+    bounded(
+        WITHIN,
+        &format!("state {s:?}"),
+        c.states().wait_for(|x| *x == s),
+    )
+    .await
+    .expect("state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_chat_send_resolves_with_the_offset_and_the_other_receives_once() {
+    let node = Node::start(&[]);
+    let api = Api::new(base(&node), API_KEY);
+    assert_eq!(
+        api.create_conversation("c1", &["alice", "bob"])
+            .await
+            .unwrap(),
+        Created::New
+    );
+    let (alice, _alice_events) = client(&node, "alice");
+    let (bob, mut bob_events) = client(&node, "bob");
+    opened(&alice).await;
+    opened(&bob).await;
+
+    let sent = bounded(WITHIN, "sent", alice.send("c1", json!({"text": "hi"})))
+        .await
+        .unwrap();
+    assert_eq!((sent.conversation.as_str(), sent.offset), ("c1", 1));
+    let m = next_message(&mut bob_events).await;
+    assert_eq!(m.channel, "conversation:c1");
+    assert_eq!(m.offset, 1);
+    assert_eq!(m.from.as_deref(), Some("alice"));
+    assert_eq!(m.body, json!({"text": "hi"}));
+    assert_eq!(bob.cursor().get("conversation:c1"), Some(&1));
+
+    // Once: the next message Bob sees is the next send, not a repeat.
+    let second = bounded(WITHIN, "sent", alice.send("c1", "again"))
+        .await
+        .unwrap();
+    assert_eq!(second.offset, 2);
+    let m = next_message(&mut bob_events).await;
+    assert_eq!((m.offset, m.body), (2, json!("again")));
+    assert!(alice.outbox().is_empty());
+
+    // History over the connection, newest first.
+    let page = bounded(WITHIN, "history", bob.history("c1", None, Some(10)))
+        .await
+        .unwrap();
+    let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
+    assert_eq!((offsets, page.more), (vec![2, 1], false));
+
+    // A refused send fails its future and leaves the outbox.
+    let refused = bounded(WITHIN, "refusal", alice.send("not-mine", "x")).await;
+    assert!(
+        matches!(&refused, Err(Error::Refused { code, .. }) if code == "not_member"),
+        "{refused:?}"
+    );
+    assert!(alice.outbox().is_empty());
+
+    alice.close();
+    reached(&alice, State::Closed).await;
+    assert_eq!(alice.send("c1", "late").await, Err(Error::Closed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_queued_across_a_gateway_kill_arrive_once_in_order_after_the_restart() {
+    let dir = fresh_dir();
+    let mut node = Node::start_in(&dir, &[]);
+    let addr = node.addr;
+    let api = Api::new(base(&node), API_KEY);
+    api.create_conversation("crash", &["carol", "dave"])
+        .await
+        .unwrap();
+    let (carol, _carol_events) = client(&node, "carol");
+    let (dave, mut dave_events) = client(&node, "dave");
+    opened(&carol).await;
+    opened(&dave).await;
+    for i in 0..5 {
+        let s = bounded(WITHIN, "sent", carol.send("crash", format!("before {i}")))
+            .await
+            .unwrap();
+        assert_eq!(s.offset, i + 1);
+    }
+    for i in 0..5 {
+        assert_eq!(next_message(&mut dave_events).await.offset, i + 1);
+    }
+
+    node.kill9();
+    reached(&carol, State::Reconnecting).await;
+    reached(&dave, State::Reconnecting).await;
+    // Ten sends while the gateway is down: queued in the outbox, in order.
+    let sender = carol.clone();
+    let during = tokio::spawn(async move {
+        let sends = (0..10).map(|i| sender.send("crash", format!("during {i}")));
+        futures_util::future::join_all(sends).await
+    });
+    bounded(WITHIN, "ten sends in the outbox", async {
+        while carol.outbox().len() < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let queued: Vec<String> = carol
+        .outbox()
+        .iter()
+        .map(|e| e.body.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        queued,
+        (0..10).map(|i| format!("during {i}")).collect::<Vec<_>>()
+    );
+
+    // Same port, same data dir.
+    let node = Node::start_on(addr, &dir, &[]);
+    let sents = bounded(Duration::from_secs(20), "the queued sends", during)
+        .await
+        .unwrap();
+    let offsets: Vec<u64> = sents.into_iter().map(|s| s.unwrap().offset).collect();
+    assert_eq!(offsets, (6..=15).collect::<Vec<u64>>());
+    assert!(carol.outbox().is_empty());
+
+    for i in 0..10u64 {
+        let m = next_message(&mut dave_events).await;
+        assert_eq!((m.offset, m.body), (6 + i, json!(format!("during {i}"))));
+    }
+    // Exactly once: the next thing Dave sees is a new message, not a repeat.
+    let last = bounded(WITHIN, "sent", carol.send("crash", "after"))
+        .await
+        .unwrap();
+    assert_eq!(last.offset, 16);
+    let m = next_message(&mut dave_events).await;
+    assert_eq!((m.offset, m.body), (16, json!("after")));
+    // And the store holds each once.
+    let stored: Vec<u64> = history(&node, "crash")
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stored, (1..=16).collect::<Vec<u64>>());
+
+    carol.close();
+    dave.close();
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_replaced_from_the_token_source_and_the_connection_resumes() {
+    let node = Node::start(&[]);
+    let api = Api::new(base(&node), API_KEY);
+    api.create_conversation("exp", &["erin", "frank"])
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    // The first token lives 2 s; later ones an hour.
+    let source = move || {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let ttl = Duration::from_secs(if n == 0 { 2 } else { 3600 });
+            Ok::<_, std::convert::Infallible>(corelay::auth::mint(SECRET, "erin", ttl).unwrap())
+        }
+    };
+    let (erin, mut erin_events) =
+        Client::connect(quick(ClientOptions::with_token_source(base(&node), source)));
+    let (frank, _frank_events) = client(&node, "frank");
+    opened(&erin).await;
+    opened(&frank).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    bounded(WITHIN, "sent", frank.send("exp", "one"))
+        .await
+        .unwrap();
+    assert_eq!(next_message(&mut erin_events).await.offset, 1);
+
+    // The gateway closes with 4001 when the token expires; the client asks for a fresh one and reopens.
+    next_where(&mut erin_events, "the expiry", |e| {
+        (e == Event::State(State::Reconnecting)).then_some(())
+    })
+    .await;
+    next_where(&mut erin_events, "the reopening", |e| {
+        (e == Event::State(State::Open)).then_some(())
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "one fresh token");
+
+    // Resumed from the cursor: the next message is the next one, and sending works.
+    bounded(WITHIN, "sent", frank.send("exp", "two"))
+        .await
+        .unwrap();
+    let m = next_message(&mut erin_events).await;
+    assert_eq!((m.offset, m.body), (2, json!("two")));
+    let mine = bounded(WITHIN, "sent", erin.send("exp", "three"))
+        .await
+        .unwrap();
+    assert_eq!(mine.offset, 3);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    erin.close();
+    frank.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_api_creates_publishes_and_pages_history() {
+    let node = Node::start(&[]);
+    let api = Api::new(base(&node), API_KEY);
+    assert_eq!(
+        api.create_conversation("api1", &["gus", "hal"])
+            .await
+            .unwrap(),
+        Created::New
+    );
+    assert_eq!(
+        api.create_conversation("api1", &["gus", "hal"])
+            .await
+            .unwrap(),
+        Created::Existed
+    );
+
+    // Typed errors: status and reason.
+    let e = Api::new(base(&node), "wrong-key")
+        .publish("scores:m1", json!(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e:?}");
+    let e = api
+        .publish("conversation:api1", json!(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e:?}");
+    assert!(
+        matches!(&e, corelay_client::ApiError::Status { code, .. } if !code.is_empty()),
+        "{e:?}"
+    );
+
+    // Publish to a topic a client follows, and to the user's own channel.
+    let (gus, mut events) = Client::connect(quick(
+        ClientOptions::new(base(&node), token("gus")).channels(["scores:m1"]),
+    ));
+    next_where(&mut events, "subscribed", |e| {
+        matches!(e, Event::Subscribed(_)).then_some(())
+    })
+    .await;
+    let offset = api
+        .publish("scores:m1", json!({"home": 2, "away": 1}))
+        .await
+        .unwrap();
+    let m = next_message(&mut events).await;
+    assert_eq!(
+        (m.channel.as_str(), m.offset, m.body),
+        ("scores:m1", offset, json!({"home": 2, "away": 1}))
+    );
+    api.publish("user:gus", json!({"hello": "gus"}))
+        .await
+        .unwrap();
+    let notice = next_where(&mut events, "a notice", |e| match e {
+        Event::Notice(n) => Some(n),
+        _ => None,
+    })
+    .await;
+    assert_eq!(notice.body, json!({"hello": "gus"}));
+    assert_eq!(notice.channel, "user:gus");
+
+    // History pages through the API.
+    for i in 1..=3 {
+        let s = bounded(WITHIN, "sent", gus.send("api1", format!("m{i}")))
+            .await
+            .unwrap();
+        assert_eq!(s.offset, i);
+    }
+    let page = api.history("api1", None, Some(2)).await.unwrap();
+    let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
+    assert_eq!((offsets, page.more), (vec![3, 2], true));
+    assert_eq!(page.messages[0].body, json!("m3"));
+    let page = api.history("api1", Some(2), Some(2)).await.unwrap();
+    let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
+    assert_eq!((offsets, page.more), (vec![1], false));
+    gus.close();
+}
