@@ -345,3 +345,69 @@ async fn the_internal_api_creates_publishes_and_pages_history() {
     assert_eq!((offsets, page.more), (vec![1], false));
     gus.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_gateway_is_noticed_by_the_liveness_check_and_the_client_comes_back() {
+    // Heartbeat 1 s + timeout 1 s: the welcome announces them, and the client holds the gateway to them.
+    let node = Node::start(&["--heartbeat-interval", "1s", "--heartbeat-timeout", "1s"]);
+    let api = Api::new(base(&node), API_KEY);
+    api.create_conversation("live", &["ivy", "jon"])
+        .await
+        .unwrap();
+    let (ivy, mut ivy_events) = client(&node, "ivy");
+    let (jon, _jon_events) = client(&node, "jon");
+    opened(&ivy).await;
+    opened(&jon).await;
+
+    // SIGSTOP: the sockets stay open, nothing arrives; only the liveness check can tell.
+    let pid = node.child.id().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+    };
+    signal("-STOP");
+    let stopped = std::time::Instant::now();
+    reached(&ivy, State::Reconnecting).await;
+    let noticed = stopped.elapsed();
+    signal("-CONT");
+    assert!(
+        noticed >= Duration::from_millis(900) && noticed < Duration::from_secs(5),
+        "noticed after {noticed:?}"
+    );
+    opened(&ivy).await;
+    opened(&jon).await;
+    bounded(WITHIN, "sent", jon.send("live", "still here"))
+        .await
+        .unwrap();
+    let m = next_message(&mut ivy_events).await;
+    assert_eq!(m.body, json!("still here"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_refused_as_store_busy_are_retried_until_each_is_stored_once() {
+    let node = Node::start(&["--max-pending-writes", "1"]);
+    let api = Api::new(base(&node), API_KEY);
+    api.create_conversation("busy", &["kim"]).await.unwrap();
+    let (kim, _events) = client(&node, "kim");
+    opened(&kim).await;
+    const N: usize = 100;
+    let sends = (0..N).map(|i| kim.send("busy", json!(i)));
+    let sents = bounded(
+        Duration::from_secs(30),
+        "every send",
+        futures_util::future::join_all(sends),
+    )
+    .await;
+    let mut offsets: Vec<u64> = sents.into_iter().map(|s| s.unwrap().offset).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=N as u64).collect::<Vec<_>>());
+    let mut stored: Vec<u64> = history(&node, "busy")
+        .iter()
+        .map(|m| m["body"].as_u64().unwrap())
+        .collect();
+    stored.sort_unstable();
+    assert_eq!(stored, (0..N as u64).collect::<Vec<_>>(), "each once");
+    assert!(kim.outbox().is_empty());
+}
