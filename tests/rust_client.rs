@@ -329,6 +329,19 @@ async fn the_internal_api_creates_publishes_and_pages_history() {
     assert_eq!(notice.body, json!({"hello": "gus"}));
     assert_eq!(notice.channel, "user:gus");
 
+    // Push devices.
+    api.register_device("gus", "apns", "0a1b2c", None)
+        .await
+        .unwrap();
+    api.unregister_device("gus", "apns", "0a1b2c")
+        .await
+        .unwrap();
+    let e = api
+        .register_device("gus", "pager", "0a1b2c", None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e:?}");
+
     // History pages through the API.
     for i in 1..=3 {
         let s = bounded(WITHIN, "sent", gus.send("api1", format!("m{i}")))
@@ -410,4 +423,25 @@ async fn sends_refused_as_store_busy_are_retried_until_each_is_stored_once() {
     stored.sort_unstable();
     assert_eq!(stored, (0..N as u64).collect::<Vec<_>>(), "each once");
     assert!(kim.outbox().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_token_keeps_the_connection_open_past_the_old_expiry() {
+    let node = Node::start(&[]);
+    let short = corelay::auth::mint(SECRET, "lou", Duration::from_secs(2)).unwrap();
+    let (lou, mut events) = Client::connect(quick(ClientOptions::new(base(&node), short)));
+    opened(&lou).await;
+    lou.refresh(&token("lou"));
+    next_where(&mut events, "refreshed", |e| match e {
+        Event::Other(v) if v["type"] == "refreshed" => Some(()),
+        _ => None,
+    })
+    .await;
+    // Past the first token's expiry (whole seconds, so at most 2 s from now), the connection is the same.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lou.state(), State::Open);
+    while let Ok(e) = events.try_recv() {
+        assert_ne!(e, Event::State(State::Reconnecting), "no reconnect");
+    }
+    lou.close();
 }

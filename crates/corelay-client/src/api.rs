@@ -164,6 +164,36 @@ impl Api {
         serde_json::from_value(answer).map_err(|e| ApiError::Decode(e.to_string()))
     }
 
+    /// `POST /api/devices`: registers a push device (`apns` or `fcm`) for `user`; `app` is the APNs topic
+    /// when it is not the gateway's default (see docs/PUSH.md).
+    pub async fn register_device(
+        &self,
+        user: &str,
+        platform: &str,
+        token: &str,
+        app: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let mut body = json!({"user": user, "platform": platform, "token": token});
+        if let Some(app) = app {
+            body["app"] = app.into();
+        }
+        self.call(Method::POST, "/api/devices", Some(body)).await?;
+        Ok(())
+    }
+
+    /// `DELETE /api/devices`: forgets a push device.
+    pub async fn unregister_device(
+        &self,
+        user: &str,
+        platform: &str,
+        token: &str,
+    ) -> Result<(), ApiError> {
+        let body = json!({"user": user, "platform": platform, "token": token});
+        self.call(Method::DELETE, "/api/devices", Some(body))
+            .await?;
+        Ok(())
+    }
+
     /// `GET /api/route`: the node that owns `user` on the ring.
     pub async fn route(&self, user: &str) -> Result<String, ApiError> {
         let (_, answer) = self

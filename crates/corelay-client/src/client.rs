@@ -167,6 +167,7 @@ enum Command {
     /// A fire-and-forget request, sent only while open (`ack`, `read`, device registration).
     Request(Value),
     History(Value, oneshot::Sender<Result<HistoryPage, Error>>),
+    Refresh(String),
     Close,
 }
 
@@ -275,6 +276,13 @@ impl Client {
 
     pub fn unregister_device(&self, platform: &str, token: &str) {
         self.request(json!({"type": "unregister_device", "platform": platform, "token": token}));
+    }
+
+    /// Hands the open connection a fresh token of the same user before the current one expires (the gateway
+    /// answers `refreshed`, reported as [`Event::Other`]); later reconnects use it too. Without it the
+    /// gateway closes with 4001 at expiry and the client reconnects with a token from its source.
+    pub fn refresh(&self, token: &str) {
+        let _ = self.cmd.send(Command::Refresh(token.to_string()));
     }
 
     fn request(&self, v: Value) {
@@ -496,6 +504,7 @@ impl Driver {
             Some(Command::History(_, reply)) => {
                 let _ = reply.send(Err(Error::NotConnected));
             }
+            Some(Command::Refresh(t)) => self.token = Some(t),
             // Resent when the connection opens; acks and reads need a connection (as in the JS SDK).
             Some(Command::Retransmit(_)) | Some(Command::Request(_)) => {}
         }
@@ -613,6 +622,10 @@ impl Driver {
                 send_json(ws, &json!({"type": "unsubscribe", "channels": chs})).await
             }
             Some(Command::Request(v)) => send_json(ws, &v).await,
+            Some(Command::Refresh(t)) => {
+                self.token = Some(t.clone());
+                send_json(ws, &json!({"type": "refresh", "token": t})).await
+            }
             Some(Command::History(req, reply)) => {
                 let conversation = req["conversation"].as_str().unwrap_or("").to_string();
                 // A request whose caller gave up is dropped here, never matched to a later answer.
