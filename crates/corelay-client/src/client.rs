@@ -353,6 +353,9 @@ fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Reader = futures_util::stream::SplitStream<Ws>;
+/// The queue to the writer task.
+type Out = mpsc::UnboundedSender<tungstenite::Message>;
 
 /// Why a connection ended, for the next attempt.
 #[derive(Default, Debug)]
@@ -510,27 +513,56 @@ impl Driver {
         }
     }
 
-    async fn session(&mut self, mut ws: Ws, welcome: Welcome) -> Hint {
+    async fn session(&mut self, ws: Ws, welcome: Welcome) -> Hint {
         self.attempt = 0;
         self.set_state(State::Open);
-        let hint = self.serve(&mut ws, &welcome).await;
+        // Writes go through a queue to a task of their own, so the connection task never waits on a socket
+        // that does not drain (a gateway pausing its reads, a dead peer): it keeps reading answers and
+        // running the liveness check.
+        let (mut sink, mut read) = ws.split();
+        let (out, mut queue) = mpsc::unbounded_channel::<tungstenite::Message>();
+        let writer = tokio::spawn(async move {
+            while let Some(m) = queue.recv().await {
+                if sink.send(m).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        let hint = self.serve(&mut read, &out, &welcome).await;
         for (_, h) in self.histories.drain(..) {
             let _ = h.send(Err(Error::ConnectionLost));
         }
         if self.closed {
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            // A normal close, written after what is queued.
+            let _ = out.send(tungstenite::Message::Close(Some(
+                tungstenite::protocol::CloseFrame {
+                    code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+                    reason: "client closed".into(),
+                },
+            )));
+            drop(out);
+            let abort = writer.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), writer)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        } else {
+            writer.abort();
         }
         hint
     }
 
-    async fn serve(&mut self, ws: &mut Ws, welcome: &Welcome) -> Hint {
+    async fn serve(&mut self, ws: &mut Reader, out: &Out, welcome: &Welcome) -> Hint {
         let topics: Vec<String> = self.topics.iter().cloned().collect();
-        if !topics.is_empty() && self.subscribe(ws, topics).await.is_err() {
+        if !topics.is_empty() && self.subscribe(out, topics).is_err() {
             return Hint::default();
         }
         let outbox: Vec<OutboxEntry> = lock(&self.shared).outbox.clone();
         for e in &outbox {
-            if transmit(ws, e).await.is_err() {
+            if transmit(out, e).is_err() {
                 return Hint::default();
             }
         }
@@ -560,7 +592,7 @@ impl Driver {
                     }
                 }
                 cmd = self.cmd_rx.recv() => {
-                    if self.online(ws, cmd).await.is_err() {
+                    if self.online(out, cmd).is_err() {
                         return Hint::default();
                     }
                     if self.closed {
@@ -575,7 +607,7 @@ impl Driver {
                     }
                     if idle >= every && !pinged {
                         pinged = true;
-                        if send_json(ws, &json!({"type": "ping"})).await.is_err() {
+                        if send_json(out, &json!({"type": "ping"})).is_err() {
                             return Hint::default();
                         }
                     }
@@ -584,12 +616,8 @@ impl Driver {
         }
     }
 
-    /// A command while open. Err: the socket failed.
-    async fn online(
-        &mut self,
-        ws: &mut Ws,
-        cmd: Option<Command>,
-    ) -> Result<(), tungstenite::Error> {
+    /// A command while open. Err: the writer is gone (the socket failed).
+    fn online(&mut self, out: &Out, cmd: Option<Command>) -> Result<(), Gone> {
         match cmd {
             None | Some(Command::Close) => {
                 self.closed = true;
@@ -598,7 +626,7 @@ impl Driver {
             Some(Command::Send(entry, reply)) => {
                 self.pending.insert(entry.client_id.clone(), reply);
                 lock(&self.shared).outbox.push(entry.clone());
-                transmit(ws, &entry).await
+                transmit(out, &entry)
             }
             Some(Command::Retransmit(id)) => {
                 let entry = lock(&self.shared)
@@ -607,24 +635,24 @@ impl Driver {
                     .find(|e| e.client_id == id)
                     .cloned();
                 match entry {
-                    Some(e) => transmit(ws, &e).await,
+                    Some(e) => transmit(out, &e),
                     None => Ok(()),
                 }
             }
             Some(Command::Subscribe(chs)) => {
                 self.topics.extend(chs.iter().cloned());
-                self.subscribe(ws, chs).await
+                self.subscribe(out, chs)
             }
             Some(Command::Unsubscribe(chs)) => {
                 for c in &chs {
                     self.topics.remove(c);
                 }
-                send_json(ws, &json!({"type": "unsubscribe", "channels": chs})).await
+                send_json(out, &json!({"type": "unsubscribe", "channels": chs}))
             }
-            Some(Command::Request(v)) => send_json(ws, &v).await,
+            Some(Command::Request(v)) => send_json(out, &v),
             Some(Command::Refresh(t)) => {
                 self.token = Some(t.clone());
-                send_json(ws, &json!({"type": "refresh", "token": t})).await
+                send_json(out, &json!({"type": "refresh", "token": t}))
             }
             Some(Command::History(req, reply)) => {
                 let conversation = req["conversation"].as_str().unwrap_or("").to_string();
@@ -641,16 +669,12 @@ impl Driver {
                     };
                     let _ = reply.send(out);
                 });
-                send_json(ws, &req).await
+                send_json(out, &req)
             }
         }
     }
 
-    async fn subscribe(
-        &mut self,
-        ws: &mut Ws,
-        channels: Vec<String>,
-    ) -> Result<(), tungstenite::Error> {
+    fn subscribe(&mut self, out: &Out, channels: Vec<String>) -> Result<(), Gone> {
         let cursor: serde_json::Map<String, Value> = {
             let shared = lock(&self.shared);
             channels
@@ -659,10 +683,9 @@ impl Driver {
                 .collect()
         };
         send_json(
-            ws,
+            out,
             &json!({"type": "subscribe", "channels": channels, "cursor": cursor}),
         )
-        .await
     }
 
     /// A server object.
@@ -799,16 +822,19 @@ impl Driver {
     }
 }
 
-async fn send_json(ws: &mut Ws, v: &Value) -> Result<(), tungstenite::Error> {
-    ws.send(tungstenite::Message::text(v.to_string())).await
+/// The writer task ended: the socket failed.
+struct Gone;
+
+fn send_json(out: &Out, v: &Value) -> Result<(), Gone> {
+    out.send(tungstenite::Message::text(v.to_string()))
+        .map_err(|_| Gone)
 }
 
-async fn transmit(ws: &mut Ws, e: &OutboxEntry) -> Result<(), tungstenite::Error> {
+fn transmit(out: &Out, e: &OutboxEntry) -> Result<(), Gone> {
     send_json(
-        ws,
+        out,
         &json!({"type": "send", "conversation": e.conversation, "client_id": e.client_id, "body": e.body}),
     )
-    .await
 }
 
 /// The `/ws` URL for a base URL, a token and a durable cursor.
