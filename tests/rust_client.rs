@@ -119,6 +119,16 @@ async fn two_clients_chat_send_resolves_with_the_offset_and_the_other_receives_o
     let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
     assert_eq!((offsets, page.more), (vec![2, 1], false));
 
+    // A new client resuming from a cursor gets what is after it, and nothing before.
+    let cursor = [("conversation:c1".to_string(), 1)].into_iter().collect();
+    let (bob2, mut bob2_events) = Client::connect(quick(
+        ClientOptions::new(base(&node), token("bob")).cursor(cursor),
+    ));
+    let m = next_message(&mut bob2_events).await;
+    assert_eq!((m.offset, m.body), (2, json!("again")));
+    assert_eq!(bob2.cursor().get("conversation:c1"), Some(&2));
+    bob2.close();
+
     // A refused send fails its future and leaves the outbox.
     let refused = bounded(WITHIN, "refusal", alice.send("not-mine", "x")).await;
     assert!(
@@ -158,6 +168,10 @@ async fn sends_queued_across_a_gateway_kill_arrive_once_in_order_after_the_resta
     node.kill9();
     reached(&carol, State::Reconnecting).await;
     reached(&dave, State::Reconnecting).await;
+    assert_eq!(
+        carol.history("crash", None, None).await,
+        Err(Error::NotConnected)
+    );
     // Ten sends while the gateway is down: queued in the outbox, in order.
     let sender = carol.clone();
     let during = tokio::spawn(async move {
@@ -318,6 +332,18 @@ async fn the_internal_api_creates_publishes_and_pages_history() {
         (m.channel.as_str(), m.offset, m.body),
         ("scores:m1", offset, json!({"home": 2, "away": 1}))
     );
+    // A topic resumes through `subscribe` with the cursor: a client that saw the first publish gets the next.
+    let next = api.publish("scores:m1", json!({"home": 3})).await.unwrap();
+    let cursor = [("scores:m1".to_string(), offset)].into_iter().collect();
+    let (late, mut late_events) = Client::connect(quick(
+        ClientOptions::new(base(&node), token("hal"))
+            .channels(["scores:m1"])
+            .cursor(cursor),
+    ));
+    let m = next_message(&mut late_events).await;
+    assert_eq!((m.offset, m.body), (next, json!({"home": 3})));
+    late.close();
+    assert_eq!(next_message(&mut events).await.offset, next);
     api.publish("user:gus", json!({"hello": "gus"}))
         .await
         .unwrap();
@@ -444,4 +470,73 @@ async fn a_refreshed_token_keeps_the_connection_open_past_the_old_expiry() {
         assert_ne!(e, Event::State(State::Reconnecting), "no reconnect");
     }
     lou.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_handed_to_a_new_client_is_delivered_once() {
+    let dir = fresh_dir();
+    let mut node = Node::start_in(&dir, &[]);
+    let addr = node.addr;
+    let api = Api::new(base(&node), API_KEY);
+    api.create_conversation("hand", &["mia", "ned"])
+        .await
+        .unwrap();
+    let (mia, _mia_events) = client(&node, "mia");
+    opened(&mia).await;
+    let first = bounded(WITHIN, "sent", mia.send("hand", "first"))
+        .await
+        .unwrap();
+
+    // The gateway goes away; a send is queued; the process "exits" (close) with it unanswered.
+    node.kill9();
+    reached(&mia, State::Reconnecting).await;
+    let queued = {
+        let mia = mia.clone();
+        tokio::spawn(async move { mia.send("hand", "second").await })
+    };
+    bounded(WITHIN, "the queued send", async {
+        while mia.outbox().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    mia.close();
+    assert_eq!(queued.await.unwrap(), Err(Error::Closed));
+    let mut saved = mia.outbox();
+    assert_eq!(saved.len(), 1);
+    // Plus the first send again, as if its `sent` had been lost: the gateway knows its client id.
+    saved.insert(
+        0,
+        corelay_client::OutboxEntry {
+            client_id: first.client_id.clone(),
+            conversation: "hand".into(),
+            body: json!("first"),
+        },
+    );
+
+    let node = Node::start_on(addr, &dir, &[]);
+    let (ned, mut ned_events) = client(&node, "ned");
+    let mut options = quick(ClientOptions::new(base(&node), token("mia")));
+    options.outbox = saved;
+    let (mia2, _mia2_events) = Client::connect(options);
+    bounded(WITHIN, "the handed outbox to drain", async {
+        while !mia2.outbox().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let m = next_message(&mut ned_events).await;
+    assert_eq!((m.offset, m.body), (1, json!("first")));
+    let m = next_message(&mut ned_events).await;
+    assert_eq!((m.offset, m.body), (2, json!("second")));
+    let last = bounded(WITHIN, "sent", mia2.send("hand", "third"))
+        .await
+        .unwrap();
+    assert_eq!(last.offset, 3, "the resent first send was not stored again");
+    let m = next_message(&mut ned_events).await;
+    assert_eq!((m.offset, m.body), (3, json!("third")));
+    mia2.close();
+    ned.close();
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
 }
