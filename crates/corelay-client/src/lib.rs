@@ -1,5 +1,5 @@
-//! Rust client for the [corelay](../../docs/PROTOCOL.md) gateway, on tokio: the semantics of the JavaScript
-//! SDK (`clients/js/src/corelay.js`) over WebSocket.
+//! Rust client for the corelay gateway, on tokio: the semantics of the JavaScript SDK
+//! (`clients/js/src/corelay.js`) over WebSocket. The wire protocol is `docs/PROTOCOL.md` of the repository.
 //!
 //! - **Resume**: the client keeps a cursor (channel → last offset seen). It reconnects with
 //!   `/ws?cursor=` for conversations and its `user:` channel, and re-subscribes to topics with their offsets,
