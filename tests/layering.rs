@@ -2,7 +2,8 @@
 //!
 //! - `corelay-proto` depends on no other corelay crate and on no I/O or runtime crate (mio, tokio, socket2),
 //!   and forbids `unsafe`.
-//! - The load generator and the fuzz targets depend on `corelay-proto`, never on the gateway.
+//! - The load generator and the fuzz targets depend on `corelay-proto`, never on the gateway; the Rust client
+//!   (`corelay-client`) on no corelay crate.
 //! - Inside the gateway, a module imports only modules of a lower layer (or itself):
 //!   0 `auth`, `bucket`, `clock`, `cluster`, `metrics`, `timer` → 1 `config` → 2 `store` → 3 `push` →
 //!   4 `backplane` → 5 `conn` → 6 `worker` → 7 `server`. The connection is a state machine without I/O: it
@@ -47,6 +48,16 @@ fn the_load_generator_and_the_fuzz_targets_do_not_depend_on_the_gateway() {
             "{manifest} depends on the gateway crate"
         );
     }
+}
+
+#[test]
+fn the_rust_client_depends_on_no_corelay_crate() {
+    // It speaks the wire protocol as any client would: no shortcut through the gateway's or the codec's types.
+    let deps = dependencies(&root().join("crates/corelay-client/Cargo.toml"));
+    assert!(
+        !deps.iter().any(|d| d.starts_with("corelay")),
+        "corelay-client depends on {deps:?}"
+    );
 }
 
 /// Layer of each top-level module of the gateway library.

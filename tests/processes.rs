@@ -132,15 +132,14 @@ fn processes_share_one_port_and_behave_as_one_gateway() {
     }
     // (No wait needed before publishing: a node that subscribes to the topic on the bus after the publish
     // reads it from the shared log.)
-    let body = json!({"channel":"topic:news","body":{"n":1}}).to_string();
-    let (st, resp) = http(
-        node.addr,
-        &format!(
-            "POST /api/publish HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    );
-    assert_eq!(st, 200, "{resp}");
+    // Through the Rust client's typed API (crates/corelay-client), as an internal service would publish.
+    let api = corelay_client::Api::new(format!("http://{}", node.addr), API_KEY);
+    let published = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(api.publish("topic:news", json!({"n": 1})));
+    assert!(published.is_ok(), "{published:?}");
     for ws in &mut all {
         let v = loop {
             let v = next_json(ws);

@@ -33,17 +33,27 @@ impl Node {
 
     /// Starts on an existing data dir, which is kept when this node is dropped.
     pub fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> Node {
-        Node::spawn(data_dir, extra, None)
+        Node::spawn(data_dir, extra, None, "127.0.0.1:0")
+    }
+
+    /// Starts again on `addr` (the port of a node that was killed) and an existing data dir, kept on drop.
+    pub fn start_on(addr: SocketAddr, data_dir: &std::path::Path, extra: &[&str]) -> Node {
+        Node::spawn(data_dir, extra, None, &addr.to_string())
     }
 
     /// Starts with debug logs written to `log` (to check what the gateway logs).
     pub fn start_logged(extra: &[&str], log: &std::path::Path) -> Node {
-        let mut n = Node::spawn(&fresh_dir(), extra, Some(log));
+        let mut n = Node::spawn(&fresh_dir(), extra, Some(log), "127.0.0.1:0");
         n.owns_dir = true;
         n
     }
 
-    fn spawn(data_dir: &std::path::Path, extra: &[&str], log: Option<&std::path::Path>) -> Node {
+    fn spawn(
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        log: Option<&std::path::Path>,
+        listen: &str,
+    ) -> Node {
         let data_dir = data_dir.to_path_buf();
         let stderr = match log {
             Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
@@ -59,14 +69,7 @@ impl Node {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_corelay")));
         let mut child = Command::new(bin)
-            .args([
-                "run",
-                "--listen",
-                "127.0.0.1:0",
-                "--threads",
-                "2",
-                "--no-pin",
-            ])
+            .args(["run", "--listen", listen, "--threads", "2", "--no-pin"])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--auth-secret", SECRET, "--api-key", API_KEY])
