@@ -11,7 +11,7 @@ pub mod pinning;
 mod sockets;
 pub mod tls;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -124,8 +124,9 @@ pub struct Worker {
     /// TLS connections' plaintext: decrypted records handed to a connection, queued frames gathered into a
     /// record. One per loop, allocated when the loop has a TLS listener.
     plain: Vec<u8>,
-    /// The TLS sessions of this loop's TLS connections, by slot.
-    sessions: HashMap<usize, Box<tls::TlsSession>>,
+    /// The TLS sessions of this loop's TLS connections, by slot index (8 bytes per slot on a loop that has
+    /// TLS connections; a map would cost about twice that).
+    sessions: Vec<Option<Box<tls::TlsSession>>>,
     cmds: Receiver<LoopCmd>,
     next_generation: u32,
     pending: Vec<usize>,
@@ -209,7 +210,7 @@ impl Worker {
                     Vec::new()
                 },
                 tls_listener,
-                sessions: HashMap::new(),
+                sessions: Vec::new(),
                 admin,
                 accepting: true,
                 conns: Slab::new(),
@@ -506,7 +507,10 @@ impl Worker {
         let proxied = self.shared.cfg.proxy_protocol && !admin && tls.is_none();
         let is_tls = tls.is_some();
         if let Some(session) = tls {
-            self.sessions.insert(index, session);
+            if self.sessions.len() <= index {
+                self.sessions.resize_with(index + 1, || None);
+            }
+            self.sessions[index] = Some(session);
         }
         let id = ConnId {
             index: index as u32,

@@ -198,7 +198,7 @@ impl Worker {
             let mut schedule = None;
             let mut close = false;
             let conn = &mut self.conns[i].conn;
-            let Some(session) = self.sessions.get_mut(&i) else {
+            let Some(session) = self.sessions.get_mut(i).and_then(|s| s.as_deref_mut()) else {
                 return;
             };
             let plain = &mut self.plain;
@@ -245,7 +245,7 @@ impl Worker {
                     tracing::debug!(worker = self.id.0, conn = i, reason = %why, "TLS connection failed");
                     self.metrics().tls_failures.fetch_add(1, Relaxed);
                     // Its last word (an alert, a plain-text 400), if the socket takes it now.
-                    if let Some(t) = self.sessions.get_mut(&i) {
+                    if let Some(t) = self.sessions.get_mut(i).and_then(|s| s.as_deref_mut()) {
                         let _ = t.write_to(&mut self.conns[i].socket);
                     }
                     self.close(i);
@@ -266,7 +266,7 @@ impl Worker {
             return;
         };
         let session = if slot.tls {
-            self.sessions.get_mut(&i)
+            self.sessions.get_mut(i).and_then(|s| s.as_deref_mut())
         } else {
             None
         };
@@ -289,7 +289,7 @@ impl Worker {
         }
         let slot = &mut self.conns[i];
         let session = if slot.tls {
-            self.sessions.get_mut(&i)
+            self.sessions.get_mut(i).and_then(|s| s.as_deref_mut())
         } else {
             None
         };
@@ -334,8 +334,10 @@ impl Worker {
             return;
         }
         let mut slot = self.conns.remove(i);
-        if slot.tls {
-            self.sessions.remove(&i);
+        if slot.tls
+            && let Some(s) = self.sessions.get_mut(i)
+        {
+            *s = None;
         }
         self.shared.per_address.release(slot.addr_key);
         if let Some(k) = slot.timer.take() {

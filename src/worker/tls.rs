@@ -124,17 +124,37 @@ pub enum Input {
 /// One connection's TLS state.
 pub struct TlsSession {
     conn: UnbufferedServerConnection,
-    /// Ciphertext of an incomplete record (or bytes of an incomplete PROXY header); empty when idle.
-    incoming: Vec<u8>,
-    /// Ciphertext to write, from `sent` on; empty (unallocated) once written.
-    outgoing: Vec<u8>,
-    sent: usize,
+    /// The connection's buffers, only while bytes wait in them: none at all when idle (8 bytes, not 56).
+    bufs: Option<Box<Buffers>>,
     /// A PROXY protocol header is expected before the handshake.
     proxy_pending: bool,
     /// No byte has arrived yet (the first one tells TLS from plain text).
     fresh: bool,
     /// The handshake completed (counted once).
     established: bool,
+}
+
+#[derive(Default)]
+struct Buffers {
+    /// Ciphertext of an incomplete record (or bytes of an incomplete PROXY header).
+    incoming: Vec<u8>,
+    /// Ciphertext to write, from `sent` on.
+    outgoing: Vec<u8>,
+    sent: usize,
+}
+
+/// The buffers, made when first needed.
+fn bufs(b: &mut Option<Box<Buffers>>) -> &mut Buffers {
+    b.get_or_insert_with(Box::default)
+}
+
+/// Frees the buffers once nothing waits in them.
+fn release(b: &mut Option<Box<Buffers>>) {
+    if b.as_ref()
+        .is_some_and(|x| x.incoming.is_empty() && x.sent == x.outgoing.len())
+    {
+        *b = None;
+    }
 }
 
 /// How a completed handshake went, for the metrics.
@@ -147,9 +167,7 @@ impl TlsSession {
     pub fn new(config: Arc<ServerConfig>, proxy: bool) -> Result<Box<TlsSession>, rustls::Error> {
         Ok(Box::new(TlsSession {
             conn: UnbufferedServerConnection::new(config)?,
-            incoming: Vec::new(),
-            outgoing: Vec::new(),
-            sent: 0,
+            bufs: None,
             proxy_pending: proxy,
             fresh: true,
             established: false,
@@ -170,22 +188,24 @@ impl TlsSession {
         plain: &mut dyn FnMut(&[u8]) -> bool,
         on_established: &mut dyn FnMut(Established),
     ) -> Input {
-        if self.proxy_pending || self.fresh || !self.incoming.is_empty() {
+        let waiting = self.bufs.as_ref().map_or(0, |b| b.incoming.len());
+        if self.proxy_pending || self.fresh || waiting > 0 {
             // Slow path: bytes before the handshake, or the rest of a record that began in an earlier read.
-            if self.incoming.len() + data.len() > MAX_INCOMING {
+            if waiting + data.len() > MAX_INCOMING {
                 return Input::Fatal("incomplete TLS record over the limit".into());
             }
-            self.incoming.extend_from_slice(data);
+            bufs(&mut self.bufs).incoming.extend_from_slice(data);
             if let Some(fatal) = self.preamble() {
                 return fatal;
             }
-            let mut buf = std::mem::take(&mut self.incoming);
+            let mut buf = std::mem::take(&mut bufs(&mut self.bufs).incoming);
             let (used, input) = self.process(&mut buf, plain, on_established);
             buf.drain(..used);
             if buf.is_empty() {
                 buf = Vec::new();
             }
-            self.incoming = buf;
+            bufs(&mut self.bufs).incoming = buf;
+            release(&mut self.bufs);
             return input;
         }
         let (used, input) = self.process(data, plain, on_established);
@@ -193,7 +213,9 @@ impl TlsSession {
             if data.len() - used > MAX_INCOMING {
                 return Input::Fatal("incomplete TLS record over the limit".into());
             }
-            self.incoming.extend_from_slice(&data[used..]);
+            bufs(&mut self.bufs)
+                .incoming
+                .extend_from_slice(&data[used..]);
         }
         input
     }
@@ -202,7 +224,7 @@ impl TlsSession {
     /// (or wait for more bytes: `incoming` is then left for the next read).
     fn preamble(&mut self) -> Option<Input> {
         if self.proxy_pending {
-            match corelay_proto::proxy::parse(&self.incoming) {
+            match corelay_proto::proxy::parse(&bufs(&mut self.bufs).incoming) {
                 Ok(None) => return Some(Input::Continue),
                 Ok(Some((header, n))) => {
                     if let corelay_proto::proxy::ProxyHeader::Proxied {
@@ -212,19 +234,21 @@ impl TlsSession {
                     {
                         tracing::debug!(client = %source, via = %destination, "accepted (PROXY protocol, TLS)");
                     }
-                    self.incoming.drain(..n);
+                    bufs(&mut self.bufs).incoming.drain(..n);
                     self.proxy_pending = false;
                 }
                 Err(e) => return Some(Input::Fatal(format!("bad PROXY header: {e}"))),
             }
         }
         if self.fresh {
-            let &first = self.incoming.first()?;
+            let &first = self.bufs.as_ref()?.incoming.first()?;
             self.fresh = false;
             if first != HANDSHAKE {
                 if first.is_ascii_uppercase() {
                     // An HTTP method: a client that forgot https://.
-                    self.outgoing.extend_from_slice(PLAIN_HTTP_REPLY);
+                    bufs(&mut self.bufs)
+                        .outgoing
+                        .extend_from_slice(PLAIN_HTTP_REPLY);
                     return Some(Input::Fatal("plain-text HTTP on the TLS port".into()));
                 }
                 return Some(Input::Fatal("not TLS".into()));
@@ -272,7 +296,9 @@ impl TlsSession {
                     }
                 }
                 ConnectionState::EncodeTlsData(mut enc) => {
-                    if let Err(e) = encode(&mut self.outgoing, |out| enc.encode(out)) {
+                    if let Err(e) =
+                        encode(&mut bufs(&mut self.bufs).outgoing, |out| enc.encode(out))
+                    {
                         return (used + discard, Input::Fatal(format!("TLS encode: {e:?}")));
                     }
                 }
@@ -320,7 +346,7 @@ impl TlsSession {
             used += status.discard;
             match status.state {
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    if encode(&mut self.outgoing, |out| enc.encode(out)).is_err() {
+                    if encode(&mut bufs(&mut self.bufs).outgoing, |out| enc.encode(out)).is_err() {
                         return;
                     }
                 }
@@ -340,7 +366,11 @@ impl TlsSession {
             &mut Vec<u8>,
         ) -> R,
     ) -> Option<R> {
-        let mut incoming = std::mem::take(&mut self.incoming);
+        let mut incoming = self
+            .bufs
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.incoming))
+            .unwrap_or_default();
         let mut used = 0;
         let mut result = None;
         for _ in 0..8 {
@@ -348,11 +378,11 @@ impl TlsSession {
             used += status.discard;
             match status.state {
                 Ok(ConnectionState::WriteTraffic(mut wt)) => {
-                    result = Some(f(&mut wt, &mut self.outgoing));
+                    result = Some(f(&mut wt, &mut bufs(&mut self.bufs).outgoing));
                     break;
                 }
                 Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                    if encode(&mut self.outgoing, |out| enc.encode(out)).is_err() {
+                    if encode(&mut bufs(&mut self.bufs).outgoing, |out| enc.encode(out)).is_err() {
                         break;
                     }
                 }
@@ -361,23 +391,31 @@ impl TlsSession {
             }
         }
         incoming.drain(..used);
-        self.incoming = incoming;
+        if !incoming.is_empty() {
+            bufs(&mut self.bufs).incoming = incoming;
+        }
+        release(&mut self.bufs);
         result
     }
 
     /// Ciphertext waiting for the socket.
     pub fn pending(&self) -> &[u8] {
-        &self.outgoing[self.sent..]
+        self.bufs
+            .as_ref()
+            .map_or(&[][..], |b| &b.outgoing[b.sent..])
     }
 
     /// Writes pending ciphertext to `w` until it would block. Returns bytes written.
     pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<usize> {
         let mut total = 0;
-        while self.sent < self.outgoing.len() {
-            match w.write(&self.outgoing[self.sent..]) {
+        let Some(b) = self.bufs.as_mut() else {
+            return Ok(0);
+        };
+        while b.sent < b.outgoing.len() {
+            match w.write(&b.outgoing[b.sent..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    self.sent += n;
+                    b.sent += n;
                     total += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -385,11 +423,12 @@ impl TlsSession {
                 Err(e) => return Err(e),
             }
         }
-        if self.sent == self.outgoing.len() {
+        if b.sent == b.outgoing.len() {
             // Written: an idle connection keeps no buffer.
-            self.outgoing = Vec::new();
-            self.sent = 0;
+            b.outgoing = Vec::new();
+            b.sent = 0;
         }
+        release(&mut self.bufs);
         Ok(total)
     }
 
