@@ -19,6 +19,15 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Long-lived connections a draining node closes per second (all loops together): its clients reconnect
+/// to the other nodes at this rate, not all at once.
+pub const DEFAULT_DRAIN_RATE: u32 = 1_000;
+/// New connections accepted per second (all loops together) before the rest wait in the kernel's backlog.
+pub const DEFAULT_ACCEPT_RATE: u32 = 20_000;
+/// How long new connections may wait for their turn before they are refused (503 + `Retry-After`).
+pub const DEFAULT_ACCEPT_QUEUE: Duration = Duration::from_secs(1);
+/// The longest a drain spreads its closes over, whatever the rate.
+pub const DEFAULT_DRAIN_WINDOW: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
 pub use corelay_proto::http1::MAX_HEADERS_CEILING;
@@ -46,6 +55,11 @@ pub const DEFAULT_TOPIC_HISTORY_AGE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_POLL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_POLL_TIMEOUT: Duration = Duration::from_secs(25);
+/// Messages shorter than this are sent plain on a permessage-deflate connection (a fresh DEFLATE window per
+/// message gains little on a short one, and costs CPU).
+pub const DEFAULT_WS_DEFLATE_MIN_BYTES: usize = 128;
+/// The largest `ws_deflate_min_bytes` accepted (anything bigger is a typo; `--ws-deflate off` turns it off).
+pub const MAX_WS_DEFLATE_MIN_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -144,6 +158,8 @@ pub struct Config {
     pub tls_listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The demo chat at `/demo/`, with its token endpoint (anyone may become anyone: never in production).
+    pub demo: bool,
     pub threads: usize,
     pub data_dir: PathBuf,
     /// Empty = host name + port, decided when the listener is bound.
@@ -156,8 +172,23 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub drain_timeout: Duration,
+    /// A drain closes long-lived connections (WebSocket, SSE, held polls) at this rate per second, spread
+    /// over at most `drain_window`; then it waits up to `drain_timeout` for the last close handshakes.
+    pub drain_rate: u32,
+    pub drain_window: Duration,
+    /// Accept-side protection: new connections per second (all loops together); a burst of one second's
+    /// worth is taken at once. Beyond it connections wait in the kernel backlog; once they have waited
+    /// `accept_queue`, the waiting ones are accepted and refused: `503` with `Retry-After` (on the TLS
+    /// listener, closed before the handshake: its cost is what the limit protects).
+    pub accept_rate: u32,
+    pub accept_queue: Duration,
     /// WebSocket echo endpoint (no auth, no chat protocol) for conformance runs and load generators.
     pub echo_path: Option<String>,
+    /// Negotiate permessage-deflate (RFC 7692) with WebSocket clients that offer it (no context takeover:
+    /// per-loop codecs, nothing per connection).
+    pub ws_deflate: bool,
+    /// Messages shorter than this go out uncompressed on a deflate connection.
+    pub ws_deflate_min_bytes: usize,
     /// Messages kept per topic and `user:` channel for resume (SSE, polls, subscribe with a cursor).
     pub topic_history: usize,
     /// Bytes of history kept in memory per topic / `user:` channel.
@@ -208,6 +239,7 @@ impl Default for Config {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            demo: false,
             threads: default_threads(),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             node_id: default_node_id(),
@@ -218,7 +250,13 @@ impl Default for Config {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            drain_rate: DEFAULT_DRAIN_RATE,
+            accept_rate: DEFAULT_ACCEPT_RATE,
+            accept_queue: DEFAULT_ACCEPT_QUEUE,
+            drain_window: DEFAULT_DRAIN_WINDOW,
             echo_path: None,
+            ws_deflate: true,
+            ws_deflate_min_bytes: DEFAULT_WS_DEFLATE_MIN_BYTES,
             topic_history: DEFAULT_TOPIC_HISTORY,
             topic_history_bytes: DEFAULT_TOPIC_HISTORY_BYTES,
             conversation_window_bytes: DEFAULT_CONVERSATION_WINDOW_BYTES,
@@ -298,6 +336,10 @@ pub struct Options {
     /// Serve `/api/*` and `/metrics` only on this internal address (and refuse them on --listen).
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// Serve the demo chat at /demo/ and let it mint tokens for any user (development only).
+    #[arg(long)]
+    #[serde(default)]
+    pub demo: bool,
     /// Also listen for TLS (`wss://`, `https://`) on this address; needs --tls-cert and --tls-key.
     #[arg(long)]
     pub tls_listen: Option<String>,
@@ -344,12 +386,33 @@ pub struct Options {
     /// Idle keep-alive HTTP connections are closed after this [default: 60s].
     #[arg(long)]
     pub keepalive_timeout: Option<String>,
-    /// How long a drain waits for clients to close [default: 5s].
+    /// How long a drain waits for clients to close, after its spread [default: 5s].
     #[arg(long)]
     pub drain_timeout: Option<String>,
+    /// Long-lived connections closed per second by a drain, all loops together, so that clients reconnect
+    /// elsewhere gradually [default: 1000].
+    #[arg(long)]
+    pub drain_rate: Option<u32>,
+    /// The longest a drain spreads its closes over, whatever the rate [default: 30s].
+    #[arg(long)]
+    pub drain_window: Option<String>,
+    /// New connections accepted per second, all loops together; the rest wait in the backlog
+    /// [default: 20000].
+    #[arg(long)]
+    pub accept_rate: Option<u32>,
+    /// How long new connections wait beyond --accept-rate before they are refused with 503 + Retry-After
+    /// [default: 1s].
+    #[arg(long)]
+    pub accept_queue: Option<String>,
     /// Serve a WebSocket echo endpoint at this path (off by default).
     #[arg(long)]
     pub echo_path: Option<String>,
+    /// permessage-deflate for WebSocket clients that offer it: on or off [default: on].
+    #[arg(long)]
+    pub ws_deflate: Option<String>,
+    /// Smallest WebSocket message sent compressed on a deflate connection [default: 128].
+    #[arg(long)]
+    pub ws_deflate_min_bytes: Option<String>,
     /// Messages kept per topic / user channel for resume [default: 1000].
     #[arg(long)]
     pub topic_history: Option<usize>,
@@ -480,10 +543,13 @@ impl Options {
         if self.tls_cert.is_some() {
             cfg.tls_cert = self.tls_cert;
         }
+        cfg.demo |= self.demo;
         if self.tls_key.is_some() {
             cfg.tls_key = self.tls_key;
         }
         set(&mut cfg.threads, self.threads);
+        set(&mut cfg.drain_rate, self.drain_rate);
+        set(&mut cfg.accept_rate, self.accept_rate);
         set(&mut cfg.data_dir, self.data_dir);
         set(&mut cfg.node_id, self.node_id);
         if self.auth_secret.is_some() {
@@ -514,6 +580,8 @@ impl Options {
                 &mut cfg.keepalive_timeout,
             ),
             ("drain_timeout", self.drain_timeout, &mut cfg.drain_timeout),
+            ("drain_window", self.drain_window, &mut cfg.drain_window),
+            ("accept_queue", self.accept_queue, &mut cfg.accept_queue),
             (
                 "topic_history_age",
                 self.topic_history_age,
@@ -534,6 +602,18 @@ impl Options {
         if self.echo_path.is_some() {
             cfg.echo_path = self.echo_path;
         }
+        if let Some(v) = self.ws_deflate {
+            cfg.ws_deflate = match v.as_str() {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(invalid(
+                        "ws_deflate",
+                        format!("must be on or off (got {other:?})"),
+                    ));
+                }
+            };
+        }
         set(&mut cfg.allowed_origins, self.allowed_origins);
         set(&mut cfg.topic_history, self.topic_history);
         for (key, value, slot) in [
@@ -551,6 +631,11 @@ impl Options {
                 "store_cache_bytes",
                 self.store_cache_bytes,
                 &mut cfg.store_cache_bytes,
+            ),
+            (
+                "ws_deflate_min_bytes",
+                self.ws_deflate_min_bytes,
+                &mut cfg.ws_deflate_min_bytes,
             ),
         ] {
             if let Some(v) = value {
@@ -651,6 +736,18 @@ impl Config {
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
         }
+        if self.demo && self.admin_listen.is_some() {
+            return Err(invalid(
+                "demo",
+                "the demo creates its conversations through the public listener: drop admin_listen",
+            ));
+        }
+        if self.accept_rate == 0 {
+            return Err(invalid("accept_rate", "must be at least 1 per second"));
+        }
+        if self.drain_rate == 0 {
+            return Err(invalid("drain_rate", "must be at least 1 per second"));
+        }
         match (&self.tls_listen, &self.tls_cert, &self.tls_key) {
             (None, None, None) | (Some(_), Some(_), Some(_)) => {}
             (Some(_), _, _) => {
@@ -704,6 +801,9 @@ impl Config {
             || self.scylla_keyspace.is_empty()
         {
             return Err(invalid("scylla_keyspace", "must be [A-Za-z0-9_]+"));
+        }
+        if self.ws_deflate_min_bytes > MAX_WS_DEFLATE_MIN_BYTES {
+            return Err(invalid("ws_deflate_min_bytes", "must be at most 16MiB"));
         }
         if self.topic_history == 0 {
             return Err(invalid("topic_history", "must be at least 1"));
@@ -800,6 +900,26 @@ mod tests {
         assert_eq!(cfg.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(cfg.limits.max_frame_bytes, 1 << 20);
         assert!(toml::from_str::<Options>("listne = \"x\"").is_err());
+    }
+
+    #[test]
+    fn ws_deflate_settings() {
+        let cfg = Config::default();
+        assert!(cfg.ws_deflate);
+        assert_eq!(cfg.ws_deflate_min_bytes, DEFAULT_WS_DEFLATE_MIN_BYTES);
+        let mut cfg = Config::default();
+        let f: Options =
+            toml::from_str("ws_deflate = \"off\"\nws_deflate_min_bytes = \"1KiB\"\n").unwrap();
+        f.apply(&mut cfg).unwrap();
+        assert!(!cfg.ws_deflate);
+        assert_eq!(cfg.ws_deflate_min_bytes, 1024);
+        cfg.validate().unwrap();
+        let f: Options = toml::from_str("ws_deflate = \"maybe\"").unwrap();
+        assert!(f.apply(&mut Config::default()).is_err());
+        let f: Options = toml::from_str("ws_deflate_min_bytes = \"17MiB\"").unwrap();
+        let mut cfg = Config::default();
+        f.apply(&mut cfg).unwrap();
+        assert!(cfg.validate().is_err());
     }
 
     /// Flags and file keys go through one struct and one `apply`: the same settings given either way give the

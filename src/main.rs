@@ -194,7 +194,15 @@ fn run(r: RunArgs) -> anyhow::Result<()> {
         signal_hook::consts::SIGHUP,
     ])?;
     let threads = cfg.threads;
+    let demo = cfg.demo.then(|| cfg.api_key.clone()).flatten();
     let server = Server::start(cfg)?;
+    if let Some(key) = demo {
+        seed_demo(server.local_addr, &key)?;
+        tracing::warn!(
+            "--demo: the chat is at http://{}/demo/ and /demo/token mints tokens for anyone: development only",
+            server.local_addr
+        );
+    }
     // The line tests and scripts wait for; stdout, flushed.
     println!(
         "corelay listening on {} ({threads} loops)",
@@ -229,5 +237,28 @@ fn run(r: RunArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     server.join();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped");
+    Ok(())
+}
+
+/// Creates the demo's conversations through the gateway's own internal API (as an operator would).
+fn seed_demo(addr: std::net::SocketAddr, api_key: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    for (id, members) in corelay::conn::http::demo::CONVERSATIONS {
+        let body = serde_json::json!({"id": id, "members": members}).to_string();
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        write!(
+            s,
+            "POST /api/conversations HTTP/1.1\r\nHost: demo\r\nAuthorization: Bearer {api_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        anyhow::ensure!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.1 201"),
+            "creating the demo conversation {id}: {}",
+            answer.lines().next().unwrap_or("no answer")
+        );
+    }
     Ok(())
 }

@@ -51,6 +51,8 @@ pub struct LoopMetrics {
     pub tls_handshakes: AtomicU64,
     pub tls_resumed: AtomicU64,
     pub tls_failures: AtomicU64,
+    /// Connections refused by the accept rate (`--accept-rate`, after `--accept-queue`).
+    pub accept_refused: AtomicU64,
 }
 
 impl LoopMetrics {
@@ -159,7 +161,12 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 13] = [
+        let counters: [(&str, &str, fn(&LoopMetrics) -> &AtomicU64); 14] = [
+            (
+                "corelay_accept_refused_total",
+                "New connections refused (503 + Retry-After, or closed before TLS) by the accept rate.",
+                |l| &l.accept_refused,
+            ),
             (
                 "corelay_tls_handshakes_total",
                 "TLS handshakes completed.",

@@ -125,7 +125,11 @@ impl Server {
         let draining = Arc::new(AtomicBool::new(false));
         let shared = Shared {
             cfg: cfg.clone(),
-            verifier: Arc::new(Verifier::new(&secret)),
+            verifier: Arc::new(if cfg.demo {
+                Verifier::with_minting(&secret)
+            } else {
+                Verifier::new(&secret)
+            }),
             api_key,
             metrics: metrics.clone(),
             backplane: bp,

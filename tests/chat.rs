@@ -387,3 +387,38 @@ fn an_sse_resume_over_several_pages_loses_nothing_the_flush_skipped() {
     assert!(missing.is_empty(), "lost to the stream: {missing:?}");
     assert_eq!(got, want, "each once, in order");
 }
+
+#[test]
+fn application_level_ping_is_answered_on_every_transport() {
+    let node = Node::start(&["--heartbeat-interval", "7s", "--heartbeat-timeout", "3s"]);
+    // The welcome announces the liveness contract the SDK checks against.
+    let url = format!("{}?token={}", node.url("/ws"), token("pat"));
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "corelay.v1".parse().unwrap());
+    let (mut ws, _) = tungstenite::connect(req).unwrap();
+    set_timeout(&mut ws, Duration::from_secs(5));
+    let w = next_json(&mut ws);
+    assert_eq!(
+        (w["heartbeat_s"].as_u64(), w["heartbeat_timeout_s"].as_u64()),
+        (Some(7), Some(3))
+    );
+    send_json(&mut ws, json!({"type":"ping","id":"p1"}));
+    assert_eq!(next_json(&mut ws), json!({"type":"pong","id":"p1"}));
+    send_json(&mut ws, json!({"type":"ping"}));
+    assert_eq!(next_json(&mut ws), json!({"type":"pong"}));
+    // Over POST /send (a client on SSE or polls).
+    let body = r#"{"type":"ping","id":"p2"}"#;
+    let (status, text) = http(
+        node.addr,
+        &format!(
+            "POST /send?token={} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            token("pat"),
+            body.len()
+        ),
+    );
+    assert_eq!(status, 200, "{text}");
+    let answer: serde_json::Value =
+        serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(answer, json!({"type":"pong","id":"p2"}));
+}

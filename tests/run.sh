@@ -8,6 +8,7 @@ need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
@@ -19,5 +20,11 @@ fi
 echo "== cargo test"
 cargo test --locked --workspace --lib --bins --tests --benches 2>&1
 
-echo "== autobahn (RFC 6455 cases 1-10, over ws:// and wss://)"
+echo "== JS client SDK and the demo in headless Chromium (node --test, against the debug binary cargo just built)"
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+[ "$node_major" -ge 20 ] || { echo "the JS SDK tests need Node.js >= 20 (found: $(node --version 2>&1))" >&2; exit 1; }
+# puppeteer-core (the browser tests' driver; it downloads no browser: Debian's chromium is used) from the lock file.
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && node --experimental-websocket --test test/)
+
+echo "== autobahn (RFC 6455 cases 1-10 and RFC 7692 cases 12-13, over ws:// and wss:// at once: about 10 min on 2 cores)"
 tests/autobahn.sh

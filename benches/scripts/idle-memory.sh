@@ -19,7 +19,7 @@ trap cleanup EXIT
 for transport in $TRANSPORTS; do
   data=$(mktemp -d); log=$(mktemp)
   "$bin/corelay" run --listen 127.0.0.1:0 --threads "$THREADS" --data-dir "$data" --auth-secret bench-secret-0123456789abcdef0123456789 \
-    --api-key bench-api-key-0123456789abcdef0123456789 --echo-path /echo --heartbeat-interval "$HEARTBEAT" >"$log" 2>/dev/null &
+    --api-key bench-api-key-0123456789abcdef0123456789 --echo-path /echo --accept-rate 1000000 --heartbeat-interval "$HEARTBEAT" >"$log" 2>/dev/null &
   pid=$!
   for _ in $(seq 100); do grep -q listening "$log" && break; sleep 0.1; done
   addr=$(grep -oE 'listening on [0-9.:]+' "$log" | awk '{print $3}' || true)

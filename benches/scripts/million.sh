@@ -228,6 +228,10 @@ start_gateway() { # P GPORT RPORT DIR AUTH KEY -> master_pid
     local p=$1 gport=$2 rport=$3 dir=$4 auth=$5 key=$6
     local -a common=(--redis "redis://127.0.0.1:$rport" --listen "127.0.0.1:$gport" --threads 1 --no-pin
         --auth-secret "$auth" --api-key "$key" --presence-ttl 5m)
+    # The connect storm is the measurement: no accept-rate throttle (builds that have one).
+    if "$gw_bin" run --help 2>/dev/null | grep -q -- '--accept-rate'; then
+        common+=(--accept-rate 1000000)
+    fi
     # shellcheck disable=SC2206
     local -a extra=($GATEWAY_ARGS)
     if ((has_processes)); then

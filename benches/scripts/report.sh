@@ -128,9 +128,9 @@ start_server() {
   rm -rf "$WORK/data"; mkdir -p "$WORK/data"; : >"$slog"
   case $kind in
     corelay)
-      SCMD="corelay run --listen 127.0.0.1:0 --threads 2 --data-dir DATA --auth-secret bench-secret-0123456789abcdef0123456789 --api-key bench-api-key-0123456789abcdef0123456789 --echo-path /echo $*"
+      SCMD="corelay run --listen 127.0.0.1:0 --threads 2 --data-dir DATA --auth-secret bench-secret-0123456789abcdef0123456789 --api-key bench-api-key-0123456789abcdef0123456789 --echo-path /echo --accept-rate 1000000 $*"
       "$BIN/corelay" run --listen 127.0.0.1:0 --threads 2 --data-dir "$WORK/data" --auth-secret bench-secret-0123456789abcdef0123456789 --api-key bench-api-key-0123456789abcdef0123456789 \
-        --echo-path /echo "$@" >"$slog" 2>&1 &
+        --echo-path /echo --accept-rate 1000000 "$@" >"$slog" 2>&1 &
       ;;
     baseline-default)
       SCMD="baseline --listen 127.0.0.1:0 --mode $1"

@@ -63,6 +63,9 @@ pub struct Delivery {
     pub ws: Bytes,
     /// `event:` + `data:` lines for SSE, made by the first loop that needs them.
     sse: OnceLock<Bytes>,
+    /// `ws` compressed (permessage-deflate, RSV1 set, 15-bit window), made once by the first loop with a
+    /// deflate subscriber and shared by all of them; `None` when compressing does not make it smaller.
+    ws_deflate: OnceLock<Option<Bytes>>,
 }
 
 impl Delivery {
@@ -75,7 +78,17 @@ impl Delivery {
             json: Bytes::from(json),
             ws: Bytes::from(ws),
             sse: OnceLock::new(),
+            ws_deflate: OnceLock::new(),
         })
+    }
+
+    /// The compressed frame for deflate subscribers, compressed by `compress` (a loop's deflater: the JSON
+    /// → a complete frame with RSV1 set, or `None`) the first time any loop asks; later calls, from any loop,
+    /// share that result.
+    pub fn ws_deflate(&self, compress: impl FnOnce(&[u8]) -> Option<Vec<u8>>) -> Option<&Bytes> {
+        self.ws_deflate
+            .get_or_init(|| compress(&self.json).map(Bytes::from))
+            .as_ref()
     }
 
     /// The event type for SSE: the message's `type` (`message`, `receipt`, …).

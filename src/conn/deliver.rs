@@ -1,5 +1,5 @@
 //! Output the backplane sends: a channel message in the encoding of the connection's transport (a shared
-//! WebSocket frame, an SSE event with this stream's cursor as its `id:`, a held poll's answer), a protocol
+//! WebSocket frame, plain or permessage-deflate, an SSE event with this stream's cursor as its `id:`, a held poll's answer), a protocol
 //! frame, and the write-queue cap (`max_write_queue_bytes`: a slow consumer is cut, told to resume from its
 //! cursor).
 
@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::{Closing, Conn, Cx, Effects, Env, Mode, advance, cursor_text, http, ws};
 use crate::backplane::Delivery;
-use corelay_proto::ws::CloseCode;
+use corelay_proto::ws::{CloseCode, Opcode};
 
 impl Conn {
     /// One channel message. A stream or poll that has seen its offset already (a replay overlapping live
@@ -21,8 +21,20 @@ impl Conn {
             return cx.fx;
         }
         match &mut self.mode {
-            Mode::WebSocket(_) => {
-                self.out.push(d.ws.clone());
+            Mode::WebSocket(ws) => {
+                // A deflate subscriber with the full window gets the publish's one compressed frame (made by
+                // the first loop that needs it); one that asked for a smaller window, a short message, or one
+                // that does not compress gets the plain frame (RSV1 is per message).
+                let deflated = if ws.deflate == 15 && d.json.len() >= cx.cfg().ws_deflate_min_bytes
+                {
+                    d.ws_deflate(|json| {
+                        let mut v = Vec::new();
+                        super::deflate::deflate_frame(Opcode::Text, json, 15, &mut v).then_some(v)
+                    })
+                } else {
+                    None
+                };
+                self.out.push(deflated.unwrap_or(&d.ws).clone());
                 cx.frame_out();
             }
             Mode::Sse(s) => {

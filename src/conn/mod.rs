@@ -8,6 +8,7 @@
 //! belong to an incomplete HTTP head or body are copied into `inbuf`. The WebSocket decoder keeps partial frame
 //! headers and partial messages itself, allocating only while a message is in flight.
 
+mod deflate;
 mod deliver;
 mod env;
 mod heartbeat;
@@ -94,6 +95,9 @@ pub struct WsState {
     /// Input is paused by the rate limit: the socket is not read (TCP pushes back on the client) and the
     /// bytes already read but not yet decoded wait in `Conn::inbuf`, until the bucket has a token again.
     pub paused: bool,
+    /// permessage-deflate: 0 when not negotiated, else the window (9..=15 bits) our messages are compressed
+    /// with. No context takeover either way, so this byte is all the connection keeps (see `deflate`).
+    pub deflate: u8,
     /// Loop ms at which the token expires (0: never, the echo endpoint). The connection is closed with 4001
     /// then, unless a `refresh` with a fresh token of the same user came first.
     pub expires_ms: u64,
@@ -167,6 +171,9 @@ pub struct Conn {
     pub closing: Closing,
     /// Accepted on the internal admin listener (`--admin-listen`).
     pub admin: bool,
+    /// Accepted only to be refused: new connections arrived faster than `accept_rate` for longer than
+    /// `accept_queue`. Its first request (but a health check) is answered 503 with `Retry-After`.
+    pub refused: bool,
 }
 
 impl Conn {
@@ -190,6 +197,7 @@ impl Conn {
             out: WriteQueue::default(),
             last_rx_ms: now_ms,
             closing: Closing::Open,
+            refused: false,
         };
         let mut cx = Cx::new(env, id, now_ms);
         let at = cx.after(cx.cfg().handshake_timeout);
@@ -198,6 +206,14 @@ impl Conn {
         m.accepted.fetch_add(1, Relaxed);
         m.conn_opened(Transport::Http);
         (conn, cx.fx)
+    }
+
+    /// A connection that stays open (WebSocket, SSE stream, held poll): a drain spreads these closes.
+    pub fn is_long_lived(&self) -> bool {
+        matches!(
+            self.mode,
+            Mode::WebSocket(_) | Mode::Sse(_) | Mode::PollHeld(_)
+        )
     }
 
     pub fn is_websocket(&self) -> bool {
@@ -347,9 +363,12 @@ impl Conn {
     pub fn drain(&mut self, env: &mut dyn Env, now_ms: u64) -> Effects {
         let mut cx = Cx::new(env, self.id, now_ms);
         match &self.mode {
-            Mode::WebSocket(_) => {
-                ws::start_close(self, CloseCode::GOING_AWAY, "server shutting down", &cx)
-            }
+            Mode::WebSocket(_) => ws::start_close(
+                self,
+                CloseCode::GOING_AWAY,
+                "server draining: reconnect",
+                &cx,
+            ),
             Mode::HttpAwait { .. } | Mode::HttpBody { .. } | Mode::Sse(_) | Mode::PollHeld(_) => {
                 self.closing = Closing::AfterFlush
             }

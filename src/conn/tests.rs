@@ -288,3 +288,14 @@ fn bucket_allows_burst_then_rate() {
     );
     assert!(!b.take(10_000, 10, 3));
 }
+
+/// Idle memory per WebSocket is a headline figure (docs/ARCHITECTURE.md: the boxed `WsState` is 200 B):
+/// permessage-deflate added one byte to `WsState` and two flags to its decoder, all inside existing padding.
+#[test]
+fn websocket_state_stays_small() {
+    let (ws, dec) = (
+        std::mem::size_of::<WsState>(),
+        std::mem::size_of::<Decoder>(),
+    );
+    assert!(ws <= 200 && dec <= 144, "WsState {ws} B, Decoder {dec} B");
+}

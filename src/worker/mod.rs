@@ -24,6 +24,7 @@ use slab::Slab;
 
 use crate::auth::Verifier;
 use crate::backplane::{BackplaneHandle, Event, LoopCmd};
+use crate::bucket::Bucket;
 use crate::config::Config;
 use crate::conn::{Conn, ConnId, LoopId};
 use crate::metrics::{LoopMetrics, Metrics};
@@ -76,6 +77,39 @@ struct Slot {
     conn: Conn,
 }
 
+/// What the accept rate says about the next connection.
+enum Admit {
+    Now,
+    Later,
+    Refuse,
+}
+
+/// One loop's share of `--accept-rate`.
+fn accept_share(cfg: &Config) -> u32 {
+    (cfg.accept_rate / cfg.threads.max(1) as u32).max(1)
+}
+
+/// A drain's pace: `total` long-lived connections closed evenly over `over`.
+struct Spread {
+    queue: VecDeque<ConnId>,
+    total: usize,
+    started: Instant,
+    over: Duration,
+}
+
+impl Spread {
+    /// How many should be closed by `now`.
+    fn due(&self, now: Instant) -> usize {
+        let elapsed = now.saturating_duration_since(self.started);
+        if self.over.is_zero() || elapsed >= self.over {
+            return self.total;
+        }
+        // At least one per turn from the start, so that a small drain is not held back by rounding.
+        let share = elapsed.as_secs_f64() / self.over.as_secs_f64();
+        ((self.total as f64 * share).ceil() as usize).clamp(1, self.total)
+    }
+}
+
 pub struct Worker {
     id: LoopId,
     shared: Shared,
@@ -105,8 +139,14 @@ pub struct Worker {
     deferred: VecDeque<Event>,
     /// Set when draining: the moment the loop stops waiting for clients.
     drain_deadline: Option<Instant>,
-    /// Accepting failed for lack of file descriptors; try again at this time.
+    /// A drain's long-lived connections still to close, and its pace.
+    spread: Option<Spread>,
+    /// Accepting failed for lack of file descriptors, or waits for the accept rate; try again at this time.
     accept_retry: Option<Instant>,
+    /// The accept rate's tokens (`--accept-rate`, this loop's share).
+    accept_bucket: Bucket,
+    /// Since when new connections have been waiting for the accept rate (None: not throttled).
+    throttled_since: Option<Instant>,
 }
 
 /// The connection environment over the loop's fields (a macro, so the borrow stays field by field).
@@ -155,6 +195,7 @@ impl Worker {
         };
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let now = Instant::now();
+        let share = accept_share(&shared.cfg);
         Ok((
             Worker {
                 id: LoopId(id),
@@ -183,7 +224,10 @@ impl Worker {
                 now_ms: 0,
                 deferred: VecDeque::new(),
                 drain_deadline: None,
+                spread: None,
                 accept_retry: None,
+                accept_bucket: Bucket::full(share, 0),
+                throttled_since: None,
             },
             waker,
         ))
@@ -240,6 +284,7 @@ impl Worker {
                 self.accept(false);
                 self.accept(true);
             }
+            self.drain_step();
             if let Some(deadline) = self.drain_deadline
                 && (self.conns.is_empty() || self.now >= deadline)
             {
@@ -252,6 +297,9 @@ impl Worker {
     fn poll_timeout(&self) -> Option<Duration> {
         if !self.pending.is_empty() || !self.deferred.is_empty() {
             return Some(Duration::ZERO);
+        }
+        if self.spread.is_some() {
+            return Some(TIMER_TICK);
         }
         let now = Instant::now();
         let mut t = self
@@ -280,7 +328,7 @@ impl Worker {
                     if self.conns.len() >= self.shared.cfg.limits.max_connections_per_loop {
                         continue; // dropped: closed
                     }
-                    let _ = self.adopt(socket, true, 0, None);
+                    let _ = self.adopt(socket, true, 0, None, false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
@@ -319,6 +367,27 @@ impl Worker {
         }
     }
 
+    /// The accept rate (`--accept-rate`, this loop's share, a second's worth at once): a token, or wait (the
+    /// connection stays in the kernel backlog; `accept_retry` comes back for it), or, once the backlog has
+    /// not been empty for `--accept-queue` (`throttled_since`, cleared when an accept finds it empty), refuse
+    /// what waits in it.
+    fn admit(&mut self) -> Admit {
+        let cfg = &self.shared.cfg;
+        let rate = accept_share(cfg);
+        if self.accept_bucket.take(self.now_ms, rate, rate) {
+            return Admit::Now;
+        }
+        let since = *self.throttled_since.get_or_insert(self.now);
+        let waited = self.now.saturating_duration_since(since);
+        if waited >= cfg.accept_queue {
+            return Admit::Refuse;
+        }
+        let next = Duration::from_millis(self.accept_bucket.wait_ms(rate));
+        let at = self.now + next.min(cfg.accept_queue - waited);
+        self.accept_retry = Some(self.accept_retry.map_or(at, |t| t.min(at)));
+        Admit::Later
+    }
+
     /// Accepts what waits on the plain listener, or on the TLS one.
     fn accept(&mut self, tls: bool) {
         if tls && self.tls_listener.is_none() {
@@ -334,11 +403,27 @@ impl Worker {
                 );
                 return;
             }
+            let refuse = match self.admit() {
+                Admit::Now => false,
+                Admit::Later => return,
+                Admit::Refuse => true,
+            };
             let listener = match (tls, self.tls_listener.as_ref()) {
                 (true, Some(l)) => l,
                 _ => &self.listener,
             };
             match listener.accept() {
+                Ok((socket, peer)) if refuse => {
+                    self.metrics().accept_refused.fetch_add(1, Relaxed);
+                    if tls {
+                        // Closed before the handshake: its cost is what the limit saves.
+                        tracing::debug!(worker = self.id.0, client = %peer, "accept rate: closed");
+                        drop(socket);
+                    } else {
+                        // Its first request is answered 503 + Retry-After.
+                        self.adopt(socket, false, 0, None, true);
+                    }
+                }
                 Ok((socket, peer)) => {
                     #[cfg(debug_assertions)]
                     if std::env::var_os("CORELAY_FAILPOINT_LOOP_PANIC").is_some() {
@@ -375,11 +460,15 @@ impl Worker {
                         }
                         _ => None,
                     };
-                    if !self.adopt(socket, false, key, session) {
+                    if !self.adopt(socket, false, key, session, false) {
                         self.shared.per_address.release(key);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The backlog is empty: nobody waits for the accept rate.
+                    self.throttled_since = None;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning on a readable listener.
@@ -399,6 +488,7 @@ impl Worker {
         admin: bool,
         addr_key: u32,
         tls: Option<Box<tls::TlsSession>>,
+        refused: bool,
     ) -> bool {
         let _ = socket.set_nodelay(true);
         let entry = self.conns.vacant_entry();
@@ -422,7 +512,8 @@ impl Worker {
             index: index as u32,
             generation,
         };
-        let (conn, fx) = Conn::accept(id, proxied, admin, &mut env!(self), self.now_ms);
+        let (mut conn, fx) = Conn::accept(id, proxied, admin, &mut env!(self), self.now_ms);
+        conn.refused = refused;
         entry.insert(Slot {
             socket,
             timer: None,
@@ -534,19 +625,71 @@ impl Worker {
         (s.conn.id.generation == generation).then_some(i)
     }
 
+    /// Starts a drain: no more accepts; short-lived connections (HTTP requests) end now; long-lived ones
+    /// (WebSocket, SSE, held polls) are closed at `drain_rate` (this loop's share), over at most
+    /// `drain_window`, so that their clients reconnect to other nodes gradually instead of all at once.
     fn drain(&mut self) {
         if self.drain_deadline.is_some() {
             return;
         }
-        self.drain_deadline = Some(self.now + self.shared.cfg.drain_timeout);
         if self.accepting {
             self.pause_accepting();
         }
-        let ids: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        let cfg = &self.shared.cfg;
+        let mut long = Vec::new();
+        let mut short = Vec::new();
+        for (i, s) in self.conns.iter() {
+            if s.conn.is_long_lived() {
+                long.push(s.conn.id);
+            } else {
+                short.push(i);
+            }
+        }
+        let rate = (cfg.drain_rate as f64 / cfg.threads as f64).max(0.001);
+        let over = Duration::from_secs_f64(long.len() as f64 / rate).min(cfg.drain_window);
+        self.drain_deadline = Some(self.now + over + cfg.drain_timeout);
+        tracing::info!(
+            worker = self.id.0,
+            connections = long.len(),
+            over_ms = over.as_millis() as u64,
+            "draining: closing long-lived connections gradually"
+        );
+        self.spread = Some(Spread {
+            total: long.len(),
+            queue: long.into(),
+            started: self.now,
+            over,
+        });
         let now = self.now_ms;
-        for i in ids {
+        for i in short {
             let fx = self.conns[i].conn.drain(&mut env!(self), now);
             self.apply(i, fx);
+        }
+        self.drain_step();
+    }
+
+    /// Closes the drain's next connections, as many as its pace allows by now.
+    fn drain_step(&mut self) {
+        let Some(spread) = self.spread.as_mut() else {
+            return;
+        };
+        let due = spread.due(self.now);
+        let mut batch = Vec::new();
+        while spread.total - spread.queue.len() < due {
+            match spread.queue.pop_front() {
+                Some(id) => batch.push(id),
+                None => break,
+            }
+        }
+        if spread.queue.is_empty() {
+            self.spread = None;
+        }
+        let now = self.now_ms;
+        for id in batch {
+            if let Some(i) = self.live(id.index, id.generation) {
+                let fx = self.conns[i].conn.drain(&mut env!(self), now);
+                self.apply(i, fx);
+            }
         }
     }
 

@@ -288,7 +288,7 @@ impl Worker {
             }
         }
         let slot = &mut self.conns[i];
-        let mut session = if slot.tls {
+        let session = if slot.tls {
             self.sessions.get_mut(&i)
         } else {
             None
@@ -312,7 +312,7 @@ impl Worker {
         }
         let fx = slot.conn.on_flushed(self.now_ms);
         if (fx.shutdown_write || fx.close)
-            && let Some(t) = session.as_deref_mut()
+            && let Some(t) = session
         {
             // A graceful end: tell the TLS peer (best effort: one small record on an empty socket buffer).
             t.close_notify();

@@ -46,6 +46,8 @@ pub struct RequestHead {
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
     pub ws_protocols: Vec<String>,
+    /// Every `Sec-WebSocket-Extensions` value, joined with `, ` (offers in the client's order).
+    pub ws_extensions: String,
     pub origin: Option<String>,
     pub authorization: Option<String>,
     pub content_length: Option<usize>,
@@ -220,6 +222,11 @@ pub fn parse_request(
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             head.ws_protocols
                 .extend(tokens(h.value).map(str::to_string));
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            if !head.ws_extensions.is_empty() {
+                head.ws_extensions.push_str(", ");
+            }
+            head.ws_extensions.push_str(&text(h.value)?);
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(text(h.value)?);
         } else if name.eq_ignore_ascii_case("authorization") {
@@ -314,6 +321,8 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &str> {
 pub struct Upgrade {
     pub accept: String,
     pub protocol: Option<&'static str>,
+    /// The `Sec-WebSocket-Extensions` answer (the caller negotiates it; none from `validate_upgrade`).
+    pub extensions: Option<String>,
 }
 
 /// Validates a WebSocket opening handshake (RFC 6455 §4.2.1) and picks the subprotocol among `supported`.
@@ -371,6 +380,7 @@ pub fn validate_upgrade(
     Ok(Upgrade {
         accept: accept_key(key),
         protocol,
+        extensions: None,
     })
 }
 
@@ -461,6 +471,10 @@ pub fn encode_upgrade(upgrade: &Upgrade, out: &mut Vec<u8>) {
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
         out.extend_from_slice(p.as_bytes());
     }
+    if let Some(e) = &upgrade.extensions {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        out.extend_from_slice(e.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -488,6 +502,26 @@ mod tests {
         let mut out = Vec::new();
         encode_upgrade(&up, &mut out);
         assert!(out.starts_with(b"HTTP/1.1 101 Switching Protocols\r\n"));
+    }
+
+    #[test]
+    fn extension_offers_are_joined_and_answered() {
+        let req = b"GET /echo HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=10\r\nsec-websocket-extensions: permessage-deflate\r\n\r\n";
+        let (head, _) = parse_request(req, &LIMITS).unwrap().unwrap();
+        assert_eq!(
+            head.ws_extensions,
+            "permessage-deflate; server_max_window_bits=10, permessage-deflate"
+        );
+        let (up_head, _) = parse_request(UPGRADE, &LIMITS).unwrap().unwrap();
+        assert_eq!(up_head.ws_extensions, "");
+        let mut up = validate_upgrade(&up_head, &[], &[]).unwrap();
+        assert_eq!(up.extensions, None);
+        up.extensions = Some("permessage-deflate; server_no_context_takeover".into());
+        let mut out = Vec::new();
+        encode_upgrade(&up, &mut out);
+        assert!(out.ends_with(
+            b"\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n"
+        ));
     }
 
     #[test]

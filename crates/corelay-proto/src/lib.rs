@@ -3,7 +3,8 @@
 //!
 //! - [`http1`]: HTTP/1.1 request heads (httparse), the WebSocket upgrade check, Origin matching, responses.
 //! - [`http_error`]: the one HTTP error type; its kind maps to status, header and body in one `match`.
-//! - [`ws`]: RFC 6455 frames, the resumable decoder, incremental UTF-8 validation, the accept key.
+//! - [`ws`]: RFC 6455 frames, the resumable decoder, incremental UTF-8 validation, the accept key, and
+//!   permessage-deflate (RFC 7692: negotiation and per-message codecs, flate2 on the pure-Rust zlib-rs).
 //! - [`sse`]: Server-Sent Events encoding.
 //! - [`cursor`]: channel names, ids and the `channel=offset;…` cursors every transport resumes from.
 //! - [`msg`]: the JSON messages clients send and the gateway answers.

@@ -50,10 +50,16 @@ pub enum ClientMsg {
         platform: String,
         token: String,
     },
+    /// Application-level liveness: answered `{"type":"pong"}` at once by the connection's loop (browsers
+    /// cannot see WebSocket ping frames). `id`, if given, is echoed.
+    Ping {
+        id: Option<String>,
+    },
 }
 
 /// The request types a client may send.
-const KNOWN_TYPES: [&str; 9] = [
+const KNOWN_TYPES: [&str; 10] = [
+    "ping",
     "subscribe",
     "unsubscribe",
     "send",
@@ -108,7 +114,7 @@ impl ParseError {
         match self {
             ParseError::BadJson => "frame is not a JSON object".into(),
             ParseError::UnknownType => {
-                "unknown or missing \"type\" (subscribe, unsubscribe, send, ack, read, history)"
+                "unknown or missing \"type\" (subscribe, unsubscribe, send, ack, read, history, ping)"
                     .into()
             }
             ParseError::BadRequest(e) => e.clone(),
@@ -133,6 +139,7 @@ struct Wire {
     limit: Option<usize>,
     token: Option<String>,
     platform: Option<String>,
+    id: Option<String>,
 }
 
 fn need<T>(v: Option<T>, field: &str, ty: &str) -> Result<T, ParseError> {
@@ -171,6 +178,7 @@ pub fn parse_client(bytes: &[u8]) -> Result<ClientMsg, (ParseError, Option<Strin
     let ty = w.ty.as_deref().unwrap_or("");
     let m = (|| {
         Ok(match ty {
+            "ping" => ClientMsg::Ping { id: w.id },
             "subscribe" => ClientMsg::Subscribe {
                 channels: need(w.channels, "channels", ty)?,
                 cursor: w.cursor.unwrap_or_default(),
@@ -233,10 +241,21 @@ pub fn stream_of(bytes: &[u8]) -> Option<String> {
     serde_json::from_slice::<S>(bytes).ok()?.stream
 }
 
-/// `{"type":"welcome",…}`, the first frame on every WebSocket.
-pub fn welcome(user: &str, node: &str, heartbeat_s: u64) -> String {
-    serde_json::json!({"type": "welcome", "user": user, "node": node, "heartbeat_s": heartbeat_s})
-        .to_string()
+/// `{"type":"welcome",…}`, the first frame on every WebSocket: who, where, and the liveness contract (the
+/// server pings after `heartbeat_s` of silence and gives up `heartbeat_timeout_s` later; a client that sees
+/// nothing for that long may presume the connection dead).
+pub fn welcome(user: &str, node: &str, heartbeat_s: u64, heartbeat_timeout_s: u64) -> String {
+    serde_json::json!({"type": "welcome", "user": user, "node": node, "heartbeat_s": heartbeat_s,
+        "heartbeat_timeout_s": heartbeat_timeout_s})
+    .to_string()
+}
+
+/// `{"type":"pong"}`, with the ping's `id` when it had one.
+pub fn pong(id: Option<&str>) -> String {
+    match id {
+        Some(id) => serde_json::json!({"type": "pong", "id": id}).to_string(),
+        None => r#"{"type":"pong"}"#.to_string(),
+    }
 }
 
 /// `{"type":"error",…}` with `ref` = the client id when there is one.
@@ -290,6 +309,25 @@ mod tests {
         let e = parse_client(br#"["history",null,null,"c1",null,null,null,7,null,null,null]"#);
         assert_eq!(e.unwrap_err().0, ParseError::BadJson);
         assert!(parse_client(b"  \n{\"type\":\"history\",\"conversation\":\"c1\"}").is_ok());
+    }
+
+    #[test]
+    fn ping_with_and_without_id() {
+        assert!(matches!(
+            parse_client(br#"{"type":"ping","id":"x"}"#),
+            Ok(ClientMsg::Ping { id: Some(ref i) }) if i == "x"
+        ));
+        assert!(matches!(
+            parse_client(br#"{"type":"ping"}"#),
+            Ok(ClientMsg::Ping { id: None })
+        ));
+        assert!(matches!(
+            parse_client(br#"{"type":"ping","id":7}"#),
+            Err((ParseError::BadRequest(_), None))
+        ));
+        let v: serde_json::Value = serde_json::from_str(&pong(Some("x"))).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "pong", "id": "x"}));
+        assert_eq!(pong(None), r#"{"type":"pong"}"#);
     }
 
     #[test]

@@ -49,13 +49,14 @@ impl Router {
             ClientMsg::UnregisterDevice { platform, token } => {
                 self.device(to, &user, false, platform, token, out)
             }
+            ClientMsg::Ping { id } => http(out, conn, 200, msg::pong(id.as_deref())),
             _ => http(
                 out,
                 conn,
                 400,
                 msg::error(
                     "bad_request",
-                    "POST /send takes send, ack, read, history, register_device or unregister_device (subscribe, unsubscribe and refresh name a stream)",
+                    "POST /send takes send, ack, read, history, register_device, unregister_device or ping (subscribe, unsubscribe and refresh name a stream)",
                     None,
                 ),
             ),
@@ -121,6 +122,7 @@ impl Router {
                 }
                 http(out, conn, 200, r#"{"type":"ok"}"#.to_string());
             }
+            ClientMsg::Ping { id } => http(out, conn, 200, msg::pong(id.as_deref())),
             ClientMsg::Refresh { .. } => {
                 let exp = expires.unwrap_or(0);
                 out.push(Out::Loop {
@@ -267,8 +269,9 @@ impl Router {
                 before,
                 limit,
             } => self.client_history(ReplyTo::Ws(conn), &user, conversation, before, limit, out),
-            // Answered on the loop, which owns the connection's token state.
-            ClientMsg::Refresh { .. } => {}
+            // Answered on the loop, which owns the connection's token state (refresh) or is the one to
+            // measure (ping).
+            ClientMsg::Refresh { .. } | ClientMsg::Ping { .. } => {}
             ClientMsg::RegisterDevice { platform, token } => {
                 self.device(ReplyTo::Ws(conn), &user, true, platform, token, out)
             }

@@ -12,7 +12,7 @@ use super::{ErrorKind, HttpError, auth, cors, fail, hand_over};
 use crate::backplane::{ConnRef, Event};
 use crate::metrics::Transport;
 use corelay_proto::http1::{self, RequestHead};
-use corelay_proto::ws::{Decoder, Limits as WsLimits, Opcode, encode_frame};
+use corelay_proto::ws::{Decoder, Limits as WsLimits, Opcode, deflate, encode_frame};
 use corelay_proto::{cursor, msg};
 
 fn bad(reason: impl Into<std::borrow::Cow<'static, str>>) -> HttpError {
@@ -22,7 +22,7 @@ fn bad(reason: impl Into<std::borrow::Cow<'static, str>>) -> HttpError {
 /// `/ws` (`echo`: the echo path, no token, no subprotocol).
 pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>) {
     let supported: &[&'static str] = if echo { &[] } else { &[msg::SUBPROTOCOL] };
-    let up = match http1::validate_upgrade(head, supported, &cx.cfg().allowed_origins) {
+    let mut up = match http1::validate_upgrade(head, supported, &cx.cfg().allowed_origins) {
         Ok(up) => up,
         Err(e) => {
             tracing::debug!(
@@ -51,14 +51,22 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>)
         },
         None => BTreeMap::new(),
     };
+    // permessage-deflate: the first acceptable offer, or none (a bad offer is declined, never refused).
+    let deflate = if cx.cfg().ws_deflate && !head.ws_extensions.is_empty() {
+        deflate::negotiate(&head.ws_extensions)
+    } else {
+        None
+    };
+    up.extensions = deflate.map(|d| d.response());
     let mut out = Vec::with_capacity(256);
     http1::encode_upgrade(&up, &mut out);
     if let Some(u) = &user {
         let hb = cx.cfg().heartbeat_interval.as_secs().max(1);
+        let timeout = cx.cfg().heartbeat_timeout.as_secs().max(1);
         encode_frame(
             Opcode::Text,
             true,
-            msg::welcome(u, &cx.cfg().node_id, hb).as_bytes(),
+            msg::welcome(u, &cx.cfg().node_id, hb, timeout).as_bytes(),
             &mut out,
         );
         cx.metrics().frames_out.fetch_add(1, Relaxed);
@@ -81,12 +89,17 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>)
             cursor: resume,
         });
     }
+    let mut decoder = Decoder::new(limits);
+    if deflate.is_some() {
+        decoder.enable_deflate();
+    }
     conn.mode = Mode::WebSocket(Box::new(WsState {
-        decoder: Decoder::new(limits),
+        decoder,
         user,
         ping_sent_ms: 0,
         bucket: Bucket::full(cx.cfg().limits.client_burst, cx.now_ms),
         paused: false,
+        deflate: deflate.map_or(0, |d| d.server_window_bits),
         expires_ms,
     }));
     // Heartbeats start now; the handshake deadline is replaced.

@@ -10,6 +10,7 @@ mod api;
 mod auth;
 mod client;
 mod cors;
+pub mod demo;
 pub use corelay_proto::http_error as error;
 mod respond;
 mod route;

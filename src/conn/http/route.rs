@@ -5,7 +5,7 @@
 use super::super::Cx;
 use super::super::{Conn, Mode};
 use super::respond::{self, Framing, Reply};
-use super::{ErrorKind, HttpError, api, auth, client, cors, fail, hand_over};
+use super::{ErrorKind, HttpError, api, auth, client, cors, demo, fail, hand_over};
 use crate::backplane::Event;
 use corelay_proto::http1::{self, Method, RequestHead};
 
@@ -37,6 +37,16 @@ pub fn head(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Cx<'_>) {
         if !health && internal != conn.admin {
             return refuse(conn, cx, HttpError::of(ErrorKind::NotFound, "not found"));
         }
+    }
+    if conn.refused && path != "/healthz" && path != "/readyz" {
+        return refuse(
+            conn,
+            cx,
+            HttpError::of(
+                ErrorKind::Overloaded,
+                "too many new connections; retry later",
+            ),
+        );
     }
     match path {
         "/send" | "/sse" | "/poll" if method == Method::Options => {
@@ -131,6 +141,10 @@ pub fn head(conn: &mut Conn, head: RequestHead, served: u32, cx: &mut Cx<'_>) {
                 start_body(conn, head, served, cx);
             }
         }
+        _ if cx.cfg().demo
+            && get
+            && path.starts_with("/demo")
+            && demo::serve(conn, &head, framing, cx) => {}
         _ => {
             // An unknown path keeps the connection: the client may have more to ask.
             let e = HttpError::of(ErrorKind::NotFound, "no such endpoint");

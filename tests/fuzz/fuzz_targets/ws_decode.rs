@@ -72,6 +72,7 @@ fn run(pieces: &[&[u8]]) -> (Vec<Ev>, Option<WsError>) {
                             events.push(Ev::Close(code, reason.to_owned()));
                             return (events, None);
                         }
+                        Some(Event::Compressed { .. }) => panic!("deflate is not enabled"),
                     };
                     events.push(ev);
                 }

@@ -178,6 +178,7 @@ fuzz_target!(|data: &[u8]| {
                         Some(Event::Close { code, reason }) => {
                             got.push(Ev::Close(code.map(|c: CloseCode| c.0), reason.to_owned()))
                         }
+                        Some(Event::Compressed { .. }) => panic!("deflate is not enabled"),
                     }
                     if closed {
                         break 'feed;

@@ -52,6 +52,14 @@ pub enum Event<'a> {
     Text(&'a [u8]),
     /// A whole binary message.
     Binary(&'a [u8]),
+    /// A whole data message sent compressed (RSV1 on its first frame; only once
+    /// [`Decoder::enable_deflate`] was called): the payload as on the wire, neither inflated nor
+    /// UTF-8-checked. The caller inflates it with a [`super::deflate::Inflater`], which bounds the size
+    /// and validates a text message.
+    Compressed {
+        text: bool,
+        payload: &'a [u8],
+    },
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     /// `code` is `None` when the close payload was empty; the code is then 1005 by the RFC.
@@ -90,13 +98,14 @@ enum Ready {
     /// A whole frame payload lying in the caller's buffer.
     InBuf {
         opcode: Opcode,
+        compressed: bool,
         start: usize,
         end: usize,
     },
     /// A control payload in `ctrl`.
     InCtrl { opcode: Opcode },
     /// A data message in `delivered`.
-    Message { text: bool },
+    Message { text: bool, compressed: bool },
 }
 
 /// The server side of one WebSocket connection's incoming byte stream (the peer is a client).
@@ -114,6 +123,10 @@ pub struct Decoder {
     ctrl: Vec<u8>,
     /// The data message in progress (`Some(true)` = text), if any.
     msg_text: Option<bool>,
+    /// The message in progress had RSV1 on its first frame (permessage-deflate).
+    msg_compressed: bool,
+    /// permessage-deflate was negotiated: RSV1 is allowed on a data message's first frame.
+    deflate: bool,
     msg_buf: Vec<u8>,
     /// The last delivered message, kept only until the next `decode` call.
     delivered: Vec<u8>,
@@ -129,10 +142,19 @@ impl Decoder {
             hdr_len: 0,
             ctrl: Vec::new(),
             msg_text: None,
+            msg_compressed: false,
+            deflate: false,
             msg_buf: Vec::new(),
             delivered: Vec::new(),
             utf8: Utf8Validator::new(),
         }
+    }
+
+    /// permessage-deflate was negotiated (RFC 7692): RSV1 on the first frame of a data message marks it
+    /// compressed, delivered as [`Event::Compressed`]. RSV1 on a control or continuation frame, and RSV2 or
+    /// RSV3 anywhere, stay protocol errors.
+    pub fn enable_deflate(&mut self) {
+        self.deflate = true;
     }
 
     /// Feeds bytes. Returns how many bytes of `buf` were consumed and at most one event; call again
@@ -184,6 +206,7 @@ impl Decoder {
     fn fail(&mut self, e: WsError) {
         self.state = State::Failed(e);
         self.msg_text = None;
+        self.msg_compressed = false;
         self.msg_buf = Vec::new();
         self.ctrl = Vec::new();
         self.delivered = Vec::new();
@@ -192,21 +215,48 @@ impl Decoder {
 
     fn event<'a>(&'a self, ready: Ready, buf: &'a [u8]) -> Event<'a> {
         match ready {
-            Ready::InBuf { opcode, start, end } => make_event(opcode, &buf[start..end]),
+            Ready::InBuf {
+                opcode,
+                compressed: true,
+                start,
+                end,
+            } => Event::Compressed {
+                text: opcode == Opcode::Text,
+                payload: &buf[start..end],
+            },
+            Ready::InBuf {
+                opcode, start, end, ..
+            } => make_event(opcode, &buf[start..end]),
             Ready::InCtrl { opcode } => make_event(opcode, &self.ctrl),
-            Ready::Message { text: true } => Event::Text(&self.delivered),
-            Ready::Message { text: false } => Event::Binary(&self.delivered),
+            Ready::Message {
+                text,
+                compressed: true,
+            } => Event::Compressed {
+                text,
+                payload: &self.delivered,
+            },
+            Ready::Message { text: true, .. } => Event::Text(&self.delivered),
+            Ready::Message { text: false, .. } => Event::Binary(&self.delivered),
         }
     }
 
     /// Checks what the first header byte says, as soon as it arrives.
     fn check_first_byte(&self, b0: u8) -> Result<Opcode, WsError> {
-        if b0 & 0x70 != 0 {
+        if b0 & 0x30 != 0 || (b0 & 0x40 != 0 && !self.deflate) {
             return Err(WsError::protocol("reserved bits set"));
         }
         let Some(opcode) = Opcode::from_u8(b0 & 0x0F) else {
             return Err(WsError::protocol("unknown opcode"));
         };
+        if b0 & 0x40 != 0 {
+            // RFC 7692 §6: RSV1 marks a compressed message on its first frame only.
+            if opcode.is_control() {
+                return Err(WsError::protocol("RSV1 set on a control frame"));
+            }
+            if opcode == Opcode::Continuation {
+                return Err(WsError::protocol("RSV1 set on a continuation frame"));
+            }
+        }
         let fin = b0 & 0x80 != 0;
         match opcode {
             Opcode::Close | Opcode::Ping | Opcode::Pong if !fin => {
@@ -317,6 +367,8 @@ impl Decoder {
                     pos += used;
                     let frame = self.start_frame(&header)?;
                     let control = frame.opcode.is_control();
+                    // Only a data message's first frame can have RSV1 here (start_frame checked).
+                    let compressed = header.rsv & 0x4 != 0;
 
                     // Zero-copy: a whole control frame, or a whole unfragmented data message,
                     // already in `buf` is handed out as a slice of `buf`.
@@ -329,7 +381,9 @@ impl Decoder {
                         let payload = &mut buf[start..end];
                         apply_mask(payload, frame.mask, 0);
                         match frame.opcode {
-                            Opcode::Text if std::str::from_utf8(payload).is_err() => {
+                            Opcode::Text
+                                if !compressed && std::str::from_utf8(payload).is_err() =>
+                            {
                                 return Err(WsError::invalid_data("invalid UTF-8 in text message"));
                             }
                             Opcode::Close => {
@@ -342,6 +396,7 @@ impl Decoder {
                             end,
                             Some(Ready::InBuf {
                                 opcode: frame.opcode,
+                                compressed,
                                 start,
                                 end,
                             }),
@@ -352,6 +407,7 @@ impl Decoder {
                         self.ctrl.clear();
                     } else if frame.opcode != Opcode::Continuation {
                         self.msg_text = Some(frame.opcode == Opcode::Text);
+                        self.msg_compressed = compressed;
                         self.utf8.reset();
                     }
                     self.state = State::Payload(frame);
@@ -364,7 +420,11 @@ impl Decoder {
                         // At most 125 bytes in all: checked on the header.
                         self.ctrl.extend_from_slice(chunk);
                     } else {
-                        if self.msg_text == Some(true) && !self.utf8.feed(chunk) {
+                        // A compressed message's UTF-8 is checked once inflated.
+                        if self.msg_text == Some(true)
+                            && !self.msg_compressed
+                            && !self.utf8.feed(chunk)
+                        {
                             return Err(WsError::invalid_data("invalid UTF-8 in text message"));
                         }
                         self.msg_buf.extend_from_slice(chunk);
@@ -392,12 +452,14 @@ impl Decoder {
                     }
                     if frame.fin {
                         let text = self.msg_text == Some(true);
-                        if text && !self.utf8.is_complete() {
+                        let compressed = self.msg_compressed;
+                        if text && !compressed && !self.utf8.is_complete() {
                             return Err(WsError::invalid_data("text message ends mid-character"));
                         }
                         self.msg_text = None;
+                        self.msg_compressed = false;
                         self.delivered = std::mem::take(&mut self.msg_buf);
-                        return Ok((pos, Some(Ready::Message { text })));
+                        return Ok((pos, Some(Ready::Message { text, compressed })));
                     }
                     // A non-final fragment: on to the next header.
                 }
@@ -491,6 +553,7 @@ mod tests {
                 Event::Ping(p) => Ev::Ping(p.to_vec()),
                 Event::Pong(p) => Ev::Pong(p.to_vec()),
                 Event::Close { code, reason } => Ev::Close(code.map(|c| c.0), reason.to_owned()),
+                Event::Compressed { .. } => unreachable!("deflate is not enabled in these tests"),
             }
         }
     }

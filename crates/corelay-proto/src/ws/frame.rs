@@ -5,7 +5,7 @@ use super::decoder::WsError;
 /// The longest frame header: 2 bytes, an 8-byte extended length, a 4-byte masking key.
 pub const MAX_HEADER_LEN: usize = 14;
 
-/// The opcodes RFC 6455 defines. Any other value is a protocol error (no extensions).
+/// The opcodes RFC 6455 defines. Any other value is a protocol error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Opcode {
@@ -152,7 +152,10 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
 }
 
 fn push_header(opcode: Opcode, fin: bool, len: usize, out: &mut Vec<u8>) {
-    let b0 = (u8::from(fin) << 7) | opcode.as_u8();
+    push_header_b0((u8::from(fin) << 7) | opcode.as_u8(), len, out);
+}
+
+fn push_header_b0(b0: u8, len: usize, out: &mut Vec<u8>) {
     match len {
         0..=125 => out.extend_from_slice(&[b0, len as u8]),
         126..=0xFFFF => {
@@ -171,6 +174,14 @@ fn push_header(opcode: Opcode, fin: bool, len: usize, out: &mut Vec<u8>) {
 pub fn encode_frame(opcode: Opcode, fin: bool, payload: &[u8], out: &mut Vec<u8>) {
     out.reserve(10 + payload.len());
     push_header(opcode, fin, payload.len(), out);
+    out.extend_from_slice(payload);
+}
+
+/// Appends one final server frame with RSV1 set: `payload` is a permessage-deflate message (RFC 7692 §6),
+/// already compressed.
+pub fn encode_frame_rsv1(opcode: Opcode, payload: &[u8], out: &mut Vec<u8>) {
+    out.reserve(10 + payload.len());
+    push_header_b0(0x80 | 0x40 | opcode.as_u8(), payload.len(), out);
     out.extend_from_slice(payload);
 }
 
