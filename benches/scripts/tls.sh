@@ -6,7 +6,7 @@
 #   2. handshake storm: N_STORM connections at once (TCP connect + TLS handshake + WebSocket upgrade), TLS
 #      session resumption off and on, wall time, handshakes/s and the server's CPU seconds.
 # corelay and nginx alternate, a fresh server per measurement, RUNS rounds; medians and per-run ratios at the end.
-# Usage: benches/scripts/tls.sh [N_IDLE] [N_STORM] [RUNS]     (defaults 15000 10000 3; about 12 minutes)
+# Usage: benches/scripts/tls.sh [N_IDLE] [N_STORM] [RUNS]     (defaults 15000 10000 3; about 7 minutes on 2 cores)
 # Environment: CORELAY_BIN (another gateway binary), THREADS (corelay loops, 2), WORKERS (nginx worker_processes,
 # 2), PROCS (load generator processes, 2), HOLD (10s), HEARTBEAT (5s), SERVERS ("corelay nginx"), PARTS
 # ("idle storm"), IDLE_KINDS ("wss ws wss-follow"; wss-follow is corelay only), OUT (results directory, default
