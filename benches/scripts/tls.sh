@@ -54,12 +54,12 @@ start_corelay() {
   rm -rf "$data"; mkdir -p "$data"
   "$work/corelay" run --listen 127.0.0.1:0 --tls-listen 127.0.0.1:0 --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" \
     --threads "$THREADS" --data-dir "$data" --auth-secret "$SECRET" --api-key bench-api-key-0123456789abcdef0123456789 \
-    --echo-path /echo --heartbeat-interval "$HEARTBEAT" >"$log" 2>/dev/null &
+    --echo-path /echo --heartbeat-interval "$HEARTBEAT" >"$log" 2>"$log.err" &
   pid=$!
-  for _ in $(seq 100); do grep -q 'tls listening' "$log" && break; sleep 0.1; done
+  for _ in $(seq 300); do grep -q 'tls listening' "$log" 2>/dev/null && break; sleep 0.1; done
   tls=$(grep -oE 'tls listening on [0-9.:]+' "$log" | awk '{print $4}' || true)
   plain=$(grep -v 'tls listening' "$log" | grep -oE 'listening on [0-9.:]+' | awk '{print $3}' || true)
-  [[ -n $tls && -n $plain ]] || { echo "tls.sh: corelay did not start" >&2; cat "$log" >&2; exit 1; }
+  [[ -n $tls && -n $plain ]] || { echo "tls.sh: corelay did not start" >&2; cat "$log" >&2; tail -n 20 "$log.err" >&2; exit 1; }
   path=/echo; measured=(--server-pid "$pid")
 }
 
