@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # TLS side by side: corelay (rustls) and nginx + Nchan (OpenSSL), same ECDSA P-256 certificate, same cores.
 #   1. idle memory: N_IDLE idle WebSockets held with pings answered (both servers ping every 5 s), server RSS
-#      growth per connection; wss:// on both (full handshakes), plain ws:// on both for reference.
+#      growth per connection; wss:// on both (full handshakes), plain ws:// on both for reference, and corelay's
+#      chat endpoint over wss:// with one topic subscription per connection (like an Nchan subscriber's channel).
 #   2. handshake storm: N_STORM connections at once (TCP connect + TLS handshake + WebSocket upgrade), TLS
 #      session resumption off and on, wall time, handshakes/s and the server's CPU seconds.
 # corelay and nginx alternate, a fresh server per measurement, RUNS rounds; medians and per-run ratios at the end.
-# Usage: benches/scripts/tls.sh [N_IDLE] [N_STORM] [RUNS]     (defaults 15000 10000 3; about 12 minutes)
+# Usage: benches/scripts/tls.sh [N_IDLE] [N_STORM] [RUNS]     (defaults 15000 10000 3; about 7 minutes on 2 cores)
 # Environment: CORELAY_BIN (another gateway binary), THREADS (corelay loops, 2), WORKERS (nginx worker_processes,
 # 2), PROCS (load generator processes, 2), HOLD (10s), HEARTBEAT (5s), SERVERS ("corelay nginx"), PARTS
-# ("idle storm"), OUT (results directory, default a new temporary one; kept), SKIP_BUILD=1.
+# ("idle storm"), IDLE_KINDS ("wss ws wss-follow"; wss-follow is corelay only), OUT (results directory, default
+# a new temporary one; kept), SKIP_BUILD=1.
 # Needs nginx and libnginx-mod-nchan (apt-get install -y nginx libnginx-mod-nchan) and openssl; loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N_IDLE=${1:-15000}; N_STORM=${2:-10000}; RUNS=${3:-3}
 THREADS=${THREADS:-2}; WORKERS=${WORKERS:-2}; PROCS=${PROCS:-2}; HOLD=${HOLD:-10s}; HEARTBEAT=${HEARTBEAT:-5s}
-SERVERS=${SERVERS:-corelay nginx}; PARTS=${PARTS:-idle storm}
+SERVERS=${SERVERS:-corelay nginx}; PARTS=${PARTS:-idle storm}; IDLE_KINDS=${IDLE_KINDS:-wss ws wss-follow}
 NCHAN_SO=${NCHAN_SO:-/usr/lib/nginx/modules/ngx_nchan_module.so}
 SECRET=bench-secret-0123456789abcdef0123456789
 command -v nginx >/dev/null || { echo "tls.sh: nginx is not installed (apt-get install -y nginx libnginx-mod-nchan)" >&2; exit 1; }
@@ -52,12 +54,12 @@ start_corelay() {
   rm -rf "$data"; mkdir -p "$data"
   "$work/corelay" run --listen 127.0.0.1:0 --tls-listen 127.0.0.1:0 --tls-cert "$work/cert.pem" --tls-key "$work/key.pem" \
     --threads "$THREADS" --data-dir "$data" --auth-secret "$SECRET" --api-key bench-api-key-0123456789abcdef0123456789 \
-    --echo-path /echo --heartbeat-interval "$HEARTBEAT" >"$log" 2>/dev/null &
+    --echo-path /echo --heartbeat-interval "$HEARTBEAT" >"$log" 2>"$log.err" &
   pid=$!
-  for _ in $(seq 100); do grep -q 'tls listening' "$log" && break; sleep 0.1; done
+  for _ in $(seq 300); do grep -q 'tls listening' "$log" 2>/dev/null && break; sleep 0.1; done
   tls=$(grep -oE 'tls listening on [0-9.:]+' "$log" | awk '{print $4}' || true)
   plain=$(grep -v 'tls listening' "$log" | grep -oE 'listening on [0-9.:]+' | awk '{print $3}' || true)
-  [[ -n $tls && -n $plain ]] || { echo "tls.sh: corelay did not start" >&2; cat "$log" >&2; exit 1; }
+  [[ -n $tls && -n $plain ]] || { echo "tls.sh: corelay did not start" >&2; cat "$log" >&2; tail -n 20 "$log.err" >&2; exit 1; }
   path=/echo; measured=(--server-pid "$pid")
 }
 
@@ -112,13 +114,16 @@ echo "tls.sh: $(date -u '+%F %T') UTC, git $(git rev-parse --short HEAD), $(ngin
 for run in $(seq "$RUNS"); do
   if [[ " $PARTS " == *" idle "* ]]; then
     for server in $SERVERS; do
-      for scheme in wss ws; do
+      for kind in $IDLE_KINDS; do
+        [[ $kind == wss-follow && $server != corelay ]] && continue
         "start_$server"
-        addr=$plain; tlsargs=()
-        [[ $scheme == wss ]] && { addr=$tls; tlsargs=(--tls-ca "$work/cert.pem" --tls-server-name localhost --tls-resume off); }
-        line=$(timeout -k 5 300 "$L" idle --quiet --url "$scheme://$addr$path" "${tlsargs[@]}" --connections "$N_IDLE" \
+        url="ws://$plain$path"; args=()
+        [[ $kind == wss* ]] && { url="wss://$tls$path"; args=(--tls-ca "$work/cert.pem" --tls-server-name localhost --tls-resume off); }
+        # corelay's chat endpoint: a token per connection, each subscribes to topic:bench and counts once subscribed
+        [[ $kind == wss-follow ]] && { url="wss://$tls/ws"; args+=(--token-secret "$SECRET" --follow bench); }
+        line=$(timeout -k 5 300 "$L" idle --quiet --url "$url" "${args[@]}" --connections "$N_IDLE" \
           --procs "$PROCS" "${measured[@]}" --hold "$HOLD" --timeout 240s | grep '^RESULT' || true)
-        record "$server" "idle-$scheme" "$run" "" "$line"
+        record "$server" "idle-$kind" "$run" "" "$line"
         stop_server
       done
     done
@@ -152,11 +157,14 @@ def f(x, d=0):
 def runs(xs, d=0):
     return ", ".join(f(x, d) for x in xs)
 servers = [s for s in ["corelay", "nginx"] if any(r["server"] == s for r in rows)]
-print("### Idle WebSockets: server RSS growth per connection\n")
-print("| server | scheme | runs | held (median) | **bytes / conn** (median) | per run | pings answered (median) |")
-print("|---|---|---|---|---|---|---|")
+idle = any(r["scenario"].startswith("idle-") for r in rows)
+storm = any(r["scenario"].startswith("storm-") for r in rows)
+if idle:
+    print("### Idle WebSockets: server RSS growth per connection\n")
+    print("| server | scheme | runs | held (median) | **bytes / conn** (median) | per run | pings answered (median) |")
+    print("|---|---|---|---|---|---|---|")
 for s in servers:
-    for scheme in ["wss", "ws"]:
+    for scheme in ["wss", "ws", "wss-follow"]:
         b = get(s, "idle-" + scheme, "bytes_per_conn")
         if not b: continue
         print(f"| {s} | {scheme} | {len(b)} | {f(med(get(s, 'idle-' + scheme, 'held_connections')))} | **{f(med(b))} B** | {runs(b)} | {f(med(get(s, 'idle-' + scheme, 'pings_answered')))} |")
@@ -164,9 +172,10 @@ c, n = get("corelay", "idle-wss", "bytes_per_conn"), get("nginx", "idle-wss", "b
 if c and n and len(c) == len(n):
     ratios = [x / y if x and y else None for x, y in zip(n, c)]
     print(f"\n* nginx ÷ corelay, wss bytes per connection: **{f(med(n) / med(c), 2)}x** (runs {runs(ratios, 2)})")
-print("\n### TLS handshake storm\n")
-print("| server | resumption | runs | connected | resumed | **handshakes/s** (median) | per run | span s | p50 ms | p99 ms | **server CPU s** (median) | per run | server CPU µs/conn | listen overflows |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+if storm:
+    print("\n### TLS handshake storm\n")
+    print("| server | resumption | runs | connected | resumed | **handshakes/s** (median) | per run | span s | p50 ms | p99 ms | **server CPU s** (median) | per run | server CPU µs/conn | listen overflows |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for s in servers:
     for res in ["off", "on"]:
         sc = "storm-resume-" + res
