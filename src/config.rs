@@ -187,6 +187,10 @@ pub struct Config {
     /// Negotiate permessage-deflate (RFC 7692) with WebSocket clients that offer it (no context takeover:
     /// per-loop codecs, nothing per connection).
     pub ws_deflate: bool,
+    /// `--ws-deflate takeover`: the server also keeps a compression context per connection (server context
+    /// takeover, unless the client refuses it): smaller messages for a compressor per connection (memory in
+    /// docs/BENCHMARKS.md) and a compression per delivery instead of one per publish.
+    pub ws_deflate_takeover: bool,
     /// Messages shorter than this go out uncompressed on a deflate connection.
     pub ws_deflate_min_bytes: usize,
     /// Messages kept per topic and `user:` channel for resume (SSE, polls, subscribe with a cursor).
@@ -256,6 +260,7 @@ impl Default for Config {
             drain_window: DEFAULT_DRAIN_WINDOW,
             echo_path: None,
             ws_deflate: true,
+            ws_deflate_takeover: false,
             ws_deflate_min_bytes: DEFAULT_WS_DEFLATE_MIN_BYTES,
             topic_history: DEFAULT_TOPIC_HISTORY,
             topic_history_bytes: DEFAULT_TOPIC_HISTORY_BYTES,
@@ -407,7 +412,8 @@ pub struct Options {
     /// Serve a WebSocket echo endpoint at this path (off by default).
     #[arg(long)]
     pub echo_path: Option<String>,
-    /// permessage-deflate for WebSocket clients that offer it: on or off [default: on].
+    /// permessage-deflate for WebSocket clients that offer it: on, off, or takeover (on, and the server keeps a
+    /// compression context per connection: smaller messages, far more memory) [default: on].
     #[arg(long)]
     pub ws_deflate: Option<String>,
     /// Smallest WebSocket message sent compressed on a deflate connection [default: 128].
@@ -603,13 +609,14 @@ impl Options {
             cfg.echo_path = self.echo_path;
         }
         if let Some(v) = self.ws_deflate {
-            cfg.ws_deflate = match v.as_str() {
-                "on" => true,
-                "off" => false,
+            (cfg.ws_deflate, cfg.ws_deflate_takeover) = match v.as_str() {
+                "on" => (true, false),
+                "off" => (false, false),
+                "takeover" => (true, true),
                 other => {
                     return Err(invalid(
                         "ws_deflate",
-                        format!("must be on or off (got {other:?})"),
+                        format!("must be on, off or takeover (got {other:?})"),
                     ));
                 }
             };
@@ -920,6 +927,10 @@ mod tests {
         let mut cfg = Config::default();
         f.apply(&mut cfg).unwrap();
         assert!(cfg.validate().is_err());
+        let f: Options = toml::from_str("ws_deflate = \"takeover\"\n").unwrap();
+        let mut cfg = Config::default();
+        f.apply(&mut cfg).unwrap();
+        assert!(cfg.ws_deflate && cfg.ws_deflate_takeover);
     }
 
     /// Flags and file keys go through one struct and one `apply`: the same settings given either way give the

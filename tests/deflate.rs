@@ -308,3 +308,94 @@ fn zip_bomb_is_closed_with_1009_and_others_are_unaffected() {
     echo(&mut other);
     echo(&mut other);
 }
+
+#[test]
+fn takeover_mode_keeps_a_context_per_connection_and_a_client_window_reads_it() {
+    // --ws-deflate takeover: a client that does not refuse it gets an answer without
+    // server_no_context_takeover, and every compressed message after the first may refer back to earlier
+    // ones; a client that keeps its window (one Decompress for the connection) reads them all, and similar
+    // messages come out much smaller than alone. A client that refuses takeover keeps the shared frames.
+    let node = Node::start(&["--ws-deflate", "takeover"]);
+    let ch = "scores:takeover";
+    let path = format!("/ws?token={}", token("keeper"));
+    let (mut s, head) = upgrade(&node, &path, Some("permessage-deflate"), true);
+    assert_eq!(
+        extensions(&head),
+        Some("permessage-deflate; client_no_context_takeover")
+    );
+    let path = format!("/ws?token={}", token("refuser"));
+    let (mut r, head) = upgrade(
+        &node,
+        &path,
+        Some("permessage-deflate; server_no_context_takeover"),
+        true,
+    );
+    assert_eq!(extensions(&head), Some(ANSWER));
+    let mut window = Decompress::new(false);
+    let mut read_in_window = |s: &mut TcpStream| -> (u8, Vec<u8>) {
+        let (b0, body) = read_frame(s);
+        if b0 & 0x40 == 0 {
+            return (b0, body);
+        }
+        let mut input = body.clone();
+        input.extend_from_slice(&TAIL);
+        let mut out = Vec::with_capacity(1 << 16);
+        window
+            .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+            .unwrap();
+        (b0, out)
+    };
+    let sub = json!({"type":"subscribe","channels":[ch]}).to_string();
+    for sock in [&mut s, &mut r] {
+        let (_, welcome) = read_frame(sock);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&welcome).unwrap()["type"],
+            "welcome"
+        );
+        sock.write_all(&client_frame(0x81, sub.as_bytes())).unwrap();
+    }
+    let (_, ans) = read_in_window(&mut s);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&ans).unwrap()["type"],
+        "subscribed"
+    );
+    let (b0, ans) = read_frame(&mut r);
+    let ans = if b0 & 0x40 != 0 {
+        inflate(&ans, 15)
+    } else {
+        ans
+    };
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&ans).unwrap()["type"],
+        "subscribed"
+    );
+    let mut kept = Vec::new();
+    let mut alone = Vec::new();
+    for i in 0..5 {
+        let body = json!({"text": format!("standup moved to 10:{i}0, same room, bring the release notes"), "minute": i});
+        node.publish(ch, body.clone());
+        let (b0, raw) = read_frame(&mut s);
+        assert_eq!(b0, 0xC1, "compressed");
+        kept.push(raw.len());
+        let mut input = raw.clone();
+        input.extend_from_slice(&TAIL);
+        let mut out = Vec::with_capacity(1 << 16);
+        window
+            .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+            .unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(m["body"], body);
+        let (b0, shared) = read_frame(&mut r);
+        assert_eq!(b0, 0xC1);
+        alone.push(shared.len());
+        let m2: serde_json::Value = serde_json::from_slice(&inflate(&shared, 15)).unwrap();
+        assert_eq!(m2["body"], body);
+    }
+    // After the first, the connection's own context makes each message much smaller than on its own.
+    for i in 1..5 {
+        assert!(
+            kept[i] * 2 < alone[i],
+            "with context {kept:?}, without {alone:?}"
+        );
+    }
+}

@@ -30,10 +30,12 @@ trap cleanup EXIT
 ulimit -n 20000
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# corelay: the fan-out is one conversation with N members, created through /api/conversations, whose member list
+# must fit --max-body-bytes (64 KiB by default: about 7,000 members).
 start_corelay() {
   local port; port=$(free_port); rm -rf "$work/data"; mkdir -p "$work/data"
   target/release/corelay run --listen "127.0.0.1:$port" --threads 2 --data-dir "$work/data" \
-    --auth-secret "$SECRET" --api-key "$KEY" --accept-rate 1000000 >"$work/corelay.log" 2>&1 &
+    --auth-secret "$SECRET" --api-key "$KEY" --accept-rate 1000000 --max-body-bytes 1MiB >"$work/corelay.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do grep -q "listening on" "$work/corelay.log" && break; sleep 0.1; done
   args=(--url "ws://127.0.0.1:$port/ws" --api "http://127.0.0.1:$port" --api-key "$KEY" --token-secret "$SECRET"

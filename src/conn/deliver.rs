@@ -25,6 +25,21 @@ impl Conn {
                 // A deflate subscriber with the full window gets the publish's one compressed frame (made by
                 // the first loop that needs it); one that asked for a smaller window, a short message, or one
                 // that does not compress gets the plain frame (RSV1 is per message).
+                if ws.deflate & super::deflate::TAKEOVER != 0
+                    && d.json.len() >= cx.cfg().ws_deflate_min_bytes
+                {
+                    // Server context takeover: compressed for this connection, in its own context.
+                    let mut v = Vec::new();
+                    let bits = super::deflate::window_bits(ws.deflate);
+                    if super::deflate::deflate_stream(cx.me, bits, Opcode::Text, &d.json, &mut v) {
+                        self.out.push_vec(v);
+                    } else {
+                        self.out.push(d.ws.clone());
+                    }
+                    cx.frame_out();
+                    self.check_queue(&mut cx);
+                    return cx.fx;
+                }
                 let deflated = if ws.deflate == 15 && d.json.len() >= cx.cfg().ws_deflate_min_bytes
                 {
                     d.ws_deflate(|json| {

@@ -275,6 +275,9 @@ impl Conn {
                     // The TCP connection ended without a close handshake.
                     env.metrics().close(1006);
                 }
+                if ws.deflate & deflate::TAKEOVER != 0 {
+                    deflate::forget(me);
+                }
                 let t = if ws.user.is_some() {
                     Transport::WebSocket
                 } else {

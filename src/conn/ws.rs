@@ -227,10 +227,16 @@ impl Peer<'_> {
 /// bits) and the payload is at least `ws_deflate_min_bytes` and gets smaller, plain otherwise (RSV1 is per
 /// message, RFC 7692 §6).
 fn echo(out: &mut WriteQueue, op: Opcode, payload: &[u8], deflate: u8, cx: &Cx<'_>) {
+    use super::deflate::{TAKEOVER, deflate_frame, deflate_stream, window_bits};
     let mut v = Vec::new();
-    let compressed = deflate != 0
+    let bits = window_bits(deflate);
+    let compressed = bits != 0
         && payload.len() >= cx.cfg().ws_deflate_min_bytes
-        && super::deflate::deflate_frame(op, payload, deflate, &mut v);
+        && if deflate & TAKEOVER != 0 {
+            deflate_stream(cx.me, bits, op, payload, &mut v)
+        } else {
+            deflate_frame(op, payload, bits, &mut v)
+        };
     if !compressed {
         v.reserve_exact(payload.len() + 10);
         encode_frame(op, true, payload, &mut v);

@@ -53,7 +53,7 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>)
     };
     // permessage-deflate: the first acceptable offer, or none (a bad offer is declined, never refused).
     let deflate = if cx.cfg().ws_deflate && !head.ws_extensions.is_empty() {
-        deflate::negotiate(&head.ws_extensions)
+        deflate::negotiate_with(&head.ws_extensions, cx.cfg().ws_deflate_takeover)
     } else {
         None
     };
@@ -99,7 +99,14 @@ pub fn upgrade(conn: &mut Conn, head: &RequestHead, echo: bool, cx: &mut Cx<'_>)
         ping_sent_ms: 0,
         bucket: Bucket::full(cx.cfg().limits.client_burst, cx.now_ms),
         paused: false,
-        deflate: deflate.map_or(0, |d| d.server_window_bits),
+        deflate: deflate.map_or(0, |d| {
+            d.server_window_bits
+                | if d.server_takeover {
+                    super::super::deflate::TAKEOVER
+                } else {
+                    0
+                }
+        }),
         expires_ms,
     }));
     // Heartbeats start now; the handshake deadline is replaced.

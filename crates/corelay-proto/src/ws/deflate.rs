@@ -19,21 +19,29 @@ use super::frame::{CloseCode, Opcode};
 /// The extension's name in `Sec-WebSocket-Extensions`.
 pub const EXTENSION: &str = "permessage-deflate";
 
-/// What a negotiation settled, all a connection keeps (2 bytes). Both directions are no-context-takeover.
+/// What a negotiation settled, all a connection keeps (3 bytes). The client direction is always
+/// no-context-takeover; the server direction too unless the operator allowed takeover and the client did not
+/// refuse it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Negotiated {
     /// The LZ77 window we compress with: 15, or the client's `server_max_window_bits` (9..=15).
     pub server_window_bits: u8,
     /// The client asked for `server_max_window_bits`: the answer must carry it (RFC 7692 §7.1.2.1).
     pub server_window_echo: bool,
+    /// The server keeps its compression context from message to message on this connection (a
+    /// [`StreamDeflater`] per connection): smaller messages, at the memory and CPU cost of a compressor per
+    /// connection and of compressing each delivery for each subscriber.
+    pub server_takeover: bool,
 }
 
 impl Negotiated {
     /// The value of the answer's `Sec-WebSocket-Extensions` header.
     pub fn response(&self) -> String {
-        let mut s = String::from(
-            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
-        );
+        let mut s = String::from(if self.server_takeover {
+            "permessage-deflate; client_no_context_takeover"
+        } else {
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        });
         if self.server_window_echo {
             s.push_str("; server_max_window_bits=");
             s.push_str(&self.server_window_bits.to_string());
@@ -47,11 +55,17 @@ impl Negotiated {
 /// or repeated parameter, a value where none belongs, a missing or invalid value, or `server_max_window_bits=8`
 /// is declined and the next one considered. `None`: answer without the extension. Never panics.
 pub fn negotiate(offers: &str) -> Option<Negotiated> {
-    split_quoted(offers, b',').find_map(accept_offer)
+    negotiate_with(offers, false)
+}
+
+/// [`negotiate`], where `allow_takeover` lets the server keep its compression context across messages unless
+/// the chosen offer says `server_no_context_takeover`.
+pub fn negotiate_with(offers: &str, allow_takeover: bool) -> Option<Negotiated> {
+    split_quoted(offers, b',').find_map(|o| accept_offer(o, allow_takeover))
 }
 
 /// One offer: `permessage-deflate *( ";" param [ "=" value ] )`.
-fn accept_offer(offer: &str) -> Option<Negotiated> {
+fn accept_offer(offer: &str, allow_takeover: bool) -> Option<Negotiated> {
     let mut parts = split_quoted(offer, b';');
     if !parts.next()?.trim().eq_ignore_ascii_case(EXTENSION) {
         return None;
@@ -86,6 +100,7 @@ fn accept_offer(offer: &str) -> Option<Negotiated> {
     Some(Negotiated {
         server_window_bits: server_bits.unwrap_or(15),
         server_window_echo: server_bits.is_some(),
+        server_takeover: allow_takeover && seen & 1 == 0,
     })
 }
 
@@ -316,6 +331,70 @@ impl Deflater {
         }
         // A sync flush ends with the empty stored block the receiver appends back (§7.2.1).
         buf.strip_suffix(&TAIL)
+    }
+}
+
+/// Compresses the messages of ONE connection with a context that survives from message to message (server
+/// context takeover): later messages may refer back to earlier ones, which is what makes short, similar chat
+/// messages small. Every message this connection receives compressed must go through it, in order: a message
+/// compressed elsewhere would put bytes in the client's window that this compressor does not know about. Costs
+/// a zlib stream per connection (measured in docs/BENCHMARKS.md).
+pub struct StreamDeflater {
+    z: Compress,
+    scratch: Vec<u8>,
+}
+
+impl StreamDeflater {
+    /// `level` 1..=9; `window_bits` 9..=15.
+    pub fn new(level: u32, window_bits: u8) -> Self {
+        Self {
+            z: Compress::new_with_window_bits(
+                Compression::new(level.clamp(1, 9)),
+                false,
+                window_bits.clamp(9, 15),
+            ),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Appends one final frame with `payload` compressed in this connection's context (RSV1 set) to `out`.
+    /// Always compressed, even when that is not smaller: the context has seen the message, so the client must
+    /// see it in its window too. `false` (nothing appended) only if zlib fails: the context is then unusable and
+    /// the caller must close the connection.
+    pub fn frame(&mut self, opcode: Opcode, payload: &[u8], out: &mut Vec<u8>) -> bool {
+        if self.scratch.capacity() > RETAIN {
+            self.scratch = Vec::new();
+        }
+        let buf = &mut self.scratch;
+        buf.clear();
+        buf.reserve(payload.len() / 2 + 64);
+        let mut pos = 0;
+        loop {
+            let in0 = self.z.total_in();
+            if self
+                .z
+                .compress_vec(&payload[pos..], buf, FlushCompress::Sync)
+                .is_err()
+            {
+                return false;
+            }
+            pos += (self.z.total_in() - in0) as usize;
+            if pos == payload.len() && buf.len() < buf.capacity() {
+                break;
+            }
+            buf.reserve(buf.capacity().max(64));
+        }
+        match buf.strip_suffix(&TAIL) {
+            Some(body) => {
+                super::frame::encode_frame_rsv1(opcode, body, out);
+                // An idle connection keeps the zlib stream, not a message's worth of output.
+                if self.scratch.capacity() > 4096 {
+                    self.scratch = Vec::new();
+                }
+                true
+            }
+            None => false,
+        }
     }
 }
 

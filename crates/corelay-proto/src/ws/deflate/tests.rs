@@ -8,12 +8,14 @@ fn n(bits: u8) -> Option<Negotiated> {
     Some(Negotiated {
         server_window_bits: bits,
         server_window_echo: bits != 15,
+        server_takeover: false,
     })
 }
 
 const PLAIN: Option<Negotiated> = Some(Negotiated {
     server_window_bits: 15,
     server_window_echo: false,
+    server_takeover: false,
 });
 
 #[test]
@@ -21,6 +23,7 @@ fn negotiation_table() {
     let echo15 = Some(Negotiated {
         server_window_bits: 15,
         server_window_echo: true,
+        server_takeover: false,
     });
     let cases: &[(&str, Option<Negotiated>)] = &[
         ("", None),
@@ -88,6 +91,65 @@ fn negotiation_table() {
             assert_eq!(negotiate(&n.response()), *want, "{offer:?}");
         }
     }
+}
+
+#[test]
+fn takeover_only_when_allowed_and_not_refused() {
+    let t = negotiate_with("permessage-deflate", true).unwrap();
+    assert!(t.server_takeover);
+    assert_eq!(
+        t.response(),
+        "permessage-deflate; client_no_context_takeover"
+    );
+    let refused = negotiate_with("permessage-deflate; server_no_context_takeover", true).unwrap();
+    assert!(!refused.server_takeover);
+    assert_eq!(
+        refused.response(),
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    );
+    assert!(
+        !negotiate_with("permessage-deflate", false)
+            .unwrap()
+            .server_takeover
+    );
+    let small = negotiate_with("permessage-deflate; server_max_window_bits=10", true).unwrap();
+    assert!(small.server_takeover);
+    assert_eq!(
+        small.response(),
+        "permessage-deflate; client_no_context_takeover; server_max_window_bits=10"
+    );
+}
+
+#[test]
+fn a_stream_deflater_keeps_its_context_and_a_client_window_reads_it() {
+    // Three similar chat messages through one connection's context: the later ones refer back to the first
+    // and come out smaller; a client inflater that keeps its window (as RFC 7692 clients do when the server
+    // takes over) reads them all.
+    let msgs: Vec<String> = (0..3)
+        .map(|i| format!(r#"{{"type":"message","channel":"conversation:team","offset":{i},"from":"alice","body":"see you at the standup"}}"#))
+        .collect();
+    let mut z = StreamDeflater::new(6, 15);
+    let mut client = Decompress::new(false);
+    let mut sizes = Vec::new();
+    for m in &msgs {
+        let mut frame = Vec::new();
+        assert!(z.frame(Opcode::Text, m.as_bytes(), &mut frame));
+        let (h, hl) = decode_header(&frame).unwrap().unwrap();
+        assert_eq!(h.rsv, 0b100, "RSV1");
+        let mut body = frame[hl..].to_vec();
+        body.extend_from_slice(&TAIL);
+        sizes.push(body.len() - 4);
+        let mut out = Vec::with_capacity(1024);
+        client
+            .decompress_vec(&body, &mut out, FlushDecompress::Sync)
+            .unwrap();
+        assert_eq!(out, m.as_bytes());
+    }
+    assert!(sizes[1] < sizes[0] / 2, "context helps: {sizes:?}");
+    // The stateless deflater cannot do that.
+    let mut fresh = Deflater::new(6);
+    let alone = fresh.compress(msgs[1].as_bytes(), 15).unwrap().len();
+    assert!(sizes[1] < alone, "{} vs {alone}", sizes[1]);
 }
 
 #[test]
