@@ -71,8 +71,11 @@ class Emitter {
   }
 }
 
-/** Reads a `text/event-stream` body (fetch) and calls `onEvent({event, data, id})`, `onBytes()` per chunk. */
-async function readEventStream(body, onEvent, onBytes) {
+/**
+ * Reads a `text/event-stream` body (fetch) and calls `onEvent({event, data, id})`, `onBytes()` per chunk and
+ * `onRetry(ms)` for the server's `retry:` hint.
+ */
+async function readEventStream(body, onEvent, onBytes, onRetry = () => {}) {
   const reader = body.getReader();
   const decoder = new TextDecoder();
   let buf = "";
@@ -98,6 +101,7 @@ async function readEventStream(body, onEvent, onBytes) {
         if (field === "event") ev.event = v;
         else if (field === "data") ev.data.push(v);
         else if (field === "id") ev.id = v;
+        else if (field === "retry" && /^[0-9]+$/.test(v)) onRetry(Number(v));
       }
     }
   }
@@ -668,8 +672,12 @@ class SseConn extends HttpConn {
         res.body,
         (ev) => this._event(ev),
         () => silence(),
+        (ms) => {
+          this.retryMs = ms;
+        },
       );
-      this._end({});
+      // The stream ended: reconnect no sooner than the server's `retry:` hint (as EventSource would).
+      this._end({ retryAfterMs: this.retryMs || 0 });
     } catch {
       this._end({});
     } finally {
