@@ -77,6 +77,15 @@ impl Env for LoopEnv<'_> {
     }
 }
 
+/// What one read of a socket gave.
+enum ReadOutcome {
+    Bytes(usize),
+    /// Nothing more to read now (would block, paused, or the wake's budget is spent).
+    Stop,
+    /// The connection is gone (closed by the peer, an error, or already).
+    Closed,
+}
+
 impl Worker {
     /// Sets the connection's one timer to fire at `at_ms` (loop ms), replacing any earlier one.
     pub(super) fn schedule(&mut self, i: usize, at_ms: u64) {
@@ -107,156 +116,148 @@ impl Worker {
     /// is a revisit); otherwise a short read ends the turn, saving the read() that would return `WouldBlock`
     /// (epoll reports a new edge for anything that arrives after our read).
     pub(super) fn readable(&mut self, i: usize, drain: bool) {
-        if self.conns.get(i).is_some_and(|s| s.tls) {
-            return self.readable_tls(i, drain);
-        }
+        let tls = self.conns.get(i).is_some_and(|s| s.tls);
         let mut reads = 0;
         loop {
-            let Some(slot) = self.conns.get_mut(i) else {
-                return;
+            let n = match self.read_once(i, &mut reads) {
+                ReadOutcome::Bytes(n) => n,
+                ReadOutcome::Stop => break,
+                ReadOutcome::Closed => return,
             };
-            if !slot.conn.wants_input() {
-                // Not reading while the backplane answers (`Respond` re-queues this connection) or while
-                // rate limited (the resume timer does).
-                break;
-            }
-            if reads == READS_PER_WAKE {
-                self.pending.push(i);
-                break;
-            }
-            reads += 1;
-            match slot.socket.read(&mut self.scratch) {
-                Ok(0) => {
-                    self.close(i);
-                    return;
-                }
-                Ok(n) => {
-                    self.shared.metrics.loops[self.id.0 as usize]
-                        .bytes_in
-                        .fetch_add(n as u64, Relaxed);
-                    let now = self.now_ms;
-                    let fx =
-                        self.conns[i]
-                            .conn
-                            .on_bytes(&mut self.scratch[..n], &mut env!(self), now);
-                    if let Some(at) = fx.schedule {
-                        self.schedule(i, at);
-                    }
-                    if fx.close {
-                        self.close(i);
-                        return;
-                    }
-                    if n < self.scratch.len() && !drain {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::debug!(worker = self.id.0, conn = i, error = %e, "read failed");
-                    self.close(i);
-                    return;
-                }
-            }
-        }
-        self.flush(i);
-    }
-
-    /// [`Worker::readable`] for a TLS connection: ciphertext is read into the scratch buffer, rustls
-    /// decrypts it, and each record's plaintext goes to the connection.
-    fn readable_tls(&mut self, i: usize, drain: bool) {
-        let mut reads = 0;
-        loop {
-            let Some(slot) = self.conns.get_mut(i) else {
-                return;
+            let open = if tls {
+                self.on_ciphertext(i, n)
+            } else {
+                self.on_plaintext(i, n)
             };
-            if !slot.conn.wants_input() {
-                break;
-            }
-            if reads == READS_PER_WAKE {
-                self.pending.push(i);
-                break;
-            }
-            reads += 1;
-            let n = match slot.socket.read(&mut self.scratch) {
-                Ok(0) => {
-                    self.close(i);
-                    return;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::debug!(worker = self.id.0, conn = i, error = %e, "read failed");
-                    self.close(i);
-                    return;
-                }
-            };
-            let metrics = &self.shared.metrics.loops[self.id.0 as usize];
-            metrics.bytes_in.fetch_add(n as u64, Relaxed);
-            let now = self.now_ms;
-            let mut schedule = None;
-            let mut close = false;
-            let conn = &mut self.conns[i].conn;
-            let Some(session) = self.sessions.get_mut(i).and_then(|s| s.as_deref_mut()) else {
+            if !open {
                 return;
-            };
-            let plain = &mut self.plain;
-            let mut env = env!(self);
-            let input = session.on_ciphertext(
-                &mut self.scratch[..n],
-                &mut |p: &[u8]| {
-                    // A record is at most `plain.len()` bytes; `chunks` only guards the copy.
-                    for piece in p.chunks(plain.len()) {
-                        let buf = &mut plain[..piece.len()];
-                        buf.copy_from_slice(piece);
-                        let fx = conn.on_bytes(buf, &mut env, now);
-                        if fx.schedule.is_some() {
-                            schedule = fx.schedule;
-                        }
-                        if fx.close {
-                            close = true;
-                            return false;
-                        }
-                    }
-                    true
-                },
-                &mut |how| {
-                    metrics.tls_handshakes.fetch_add(1, Relaxed);
-                    if let Established::Resumed = how {
-                        metrics.tls_resumed.fetch_add(1, Relaxed);
-                    }
-                },
-            );
-            if let Some(at) = schedule {
-                self.schedule(i, at);
-            }
-            if close {
-                self.close(i);
-                return;
-            }
-            match input {
-                Input::Continue => {}
-                Input::PeerClosed => {
-                    self.close(i);
-                    return;
-                }
-                Input::Fatal(why) => {
-                    tracing::debug!(worker = self.id.0, conn = i, reason = %why, "TLS connection failed");
-                    self.metrics().tls_failures.fetch_add(1, Relaxed);
-                    // Its last word (an alert, a plain-text 400), if the socket takes it now.
-                    if let Some(t) = self.sessions.get_mut(i).and_then(|s| s.as_deref_mut()) {
-                        let _ = t.write_to(&mut self.conns[i].socket);
-                    }
-                    self.close(i);
-                    return;
-                }
             }
             if n < self.scratch.len() && !drain {
                 break;
             }
         }
         self.flush(i);
+    }
+
+    /// One read of the socket into the scratch buffer, within the wake's budget of [`READS_PER_WAKE`].
+    fn read_once(&mut self, i: usize, reads: &mut usize) -> ReadOutcome {
+        loop {
+            let Some(slot) = self.conns.get_mut(i) else {
+                return ReadOutcome::Closed;
+            };
+            if !slot.conn.wants_input() {
+                // Not reading while the backplane answers (`Respond` re-queues this connection) or while
+                // rate limited (the resume timer does).
+                return ReadOutcome::Stop;
+            }
+            if *reads == READS_PER_WAKE {
+                self.pending.push(i);
+                return ReadOutcome::Stop;
+            }
+            *reads += 1;
+            match slot.socket.read(&mut self.scratch) {
+                Ok(0) => {
+                    self.close(i);
+                    return ReadOutcome::Closed;
+                }
+                Ok(n) => {
+                    self.shared.metrics.loops[self.id.0 as usize]
+                        .bytes_in
+                        .fetch_add(n as u64, Relaxed);
+                    return ReadOutcome::Bytes(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Stop,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(worker = self.id.0, conn = i, error = %e, "read failed");
+                    self.close(i);
+                    return ReadOutcome::Closed;
+                }
+            }
+        }
+    }
+
+    /// `n` bytes of a plain connection, read into the scratch buffer. False when the connection closed.
+    fn on_plaintext(&mut self, i: usize, n: usize) -> bool {
+        let now = self.now_ms;
+        let fx = self.conns[i]
+            .conn
+            .on_bytes(&mut self.scratch[..n], &mut env!(self), now);
+        if let Some(at) = fx.schedule {
+            self.schedule(i, at);
+        }
+        if fx.close {
+            self.close(i);
+            return false;
+        }
+        true
+    }
+
+    /// `n` bytes of ciphertext of a TLS connection, in the scratch buffer: rustls decrypts them, and each
+    /// record's plaintext goes to the connection. False when the connection closed.
+    fn on_ciphertext(&mut self, i: usize, n: usize) -> bool {
+        let metrics = &self.shared.metrics.loops[self.id.0 as usize];
+        let now = self.now_ms;
+        let mut schedule = None;
+        let mut close = false;
+        let conn = &mut self.conns[i].conn;
+        let Some(session) = self.sessions.get_mut(i).and_then(|s| s.as_deref_mut()) else {
+            // A TLS slot always has its session; without one the connection cannot go on.
+            self.close(i);
+            return false;
+        };
+        let plain = &mut self.plain;
+        let mut env = env!(self);
+        let input = session.on_ciphertext(
+            &mut self.scratch[..n],
+            &mut |p: &[u8]| {
+                // A record is at most `plain.len()` bytes; `chunks` only guards the copy.
+                for piece in p.chunks(plain.len()) {
+                    let buf = &mut plain[..piece.len()];
+                    buf.copy_from_slice(piece);
+                    let fx = conn.on_bytes(buf, &mut env, now);
+                    if fx.schedule.is_some() {
+                        schedule = fx.schedule;
+                    }
+                    if fx.close {
+                        close = true;
+                        return false;
+                    }
+                }
+                true
+            },
+            &mut |how| {
+                metrics.tls_handshakes.fetch_add(1, Relaxed);
+                if let Established::Resumed = how {
+                    metrics.tls_resumed.fetch_add(1, Relaxed);
+                }
+            },
+        );
+        if let Some(at) = schedule {
+            self.schedule(i, at);
+        }
+        if close {
+            self.close(i);
+            return false;
+        }
+        match input {
+            Input::Continue => {}
+            Input::PeerClosed => {
+                self.close(i);
+                return false;
+            }
+            Input::Fatal(why) => {
+                tracing::debug!(worker = self.id.0, conn = i, reason = %why, "TLS connection failed");
+                self.metrics().tls_failures.fetch_add(1, Relaxed);
+                // Its last word (an alert, a plain-text 400), if the socket takes it now.
+                if let Some(t) = self.sessions.get_mut(i).and_then(|s| s.as_deref_mut()) {
+                    let _ = t.write_to(&mut self.conns[i].socket);
+                }
+                self.close(i);
+                return false;
+            }
+        }
+        true
     }
 
     /// Writes what is queued; manages WRITABLE interest; once the queue is empty, lets the connection say
