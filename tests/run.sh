@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: unit, property and integration tests (cargo), then the Autobahn RFC 6455 conformance suite
-# against the release binary's echo endpoint. Installs what the tests need when it is missing.
+# Runs every test: unit, property and integration tests (cargo), the JavaScript SDK and the demo in headless
+# Chromium (node --test), then the Autobahn RFC 6455 + RFC 7692 conformance suite against the release binary's
+# echo endpoint over ws:// and wss://. Installs what the tests need when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,7 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
