@@ -38,6 +38,28 @@ async function freePort() {
   return port;
 }
 
+/** Resolves once something listens on 127.0.0.1:`port`. */
+function listening(port, what) {
+  return until(
+    () =>
+      new Promise((ok) => {
+        const c = net.connect(port, "127.0.0.1", () => {
+          c.destroy();
+          ok(true);
+        });
+        c.on("error", () => ok(false));
+      }),
+    10_000,
+    what,
+  );
+}
+
+/** After a short settle, every page shows `want` once, in order (nothing late, nothing twice). */
+async function settledOnce(pages, want) {
+  await new Promise((r) => setTimeout(r, 500));
+  for (const p of pages) assertExactlyOnceInOrder(await shown(p), want);
+}
+
 /** A page of the demo as `user`, in conversation `conv`, once connected. */
 async function openChat(base, user, conv, query = "") {
   const context = await browser.createBrowserContext(); // its own localStorage
@@ -110,18 +132,7 @@ ${servers}
 `;
     writeFileSync(join(h.dir, "haproxy.cfg"), cfg);
     h.child = spawn("haproxy", ["-f", join(h.dir, "haproxy.cfg"), "-db"], { stdio: ["ignore", "ignore", "inherit"] });
-    await until(
-      () =>
-        new Promise((ok) => {
-          const s = net.connect(h.port, "127.0.0.1", () => {
-            s.destroy();
-            ok(true);
-          });
-          s.on("error", () => ok(false));
-        }),
-      10_000,
-      "haproxy",
-    );
+    await listening(h.port, "haproxy");
     h.url = `http://127.0.0.1:${h.port}`;
     return h;
   }
@@ -168,9 +179,7 @@ describe("the demo in Chromium", () => {
       await gw.restart();
       const want = [0, 1, 2].map((i) => `before ${i}`).concat([0, 1, 2, 3].map((i) => `while down ${i}`));
       assertExactlyOnceInOrder(await waitShown(bob, 7, 30_000), want);
-      await new Promise((r) => setTimeout(r, 500));
-      assertExactlyOnceInOrder(await shown(bob), want);
-      assertExactlyOnceInOrder(await shown(alice), want);
+      await settledOnce([bob, alice], want);
       await alice.browserContext().close();
       await bob.browserContext().close();
     } finally {
@@ -225,8 +234,7 @@ describe("the demo in Chromium", () => {
       await bob.setOfflineMode(false);
       const want = [...Array(50).keys()].map((i) => `offline ${i}`);
       assertExactlyOnceInOrder(await waitShown(bob, 50, 30_000), want);
-      await new Promise((r) => setTimeout(r, 500));
-      assertExactlyOnceInOrder(await shown(bob), want);
+      await settledOnce([bob], want);
       await alice.browserContext().close();
       await bob.browserContext().close();
     } finally {
@@ -239,18 +247,7 @@ describe("the demo in Chromium", () => {
     const redis = spawn("redis-server", ["--port", String(redisPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
       stdio: "ignore",
     });
-    await until(
-      () =>
-        new Promise((ok) => {
-          const c = net.connect(redisPort, "127.0.0.1", () => {
-            c.destroy();
-            ok(true);
-          });
-          c.on("error", () => ok(false));
-        }),
-      10_000,
-      "redis",
-    );
+    await listening(redisPort, "redis");
     const url = `redis://127.0.0.1:${redisPort}`;
     const a = await Gateway.start(["--demo", "--redis", url]);
     const b = await Gateway.start(["--demo", "--redis", url]);
@@ -265,9 +262,7 @@ describe("the demo in Chromium", () => {
       for (let i = 0; i < 3; i++) await send(alice, `on b ${i}`);
       const want = [0, 1, 2].map((i) => `on a ${i}`).concat([0, 1, 2].map((i) => `on b ${i}`));
       assertExactlyOnceInOrder(await waitShown(bob, 6, 30_000), want);
-      await new Promise((r) => setTimeout(r, 500));
-      assertExactlyOnceInOrder(await shown(bob), want);
-      assertExactlyOnceInOrder(await shown(alice), want);
+      await settledOnce([bob, alice], want);
       await alice.browserContext().close();
       await bob.browserContext().close();
     } finally {

@@ -1,4 +1,8 @@
 //! The connection: resume from a cursor, an outbox that survives reconnects, backoff, liveness.
+//!
+//! Longer than 600 lines: it is one concern, the life of one client connection (the public handle, the task
+//! that connects, resumes, resends the outbox, checks liveness and reconnects, and its writer task); the wire
+//! types live in `types.rs` and the internal API in `api.rs`.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;

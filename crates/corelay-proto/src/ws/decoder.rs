@@ -1,6 +1,7 @@
 //! The server-side frame decoder: resumable, sans-IO, zero-copy where it can be.
 //!
-//! About 450 lines of decoder; the rest of the file is its unit and property tests.
+//! About 510 lines of decoder (permessage-deflate's RSV1 rules included); the rest of the file is its unit and
+//! property tests.
 
 use super::frame::{CloseCode, FrameHeader, MAX_HEADER_LEN, Opcode, apply_mask, decode_header};
 use super::utf8::Utf8Validator;
