@@ -219,7 +219,8 @@ pub struct Config {
     /// Redis URL: cluster mode (shared state, pub/sub bus, presence). Without `--scylla` the message log lives
     /// in Redis too.
     pub redis: Option<String>,
-    /// How long this node's presence entries live in Redis without a refresh (a dead node ages out).
+    /// The node's liveness lease in Redis: refreshed every third of it; when a node dies, its users stop
+    /// counting as present (and a restart with its id may take the id over) this long after the last refresh.
     pub presence_ttl: Duration,
     /// Scylla contact points; when set, messages and chat state live in Scylla instead of the embedded store.
     pub scylla: Vec<String>,
@@ -275,7 +276,7 @@ impl Default for Config {
             proxy_protocol: false,
             ring_nodes: Vec::new(),
             redis: None,
-            presence_ttl: Duration::from_secs(30),
+            presence_ttl: Duration::from_secs(10),
             scylla: Vec::new(),
             scylla_keyspace: "corelay".into(),
             scylla_replication: None,
@@ -455,7 +456,7 @@ pub struct Options {
     /// Redis URL (redis://host:6379): cluster mode. Shared state, pub/sub between nodes, presence.
     #[arg(long, env = "CORELAY_REDIS")]
     pub redis: Option<String>,
-    /// How long presence entries live in Redis without a refresh [default: 30s].
+    /// How long a dead node's users still count as present (the node's lease in Redis) [default: 10s].
     #[arg(long)]
     pub presence_ttl: Option<String>,
     /// Scylla contact points (host:9042, comma-separated or repeated); stores messages in Scylla.
@@ -658,6 +659,14 @@ impl Options {
         set(&mut cfg.ring_nodes, self.ring_nodes);
         if let Some(v) = self.presence_ttl {
             cfg.presence_ttl = parse_duration("presence_ttl", &v)?;
+            if cfg.presence_ttl < Duration::from_secs(1) {
+                return Err(invalid(
+                    "presence_ttl",
+                    format!(
+                        "{v:?} is too short: the node lease is refreshed every third of it (at least 1s)"
+                    ),
+                ));
+            }
         }
         set(&mut cfg.scylla_keyspace, self.scylla_keyspace);
         if self.scylla_replication.is_some() {

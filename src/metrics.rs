@@ -94,6 +94,8 @@ pub struct Metrics {
     pub bus_up: std::sync::atomic::AtomicBool,
     /// Cluster mode: channels received from the bus and synced.
     pub bus_channels: AtomicU64,
+    /// Users of other nodes in this node's presence cache.
+    pub presence_cache_users: AtomicU64,
     /// Cluster mode: gaps the store could not fill (or that outgrew the hold bounds), skipped with a `reset`.
     pub sequencer_resets: AtomicU64,
     /// Cluster mode: publishes dropped because the bus queue was full (Redis unreachable for long).
@@ -140,6 +142,7 @@ impl Metrics {
             messages_routed: AtomicU64::new(0),
             bus_up: std::sync::atomic::AtomicBool::new(true),
             bus_channels: AtomicU64::new(0),
+            presence_cache_users: AtomicU64::new(0),
             sequencer_resets: AtomicU64::new(0),
             bus_dropped: AtomicU64::new(0),
             subscriptions_refused: AtomicU64::new(0),
@@ -273,6 +276,11 @@ impl Metrics {
             s,
             "# HELP corelay_bus_channels Channels this node receives from the Redis bus (synced).\n# TYPE corelay_bus_channels gauge\ncorelay_bus_channels {}",
             self.bus_channels.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_presence_cache_users Users of other nodes this node knows to be live (cluster presence cache).\n# TYPE corelay_presence_cache_users gauge\ncorelay_presence_cache_users {}",
+            self.presence_cache_users.load(Relaxed)
         );
         let _ = writeln!(
             s,

@@ -109,7 +109,7 @@ impl Server {
             Some(url) => Some(crate::backplane::lease::acquire(
                 url,
                 &cfg.node_id,
-                crate::backplane::lease::LEASE_TTL,
+                cfg.presence_ttl,
             )?),
             None => None,
         };
@@ -198,7 +198,8 @@ impl Server {
             Some(url) => {
                 router.enable_cluster(&cfg.node_id, cfg.presence_ttl.as_millis() as u64);
                 let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(crate::backplane::bus::EVENT_QUEUE);
-                let tx = crate::backplane::bus::spawn(url, &cfg.node_id, ev_tx)?;
+                let token = lease.as_ref().map_or("", |l| l.token());
+                let tx = crate::backplane::bus::spawn(url, &cfg.node_id, token, ev_tx)?;
                 tracing::info!(node = %cfg.node_id, "cluster mode: redis bus");
                 Some((tx, ev_rx))
             }

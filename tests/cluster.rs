@@ -160,10 +160,25 @@ fn an_offline_user_gets_messages_from_any_node_and_presence_ages_out() {
     );
     // The ack is committed (with the trim) when ann hears the receipt.
     assert_eq!(next_of(&mut ann, "receipt")["by"], "ben");
-    // ben's node dies without a goodbye: its presence ages out (3 s TTL), then sends queue offline for ben.
+    // Node 0 knows ben is live on node 1 from node 1's announcement (its presence cache).
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(
+            &nodes[0],
+            "corelay_presence_cache_users"
+        ) == 1),
+        "node 0 never cached ben's presence"
+    );
+    // ben's node dies without a goodbye: its lease expires (3 s TTL), node 0's lease check drops ben from its
+    // cache, and the append script no longer counts ben's entry: sends queue offline for ben.
     nodes[1].kill9();
     drop(ben);
-    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            &nodes[0],
+            "corelay_presence_cache_users"
+        ) == 0),
+        "node 0 never noticed that node 1 died"
+    );
     for i in 2..=6 {
         send_json(
             &mut ann,
@@ -397,5 +412,82 @@ fn a_quiet_bus_connection_is_kept_and_nothing_is_resubscribed() {
         subscribe_calls(&redis),
         before,
         "nothing was resubscribed over 12 s of quiet (two liveness pings)"
+    );
+}
+
+/// Redis commands executed so far (`INFO commandstats`, commands run inside scripts included).
+fn redis_calls(redis: &RedisServer) -> u64 {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
+    info.lines()
+        .filter_map(|l| l.split("calls=").nth(1))
+        .filter_map(|r| r.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Issue #14's presence cache: a message to a 1,000-member conversation whose members are all connected,
+/// spread over three nodes, costs a few Redis commands, not one presence read per member of the other nodes
+/// (~670 before the cache). Prints the figure quoted in docs/BENCHMARKS.md.
+#[test]
+fn a_message_to_a_thousand_connected_members_over_three_nodes_costs_redis_the_same_as_to_two() {
+    const MEMBERS: usize = 1000;
+    const MESSAGES: u64 = 20;
+    let redis = RedisServer::start();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node::start(&["--redis", &redis.url(), "--node-id", &format!("m{i}")]))
+        .collect();
+    let users: Vec<String> = (0..MEMBERS).map(|i| format!("u{i}")).collect();
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    assert_eq!(nodes[0].create_conversation("big", &names), 201);
+    // Every member connected, a third on each node.
+    let mut conns: Vec<Ws> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| connect(&nodes[i % 3], u))
+        .collect();
+    for n in &nodes {
+        // Each node caches the members connected to the other two.
+        assert!(
+            wait_until(Duration::from_secs(20), || metric(
+                n,
+                "corelay_presence_cache_users"
+            ) == (MEMBERS - MEMBERS / 3)
+                as u64
+                || metric(n, "corelay_presence_cache_users")
+                    == (MEMBERS - MEMBERS.div_ceil(3)) as u64),
+            "presence cache never filled: {}",
+            metric(n, "corelay_presence_cache_users")
+        );
+    }
+    let before = redis_calls(&redis);
+    for i in 1..=MESSAGES {
+        send_json(
+            &mut conns[0],
+            json!({"type":"send","conversation":"big","client_id":format!("b{i}"),"body":i}),
+        );
+        assert_eq!(next_of(&mut conns[0], "sent")["offset"], i);
+    }
+    // One member on each node received all of them.
+    for c in conns.iter_mut().skip(1).take(3) {
+        let mut last = 0;
+        while last < MESSAGES {
+            last = next_of(c, "message")["offset"].as_u64().unwrap();
+        }
+    }
+    let per_message = (redis_calls(&redis) - before) as f64 / MESSAGES as f64;
+    println!(
+        "redis commands per message to {MEMBERS} connected members over 3 nodes: {per_message:.1} \
+         ({:.4} per delivery)",
+        per_message / (MEMBERS - 1) as f64
+    );
+    // The append's own commands (dedupe, INCR, XADD, the dedupe record), the publish, and the background
+    // (lease refreshes and checks): nothing per member.
+    assert!(
+        per_message < 20.0,
+        "{per_message} Redis commands per message: presence is being read per member"
     );
 }

@@ -509,9 +509,43 @@ impl Sim {
                         }
                     }
                 }
-                // Presence lives in Redis for its offline filter; the shared store here queues every member
-                // absent from the sending node (more redelivery of unacked entries, never less).
-                BusCmd::Presence { .. } => {}
+                // Presence entries live in Redis for the append's own check; the shared store here queues every
+                // member the sending node passes (absent from it and from its presence cache). The
+                // announcements that feed the other nodes' caches travel like any publication, so a cache
+                // that believed a user live when it was not would lose that user a message here.
+                BusCmd::Presence {
+                    announce_up,
+                    announce_down,
+                    ..
+                } => {
+                    self.announce(n, "up", &announce_up);
+                    self.announce(n, "down", &announce_down);
+                }
+                BusCmd::PresenceSync { announce, ask, .. } => {
+                    self.announce(n, "reset", &announce);
+                    if ask {
+                        self.announce(n, "ask", &[]);
+                    }
+                }
+                // No node dies here: every lease holds.
+                BusCmd::CheckNodes(_) => {}
+            }
+        }
+    }
+
+    /// Node `n` publishes a presence announcement (`bus::announcement`; its id is its lease token here).
+    fn announce(&mut self, n: usize, kind: &str, users: &[String]) {
+        if users.is_empty() && kind != "reset" && kind != "ask" {
+            return;
+        }
+        let id = format!("n{n}");
+        let payload = corelay::backplane::bus::announcement(&id, &id, kind, users);
+        for (i, m) in self.nodes.iter_mut().enumerate() {
+            if i != n {
+                m.bus_in.push_back(BusEvent::Message {
+                    channel: corelay::backplane::bus::PRESENCE_CHANNEL.to_string(),
+                    payload: payload.clone(),
+                });
             }
         }
     }

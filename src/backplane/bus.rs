@@ -12,6 +12,13 @@
 //! re-reads each channel from the store after the last offset it released: what pub/sub lost while Redis was
 //! away is delivered from the log, and the sequencer drops what arrives twice.
 //!
+//! Presence (which users have a live connection on which node) is two things: a hash per user in Redis, node →
+//! the instance token of the node's lease (written when a user's first connection opens here and deleted when
+//! its last one closes; it counts only while that instance's lease lives, so a dead node's users stop counting
+//! within one lease TTL without any per-user refresh), and announcements on [`PRESENCE_CHANNEL`] that feed the
+//! other nodes' caches (`router::remote`). The periodic work is one lease refresh per node and one lease check
+//! (`MGET`) of the nodes a cache holds, however many users there are.
+//!
 //! One Redis message per node per channel message: a node publishes once; every node that has local followers
 //! receives it once and fans it out to its own connections. Redis Cluster would use sharded pub/sub
 //! (`SSUBSCRIBE`/`SPUBLISH`, Redis 7) so that a channel's messages only travel to the shard that owns its slot;
@@ -63,6 +70,10 @@ impl BusHandle {
 
 /// Control messages between nodes (conversation membership changes).
 pub const CONTROL_CHANNEL: &str = "corelay:control";
+/// Presence announcements between nodes (see the module doc and `router::remote`).
+pub const PRESENCE_CHANNEL: &str = "corelay:presence";
+/// Users per presence announcement when a node announces all of its users (bounded message size).
+pub const ANNOUNCE_CHUNK: usize = 5_000;
 
 #[derive(Debug)]
 pub enum BusCmd {
@@ -72,11 +83,28 @@ pub enum BusCmd {
         channel: String,
         payload: String,
     },
-    /// Marks users live on this node until `until_ms` (Unix ms), or not live (`until_ms` = 0).
+    /// Users whose first connection on this node opened (`up`) or whose last one closed (`down`): their
+    /// presence entries are written or deleted, then the `announce_*` ones (users in some conversation: the
+    /// only ones other nodes cache) are announced.
     Presence {
-        users: Vec<String>,
-        until_ms: u64,
+        up: Vec<String>,
+        down: Vec<String>,
+        announce_up: Vec<String>,
+        announce_down: Vec<String>,
     },
+    /// Every local user, announced from scratch (the receivers replace what they knew of this node): after
+    /// our bus reconnected (`rewrite`: the entries are written again too, in case Redis lost them, and `ask`:
+    /// the other nodes are asked to announce theirs, since we missed their announcements), or because a node
+    /// asked.
+    PresenceSync {
+        users: Vec<String>,
+        announce: Vec<String>,
+        rewrite: bool,
+        ask: bool,
+    },
+    /// Checks which of these nodes' instances (node id, lease token) no longer hold their lease; answered
+    /// with [`BusEvent::NodesGone`].
+    CheckNodes(Vec<(String, String)>),
 }
 
 #[derive(Debug)]
@@ -89,6 +117,8 @@ pub enum BusEvent {
     Subscribed(String),
     Up,
     Down,
+    /// Node instances (id, token) whose lease is gone or held by another instance: dead.
+    NodesGone(Vec<(String, String)>),
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -103,12 +133,18 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn spawn(
     url: &str,
     node_id: &str,
+    token: &str,
     events: EventSender<BusEvent>,
 ) -> std::io::Result<BusHandle> {
     let client = redis::Client::open(url).map_err(|e| std::io::Error::other(e.to_string()))?;
     let (tx, rx) = mpsc::sync_channel::<BusCmd>(PUBLISH_QUEUE);
     let (sub_tx, sub_rx) = mpsc::channel::<(bool, String)>();
-    let base: BTreeSet<String> = [format!("node:{node_id}"), CONTROL_CHANNEL.to_string()].into();
+    let base: BTreeSet<String> = [
+        format!("node:{node_id}"),
+        CONTROL_CHANNEL.to_string(),
+        PRESENCE_CHANNEL.to_string(),
+    ]
+    .into();
     {
         let client = client.clone();
         let events = events.clone();
@@ -116,10 +152,13 @@ pub fn spawn(
             .name("corelay-bus-sub".into())
             .spawn(move || subscriber(client, base, sub_rx, events))?;
     }
-    let node = node_id.to_string();
+    let me = Me {
+        node: node_id.to_string(),
+        token: token.to_string(),
+    };
     std::thread::Builder::new()
         .name("corelay-bus-pub".into())
-        .spawn(move || publisher(client, node, rx))?;
+        .spawn(move || publisher(client, me, rx, events))?;
     Ok(BusHandle {
         publish: tx,
         subscriptions: sub_tx,
@@ -142,33 +181,130 @@ fn connect(client: &redis::Client, backoff: &mut Duration) -> redis::Connection 
     }
 }
 
-fn publisher(client: redis::Client, node: String, rx: mpsc::Receiver<BusCmd>) {
+/// This node instance: its id and its lease token.
+struct Me {
+    node: String,
+    token: String,
+}
+
+/// A presence announcement on [`PRESENCE_CHANNEL`]: `k` is `up`, `down`, `reset` (the first part of a full
+/// announcement: forget what you knew of this node) or `ask` (announce yourselves).
+pub fn announcement(node: &str, token: &str, kind: &str, users: &[String]) -> String {
+    serde_json::json!({"n": node, "t": token, "k": kind, "u": users}).to_string()
+}
+
+/// Adds the commands of one [`BusCmd`] to `pipe` (none for those the publisher does not write).
+fn pipeline(me: &Me, cmd: &BusCmd, pipe: &mut redis::Pipeline) {
+    let hset = |pipe: &mut redis::Pipeline, u: &str| {
+        pipe.cmd("HSET")
+            .arg(crate::store::redis::RedisStore::presence_key(u))
+            .arg(&me.node)
+            .arg(&me.token)
+            .ignore();
+    };
+    let announce = |pipe: &mut redis::Pipeline, kind: &str, users: &[String]| {
+        pipe.cmd("PUBLISH")
+            .arg(PRESENCE_CHANNEL)
+            .arg(announcement(&me.node, &me.token, kind, users))
+            .ignore();
+    };
+    match cmd {
+        BusCmd::Subscribe(_) | BusCmd::Unsubscribe(_) | BusCmd::CheckNodes(_) => {}
+        BusCmd::Publish { channel, payload } => {
+            pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        }
+        BusCmd::Presence {
+            up,
+            down,
+            announce_up,
+            announce_down,
+        } => {
+            for u in up {
+                hset(pipe, u);
+            }
+            for u in down {
+                pipe.cmd("HDEL")
+                    .arg(crate::store::redis::RedisStore::presence_key(u))
+                    .arg(&me.node)
+                    .ignore();
+            }
+            for chunk in announce_up.chunks(ANNOUNCE_CHUNK) {
+                announce(pipe, "up", chunk);
+            }
+            for chunk in announce_down.chunks(ANNOUNCE_CHUNK) {
+                announce(pipe, "down", chunk);
+            }
+        }
+        BusCmd::PresenceSync {
+            users,
+            announce: to_announce,
+            rewrite,
+            ask,
+        } => {
+            if *rewrite {
+                for u in users {
+                    hset(pipe, u);
+                }
+            }
+            let mut chunks = to_announce.chunks(ANNOUNCE_CHUNK);
+            announce(pipe, "reset", chunks.next().unwrap_or(&[]));
+            for chunk in chunks {
+                announce(pipe, "up", chunk);
+            }
+            if *ask {
+                announce(pipe, "ask", &[]);
+            }
+        }
+    }
+}
+
+fn publisher(
+    client: redis::Client,
+    me: Me,
+    rx: mpsc::Receiver<BusCmd>,
+    events: EventSender<BusEvent>,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut conn: Option<redis::Connection> = None;
     while let Ok(cmd) = rx.recv() {
-        let mut pipe = redis::pipe();
-        match cmd {
-            // Sent straight to the subscriber by `BusHandle::send`.
-            BusCmd::Subscribe(_) | BusCmd::Unsubscribe(_) => continue,
-            BusCmd::Publish { channel, payload } => {
-                pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        if let BusCmd::CheckNodes(nodes) = cmd {
+            if nodes.is_empty() {
+                continue;
             }
-            BusCmd::Presence { users, until_ms } => {
-                for u in users {
-                    let key = crate::store::redis::RedisStore::presence_key(&u);
-                    if until_ms == 0 {
-                        pipe.cmd("HDEL").arg(&key).arg(&node).ignore();
-                    } else {
-                        pipe.cmd("HSET").arg(&key).arg(&node).arg(until_ms).ignore();
-                        pipe.cmd("PEXPIRE")
-                            .arg(&key)
-                            .arg(until_ms.saturating_sub(crate::clock::unix_ms()) + 60_000)
-                            .ignore();
+            let mut cmd = redis::cmd("MGET");
+            for (node, _) in &nodes {
+                cmd.arg(crate::backplane::lease::key(node));
+            }
+            let c = conn.get_or_insert_with(|| connect(&client, &mut backoff));
+            match cmd.query::<Vec<Option<String>>>(c) {
+                Ok(held) => {
+                    let gone: Vec<(String, String)> = nodes
+                        .into_iter()
+                        .zip(held)
+                        .filter(|((_, token), h)| h.as_deref() != Some(token.as_str()))
+                        .map(|(n, _)| n)
+                        .collect();
+                    if !gone.is_empty() && events.blocking_send(BusEvent::NodesGone(gone)).is_err()
+                    {
+                        return;
                     }
                 }
+                Err(e) => {
+                    // Checked again at the next period; a cache entry lives at most that much longer.
+                    tracing::warn!(error = %e, "redis bus: node lease check failed");
+                    conn = None;
+                }
             }
+            continue;
         }
-        // A few tries; a publish lost here is recovered by the receivers' gap fill from the store.
+        let mut pipe = redis::pipe();
+        pipeline(&me, &cmd, &mut pipe);
+        if matches!(cmd, BusCmd::Subscribe(_) | BusCmd::Unsubscribe(_)) {
+            // Sent straight to the subscriber by `BusHandle::send`.
+            continue;
+        }
+        // A few tries; a publish lost here is recovered by the receivers' gap fill from the store, and a lost
+        // presence write by the full announcement that follows the bus's reconnection.
         for attempt in 0..3 {
             let c = conn.get_or_insert_with(|| connect(&client, &mut backoff));
             match pipe.query::<()>(c) {

@@ -13,9 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// How long a lease lives without a refresh.
-pub const LEASE_TTL: Duration = Duration::from_secs(10);
-
 /// Refreshes the lease only if it is still ours (1 = refreshed, 0 = someone else's, -1 = gone).
 const REFRESH: &str = r"
 local v = redis.call('GET', KEYS[1])
@@ -40,6 +37,14 @@ pub struct Lease {
     key: String,
     token: String,
     stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Lease {
+    /// This instance's random token: what the lease key holds while this process lives. Presence entries
+    /// carry it, so that a user counts as present only while the instance that wrote the entry lives.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
 }
 
 /// Takes the lease of `node_id`, waiting up to one TTL for a dead holder's lease to expire.

@@ -361,6 +361,9 @@ pub fn run(
                 metrics.bus_up.store(router.bus_up(), Relaxed);
                 metrics.bus_channels.store(router.bus_channels() as u64, Relaxed);
                 metrics
+                    .presence_cache_users
+                    .store(router.remote_presence() as u64, Relaxed);
+                metrics
                     .sequencer_resets
                     .store(router.sequencer_resets(), Relaxed);
             }

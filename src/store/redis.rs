@@ -10,7 +10,7 @@
 //! | receipts | `receipts:{conversation}`, a hash member → `delivered,read` |
 //! | conversations | `conversations`, a hash id → members (JSON) |
 //! | devices | `devices:{user}`, a set of `platform\ttoken` |
-//! | presence | `presence:user:{id}`, a hash node → expiry (ms), refreshed by the node |
+//! | presence | `presence:user:{id}`, a hash node → the lease token of the node instance that wrote it; counts while `corelay:lease:{node}` holds that token |
 //! | device owners | `device_owner:{platform}\t{token}` = user (a token belongs to one user) |
 //! | push rows | `push:row:{kind}:{user}\t{conversation}`, a hash `upto`, `from`, `count`, `due`, `attempts` and `preview` (absent: none); kind `1` alert, `2` clear |
 //! | push due index | `push:due`, a sorted set of `{kind}\t{user}\t{conversation}` scored by the row's due time (ms): every row is in it |
@@ -101,14 +101,23 @@ else
   redis.call('XADD', 'log:' .. ch, off .. '-1', 'f', from, 't', ts, 'j', json)
 end
 if dkey then redis.call('SET', dkey, off .. ',' .. ts, 'EX', ttl) end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+-- A user is live while a node instance that wrote one of its presence fields (node -> that instance's lease
+-- token) still holds its lease. A field whose node's lease is held by another instance is stale (that node
+-- restarted) and removed; one whose lease is missing is kept (the node may be cut off from Redis and come back
+-- with the same token) but does not count.
 local function live(u)
-  local p = redis.call('HGETALL', 'presence:user:' .. u)
-  for j = 2, #p, 2 do
-    if tonumber(p[j]) > now_ms then return true end
+  local key = 'presence:user:' .. u
+  local p = redis.call('HGETALL', key)
+  local found = false
+  for j = 1, #p, 2 do
+    local held = redis.call('GET', 'corelay:lease:' .. p[j])
+    if held == p[j + 1] then
+      found = true
+    elseif held then
+      redis.call('HDEL', key, p[j])
+    end
   end
-  return false
+  return found
 end
 for i = 10, 9 + noff do
   local u = ARGV[i]
@@ -118,7 +127,8 @@ if conv ~= '' then
   for i = 10 + noff, #ARGV - 4, 5 do
     local u = ARGV[i]
     local due = tonumber(ARGV[i + 1])
-    if live(u) then due = tonumber(ARGV[i + 2]) end
+    -- The node already counted the member live (here, or elsewhere by its presence cache): no check.
+    if due < tonumber(ARGV[i + 2]) and live(u) then due = tonumber(ARGV[i + 2]) end
     local preview = nil
     if ARGV[i + 3] == '1' then preview = ARGV[i + 4] end
     -- Collapse: one row per (member, conversation). A claimed row keeps its lease (its push is out; the
@@ -585,7 +595,7 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Marks `user` live on `node` until `until_ms` (cluster presence; see the module doc).
+    /// The presence hash of `user` (cluster presence; see the module doc).
     pub fn presence_key(user: &str) -> String {
         format!("presence:user:{user}")
     }
@@ -1038,7 +1048,7 @@ mod tests {
     use crate::store::{NewMessage, PushFor};
     use std::process::{Child, Command, Stdio};
 
-    /// A throwaway `redis-server` (none installed: the test says it was skipped).
+    /// A throwaway `redis-server` (`tests/run.sh` installs it; without one these tests fail, saying so).
     struct Server {
         child: Child,
         port: u16,
@@ -1046,17 +1056,16 @@ mod tests {
     }
 
     impl Server {
-        fn start(name: &str) -> Option<Server> {
+        fn start(name: &str) -> Server {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .ok()?
-                .local_addr()
-                .ok()?
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
                 .port();
             let dir = std::env::temp_dir()
                 .join(format!("corelay-redis-unit-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).ok()?;
-            let child = match Command::new("redis-server")
+            std::fs::create_dir_all(&dir).expect("a temp dir");
+            let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
                 .arg("--dir")
@@ -1064,14 +1073,8 @@ mod tests {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("skipped: no redis-server ({e})");
-                    return None;
-                }
-            };
-            Some(Server { child, port, dir })
+                .expect("redis-server (apt-get install redis-server; tests/run.sh does)");
+            Server { child, port, dir }
         }
 
         fn store(&self) -> RedisStore {
@@ -1121,23 +1124,37 @@ mod tests {
 
     #[test]
     fn a_member_live_on_any_node_gets_the_online_due_time() {
-        let Some(server) = Server::start("presence") else {
-            return;
-        };
+        let server = Server::start("presence");
         let mut s = server.store();
-        // Bob is live on some node (until far in the future), carol's presence has expired.
+        // Bob is live on node-b (its lease holds the token of the instance that wrote his entry). Carol's
+        // entry is from an instance of node-c that died (node-c's lease is gone), Dave's from an instance of
+        // node-d that was replaced (node-d's lease holds another token): neither counts, and Dave's stale
+        // field is removed.
         let _: () = s
             .with(|c| {
                 redis::pipe()
+                    .cmd("SET")
+                    .arg(crate::backplane::lease::key("node-b"))
+                    .arg("tb")
+                    .ignore()
                     .cmd("HSET")
                     .arg(RedisStore::presence_key("bob"))
                     .arg("node-b")
-                    .arg(u64::MAX / 2)
+                    .arg("tb")
                     .ignore()
                     .cmd("HSET")
                     .arg(RedisStore::presence_key("carol"))
                     .arg("node-c")
-                    .arg(1)
+                    .arg("tc")
+                    .ignore()
+                    .cmd("SET")
+                    .arg(crate::backplane::lease::key("node-d"))
+                    .arg("td-new")
+                    .ignore()
+                    .cmd("HSET")
+                    .arg(RedisStore::presence_key("dave"))
+                    .arg("node-d")
+                    .arg("td-old")
                     .ignore()
                     .query(c)
             })
@@ -1149,6 +1166,9 @@ mod tests {
             vec![
                 push_for("bob", 1000, big_due, Some("hi\tthere")),
                 push_for("carol", 1000, big_due, None),
+                push_for("dave", 1000, big_due, None),
+                // Erin has no entry at all, but the node counted her live (its presence cache): no check.
+                push_for("erin", big_due, big_due, None),
             ],
         )])
         .unwrap();
@@ -1158,8 +1178,31 @@ mod tests {
             rows.iter()
                 .map(|r| (r.user.as_str(), r.due_ms, r.preview.as_deref()))
                 .collect::<Vec<_>>(),
-            [("bob", big_due, Some("hi\tthere")), ("carol", 1000, None)],
+            [
+                ("bob", big_due, Some("hi\tthere")),
+                ("carol", 1000, None),
+                ("dave", 1000, None),
+                ("erin", big_due, None)
+            ],
             "large times are kept exactly; a preview may hold any text"
+        );
+        let fields = |s: &mut RedisStore, u: &str| -> Vec<String> {
+            s.with(|c| {
+                redis::cmd("HKEYS")
+                    .arg(RedisStore::presence_key(u))
+                    .query(c)
+            })
+            .unwrap()
+        };
+        assert_eq!(fields(&mut s, "bob"), ["node-b"]);
+        assert_eq!(
+            fields(&mut s, "carol"),
+            ["node-c"],
+            "kept: its node may come back"
+        );
+        assert!(
+            fields(&mut s, "dave").is_empty(),
+            "a replaced instance's entry is removed"
         );
         // A later message for the live member keeps the earlier due time, and its preview.
         s.commit(&[message(
@@ -1195,9 +1238,7 @@ mod tests {
 
     #[test]
     fn nodes_claiming_at_once_get_each_row_exactly_once() {
-        let Some(server) = Server::start("claim") else {
-            return;
-        };
+        let server = Server::start("claim");
         let mut s = server.store();
         let n = 300;
         let writes: Vec<Write> = (0..n)
@@ -1241,9 +1282,7 @@ mod tests {
 
     #[test]
     fn forgetting_a_token_leaves_its_new_owner_alone() {
-        let Some(server) = Server::start("owner") else {
-            return;
-        };
+        let server = Server::start("owner");
         let mut s = server.store();
         let put = |u: &str| Write::PutDevice {
             user: u.into(),

@@ -152,10 +152,12 @@ impl Router {
             .members(conversation)
             .filter(|m| m.contains(&**user))
             .ok_or_else(|| refuse("not_member", 403, format!("not a member of {conversation}")))?;
-        // Members with no live connection here get it in their offline queue, in the same transaction.
+        // Members with no live connection here and none known elsewhere (the presence cache) are checked in
+        // Redis by the append (a single node: none is elsewhere) and queued offline if absent, in the same
+        // transaction.
         let offline: Vec<String> = members
             .iter()
-            .filter(|m| *m != user && !self.presence.is_online(m))
+            .filter(|m| *m != user && !self.presence.is_online(m) && !self.live_elsewhere(m))
             .map(|m| m.to_string())
             .collect();
         let push = self.push_for(members.iter(), user, now_ms, body.get());
@@ -357,7 +359,12 @@ impl Router {
                     "by": &**user,
                 })
                 .to_string();
-                let offline = if self.presence.is_online(sender) {
+                let offline = if self.presence.is_online(sender)
+                    || self
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| c.live_elsewhere(sender))
+                {
                     vec![]
                 } else {
                     vec![sender.to_string()]

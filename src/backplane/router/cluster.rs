@@ -5,9 +5,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::super::bus::{BusCmd, BusEvent, CONTROL_CHANNEL};
+use indexmap::IndexMap;
+
+use super::super::bus::{BusCmd, BusEvent, CONTROL_CHANNEL, PRESENCE_CHANNEL};
 use super::super::sequencer::Sequencer;
 use super::pending::{OnOffset, OnRead};
+use super::remote::{Announcement, RemotePresence};
 use super::render::render;
 use super::{Delivery, MAX_REPLAY, Out, Router};
 use crate::store::StoredMessage;
@@ -25,7 +28,19 @@ pub(super) struct ClusterSync {
     interest: HashMap<Arc<str>, usize>,
     bus: Vec<BusCmd>,
     presence_ttl_ms: u64,
-    last_presence_ms: u64,
+    /// When the leases of the nodes in `remote` were last checked.
+    last_check_ms: u64,
+    /// The other nodes' users (see `remote`).
+    remote: RemotePresence,
+    /// Channels with a fill read in flight → the offset a follow-up read must start after, if another fill
+    /// was asked for meanwhile (a bus reconnect while the store is slow). At most one read per channel is in
+    /// flight and one more waits, however often the bus breaks: a read issued before a resubscription may
+    /// miss what was published until it, so the follow-up is read after the first one returns.
+    filling: HashMap<Arc<str>, Option<u64>>,
+    /// Presence changes of this turn, user → (now up, announced), the last change of a user winning (a quick
+    /// close and reopen must end written, not deleted); written and announced as one command by
+    /// `take_bus_cmds`.
+    changes: IndexMap<String, (bool, bool)>,
     /// The bus is connected (for `/readyz`).
     up: bool,
 }
@@ -38,7 +53,10 @@ impl ClusterSync {
             interest: HashMap::new(),
             bus: Vec::new(),
             presence_ttl_ms,
-            last_presence_ms: 0,
+            last_check_ms: 0,
+            remote: RemotePresence::default(),
+            changes: IndexMap::new(),
+            filling: HashMap::new(),
             up: false,
         }
     }
@@ -66,6 +84,11 @@ impl ClusterSync {
         }
     }
 
+    /// Whether `user` is known to be live on another node (the presence cache).
+    pub(super) fn live_elsewhere(&self, user: &str) -> bool {
+        self.remote.is_live(user)
+    }
+
     /// Announces a conversation's members to the other nodes.
     pub(super) fn announce_members(&mut self, id: &str, members: &[String]) {
         let payload = serde_json::json!({"n": self.node, "id": id, "members": members}).to_string();
@@ -77,7 +100,7 @@ impl ClusterSync {
 }
 
 impl Router {
-    /// Turns on cluster mode: this node's id and how long its presence entries live without a refresh.
+    /// Turns on cluster mode: this node's id and its lease TTL (how long a dead node's users stay present).
     pub fn enable_cluster(&mut self, node: &str, presence_ttl_ms: u64) {
         self.cluster = Some(ClusterSync::new(node, presence_ttl_ms));
         self.holds.live_can_lag = true;
@@ -85,10 +108,57 @@ impl Router {
 
     /// Bus commands produced since the last call.
     pub fn take_bus_cmds(&mut self) -> Vec<BusCmd> {
+        let Some(c) = self.cluster.as_mut() else {
+            return Vec::new();
+        };
+        if !c.changes.is_empty() {
+            let (mut up, mut down, mut announce_up, mut announce_down) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (user, (is_up, announce)) in c.changes.drain(..) {
+                if announce {
+                    if is_up {
+                        announce_up.push(user.clone());
+                    } else {
+                        announce_down.push(user.clone());
+                    }
+                }
+                if is_up {
+                    up.push(user)
+                } else {
+                    down.push(user)
+                }
+            }
+            c.bus.push(BusCmd::Presence {
+                up,
+                down,
+                announce_up,
+                announce_down,
+            });
+        }
+        std::mem::take(&mut c.bus)
+    }
+
+    /// Whether `user` is known to be live on another node (the presence cache; false on a single node).
+    pub(super) fn live_elsewhere(&self, user: &str) -> bool {
         self.cluster
-            .as_mut()
-            .map(|c| std::mem::take(&mut c.bus))
-            .unwrap_or_default()
+            .as_ref()
+            .is_some_and(|c| c.live_elsewhere(user))
+    }
+
+    /// Users of other nodes in the presence cache.
+    pub fn remote_presence(&self) -> usize {
+        self.cluster.as_ref().map_or(0, |c| c.remote.len())
+    }
+
+    /// Every local user, and those of them in some conversation (the ones other nodes cache).
+    fn local_users(&self) -> (Vec<String>, Vec<String>) {
+        let users: Vec<String> = self.presence.users().map(|u| u.to_string()).collect();
+        let announce = users
+            .iter()
+            .filter(|u| self.members.of(u).next().is_some())
+            .cloned()
+            .collect();
+        (users, announce)
     }
 
     /// Channels this node receives from the bus and has synced (0 on a single node).
@@ -123,7 +193,7 @@ impl Router {
     }
 
     /// A user's first connection on this node opened (`up`) or its last one closed.
-    pub(super) fn user_presence(&mut self, user: &Arc<str>, up: bool, now_ms: u64) {
+    pub(super) fn user_presence(&mut self, user: &Arc<str>, up: bool) {
         if self.cluster.is_none() {
             return;
         }
@@ -133,28 +203,23 @@ impl Router {
         for ch in chans {
             self.interest(&ch, delta);
         }
+        let announce = self.members.of(user).next().is_some();
         if let Some(cl) = self.cluster.as_mut() {
-            let until_ms = if up { now_ms + cl.presence_ttl_ms } else { 0 };
-            cl.bus.push(BusCmd::Presence {
-                users: vec![user.to_string()],
-                until_ms,
-            });
+            cl.changes.insert(user.to_string(), (up, announce));
         }
     }
 
-    /// Periodic work: presence refresh, and asking the store for gaps the bus left.
+    /// Periodic work: checking the leases of the nodes whose users are cached, and asking the store for gaps
+    /// the bus left. (Presence itself needs no refresh: it lives as long as the node's lease.)
     pub fn tick(&mut self, now_ms: u64) {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        if now_ms.saturating_sub(cl.last_presence_ms) >= cl.presence_ttl_ms / 3 {
-            cl.last_presence_ms = now_ms;
-            let users: Vec<String> = self.presence.users().map(|u| u.to_string()).collect();
-            if !users.is_empty() {
-                cl.bus.push(BusCmd::Presence {
-                    users,
-                    until_ms: now_ms + cl.presence_ttl_ms,
-                });
+        if now_ms.saturating_sub(cl.last_check_ms) >= cl.presence_ttl_ms / 3 {
+            cl.last_check_ms = now_ms;
+            let nodes = cl.remote.instances();
+            if !nodes.is_empty() {
+                cl.bus.push(BusCmd::CheckNodes(nodes));
             }
         }
         let gaps = cl.seq.gaps(now_ms, GAP_WAIT_MS);
@@ -165,6 +230,13 @@ impl Router {
 
     /// Reads a channel from the store after `after` to fill a gap (or catch up after a reconnect).
     fn fill(&mut self, channel: Arc<str>, after: u64) {
+        if let Some(cl) = self.cluster.as_mut() {
+            if let Some(again) = cl.filling.get_mut(&channel) {
+                *again = Some(again.map_or(after, |a| a.min(after)));
+                return;
+            }
+            cl.filling.insert(channel.clone(), None);
+        }
         let ch = channel.to_string();
         self.pending.read(
             |token| Request::ReadAfter {
@@ -187,8 +259,49 @@ impl Router {
                 cl.up = true;
                 // Control messages published while we were not subscribed are lost: reread the members.
                 self.pending.members();
+                // So are presence announcements: start the cache over, have every node announce its users
+                // again, and announce (and rewrite, in case Redis lost them) ours.
+                cl.remote.clear();
+                let (users, announce) = self.local_users();
+                if let Some(cl) = self.cluster.as_mut() {
+                    cl.bus.push(BusCmd::PresenceSync {
+                        users,
+                        announce,
+                        rewrite: true,
+                        ask: true,
+                    });
+                }
             }
             BusEvent::Down => cl.up = false,
+            BusEvent::NodesGone(gone) => {
+                for (node, token) in gone {
+                    tracing::info!(%node, "presence: node gone (lease lost); forgetting its users");
+                    cl.remote.forget(&node, &token);
+                }
+            }
+            BusEvent::Message { channel, payload } if channel == PRESENCE_CHANNEL => {
+                let Ok(a) = serde_json::from_str::<Announcement>(&payload) else {
+                    tracing::warn!("bus: unreadable presence announcement");
+                    return;
+                };
+                if a.node == cl.node {
+                    return;
+                }
+                if a.kind == "ask" {
+                    let (users, announce) = self.local_users();
+                    if let Some(cl) = self.cluster.as_mut() {
+                        cl.bus.push(BusCmd::PresenceSync {
+                            users,
+                            announce,
+                            rewrite: false,
+                            ask: false,
+                        });
+                    }
+                    return;
+                }
+                let members = &self.members;
+                cl.remote.apply(&a, |u| members.of(u).next().is_some());
+            }
             BusEvent::Subscribed(channel) => {
                 if !cl.seq.is_tracked(&channel) {
                     return;
@@ -312,11 +425,16 @@ impl Router {
             .map(|m| Delivery::new(channel.clone(), m.offset, render(m)))
             .collect();
         let mut released = Vec::new();
+        let mut again = None;
         if let Some(cl) = self.cluster.as_mut() {
             cl.seq.filled(&channel, ds, now_ms, &mut released);
+            again = cl.filling.remove(&channel).flatten();
         }
         for d in released {
             self.route_local_parsed(d, out);
+        }
+        if let Some(after) = again {
+            self.fill(channel, after);
         }
     }
 

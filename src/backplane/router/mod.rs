@@ -54,6 +54,7 @@ mod membership;
 mod pending;
 mod presence;
 mod push;
+mod remote;
 mod render;
 mod streams;
 #[cfg(test)]
@@ -347,7 +348,7 @@ impl Router {
                     });
                     return;
                 }
-                self.add_presence(conn, &user, now_ms);
+                self.add_presence(conn, &user);
                 self.start_flush(conn, &user);
                 if !cursor.is_empty() {
                     // A resume at connect: the same catch-up as a `subscribe` with this cursor, started
@@ -361,7 +362,7 @@ impl Router {
                 if let Some(user) = user
                     && self.presence.remove(conn, &user)
                 {
-                    self.user_presence(&user, false, now_ms);
+                    self.user_presence(&user, false);
                 }
                 self.holds.forget(conn);
                 self.unfollow_all(conn);
@@ -383,7 +384,7 @@ impl Router {
                 user,
                 channels,
                 cursor,
-            } => self.on_stream(conn, user, channels, cursor, now_ms, out),
+            } => self.on_stream(conn, user, channels, cursor, out),
             Event::Poll {
                 conn,
                 user,

@@ -122,9 +122,9 @@ impl Presence {
 
 impl Router {
     /// Registers a live connection of `user` (its first one makes the user present in the cluster).
-    pub(super) fn add_presence(&mut self, conn: ConnRef, user: &Arc<str>, now_ms: u64) {
+    pub(super) fn add_presence(&mut self, conn: ConnRef, user: &Arc<str>) {
         if self.presence.add(conn, user) {
-            self.user_presence(user, true, now_ms);
+            self.user_presence(user, true);
         }
     }
 

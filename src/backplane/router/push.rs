@@ -76,7 +76,8 @@ impl Router {
     }
 
     /// The obligations a new conversation message creates: one per member but the sender; due now for a
-    /// member with no live connection, after `--push-delay` for one who has (escalation unless acked).
+    /// member with no live connection, after `--push-delay` for one who has (escalation unless acked): here,
+    /// or elsewhere as the presence cache knows; the store checks the others' presence itself.
     pub(super) fn push_for<'a>(
         &self,
         members: impl Iterator<Item = &'a Arc<str>>,
@@ -94,7 +95,7 @@ impl Router {
                 let online_due_ms = now_ms + p.delay_ms;
                 PushFor {
                     user: m.to_string(),
-                    due_ms: if self.presence.is_online(m) {
+                    due_ms: if self.presence.is_online(m) || self.live_elsewhere(m) {
                         online_due_ms
                     } else {
                         now_ms

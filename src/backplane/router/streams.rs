@@ -78,7 +78,6 @@ impl Router {
         user: Arc<str>,
         channels: Vec<String>,
         given: BTreeMap<String, u64>,
-        now_ms: u64,
         out: &mut Vec<Out>,
     ) {
         if self.connections(&user).len() >= self.bounds.max_connections_per_user {
@@ -150,7 +149,7 @@ impl Router {
                 self.follow(conn, Arc::from(ch.as_str()));
             }
         }
-        self.add_presence(conn, &user, now_ms);
+        self.add_presence(conn, &user);
         out.push(Out::Loop {
             conn,
             cmd: LoopCmd::StreamStart {
