@@ -1,4 +1,8 @@
 //! Test support: start the real `corelay` binary on a free port, mint tokens, talk raw HTTP and raw frames.
+//!
+//! Longer than 600 lines: every test binary includes this one module, so it holds every way the tests drive
+//! real processes (the gateway, `redis-server` with replicas and the relay in front of them, curl for SSE) and
+//! the wire (raw HTTP, frames, WebSocket clients); split in parts, each binary would still need most of them.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
