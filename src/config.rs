@@ -26,6 +26,8 @@ pub const DEFAULT_DRAIN_RATE: u32 = 1_000;
 pub const DEFAULT_ACCEPT_RATE: u32 = 20_000;
 /// How long new connections may wait for their turn before they are refused (503 + `Retry-After`).
 pub const DEFAULT_ACCEPT_QUEUE: Duration = Duration::from_secs(1);
+/// How long a Redis store commit waits for `--redis-min-replicas` replicas before it is refused.
+pub const DEFAULT_REDIS_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest a drain spreads its closes over, whatever the rate.
 pub const DEFAULT_DRAIN_WINDOW: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 8 * 1024;
@@ -219,6 +221,11 @@ pub struct Config {
     /// Redis URL: cluster mode (shared state, pub/sub bus, presence). Without `--scylla` the message log lives
     /// in Redis too.
     pub redis: Option<String>,
+    /// Redis store: a write is acknowledged (`sent`, a receipt, a publish's 2xx) only once this many replicas
+    /// have it (`WAIT`); 0 = once the master has it (asynchronous replication: a failover can lose it).
+    pub redis_min_replicas: u32,
+    /// How long a commit waits for those replicas; past it the commit is refused as retryable.
+    pub redis_replica_timeout: Duration,
     /// The node's liveness lease in Redis: refreshed every third of it; when a node dies, its users stop
     /// counting as present (and a restart with its id may take the id over) this long after the last refresh.
     pub presence_ttl: Duration,
@@ -276,6 +283,8 @@ impl Default for Config {
             proxy_protocol: false,
             ring_nodes: Vec::new(),
             redis: None,
+            redis_min_replicas: 0,
+            redis_replica_timeout: DEFAULT_REDIS_REPLICA_TIMEOUT,
             presence_ttl: Duration::from_secs(10),
             scylla: Vec::new(),
             scylla_keyspace: "corelay".into(),
@@ -456,6 +465,13 @@ pub struct Options {
     /// Redis URL (redis://host:6379): cluster mode. Shared state, pub/sub between nodes, presence.
     #[arg(long, env = "CORELAY_REDIS")]
     pub redis: Option<String>,
+    /// Acknowledge a write only once this many Redis replicas have it (WAIT); 0 = once the master has it
+    /// [default: 0].
+    #[arg(long)]
+    pub redis_min_replicas: Option<u32>,
+    /// How long a write waits for --redis-min-replicas replicas before it is refused (retryable) [default: 1s].
+    #[arg(long)]
+    pub redis_replica_timeout: Option<String>,
     /// How long a dead node's users still count as present (the node's lease in Redis) [default: 10s].
     #[arg(long)]
     pub presence_ttl: Option<String>,
@@ -596,6 +612,11 @@ impl Options {
             ),
             ("sse_retry", self.sse_retry, &mut cfg.sse_retry),
             (
+                "redis_replica_timeout",
+                self.redis_replica_timeout,
+                &mut cfg.redis_replica_timeout,
+            ),
+            (
                 "max_poll_timeout",
                 self.max_poll_timeout,
                 &mut cfg.max_poll_timeout,
@@ -655,6 +676,7 @@ impl Options {
         if self.redis.is_some() {
             cfg.redis = self.redis;
         }
+        set(&mut cfg.redis_min_replicas, self.redis_min_replicas);
         set(&mut cfg.proxy_protocol, self.proxy_protocol);
         set(&mut cfg.ring_nodes, self.ring_nodes);
         if let Some(v) = self.presence_ttl {
@@ -823,6 +845,21 @@ impl Config {
         }
         if self.topic_history == 0 {
             return Err(invalid("topic_history", "must be at least 1"));
+        }
+        if self.redis_min_replicas > 0 {
+            if self.redis.is_none() || !self.scylla.is_empty() {
+                return Err(invalid(
+                    "redis_min_replicas",
+                    "applies to the Redis store: needs redis, and no scylla",
+                ));
+            }
+            // `WAIT n 0` blocks until the replicas answer, however long.
+            if self.redis_replica_timeout.is_zero() {
+                return Err(invalid(
+                    "redis_replica_timeout",
+                    "must be more than 0 with redis_min_replicas (WAIT 0 would block forever)",
+                ));
+            }
         }
         if let Some(p) = &self.echo_path
             && (!p.starts_with('/') || p == "/ws")
@@ -1006,6 +1043,74 @@ mod tests {
             .unwrap();
         assert_eq!(layered.heartbeat_interval, Duration::from_secs(9));
         assert_eq!(layered.listen.port(), 9001);
+    }
+
+    #[test]
+    fn redis_replica_settings_parse_and_are_checked() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            options: Options,
+        }
+        let cfg = Config::default();
+        assert_eq!(cfg.redis_min_replicas, 0, "off by default");
+        assert_eq!(cfg.redis_replica_timeout, Duration::from_secs(1));
+        cfg.validate().unwrap();
+
+        let mut from_file = Config::default();
+        toml::from_str::<Options>(
+            "redis = \"redis://r:6379\"\nredis_min_replicas = 1\nredis_replica_timeout = \"500ms\"\n",
+        )
+        .unwrap()
+        .apply(&mut from_file)
+        .unwrap();
+        let mut from_flags = Config::default();
+        Flags::try_parse_from([
+            "corelay",
+            "--redis=redis://r:6379",
+            "--redis-min-replicas=1",
+            "--redis-replica-timeout=500ms",
+        ])
+        .unwrap()
+        .options
+        .apply(&mut from_flags)
+        .unwrap();
+        for cfg in [&from_file, &from_flags] {
+            assert_eq!(cfg.redis_min_replicas, 1);
+            assert_eq!(cfg.redis_replica_timeout, Duration::from_millis(500));
+            cfg.validate().unwrap();
+        }
+
+        let refused = |toml: &str| {
+            let mut cfg = Config::default();
+            toml::from_str::<Options>(toml)
+                .unwrap()
+                .apply(&mut cfg)
+                .and_then(|()| cfg.validate())
+                .unwrap_err()
+                .to_string()
+        };
+        // WAIT with a timeout of 0 blocks forever.
+        let e = refused(
+            "redis = \"redis://r\"\nredis_min_replicas = 2\nredis_replica_timeout = \"0s\"\n",
+        );
+        assert!(e.starts_with("redis_replica_timeout:"), "{e}");
+        // Without replicas to wait for, a zero timeout is never used.
+        let cfg = Config {
+            redis_replica_timeout: Duration::ZERO,
+            ..Config::default()
+        };
+        cfg.validate().unwrap();
+        // Only the Redis store waits for replicas.
+        let e = refused("redis_min_replicas = 1\n");
+        assert!(e.starts_with("redis_min_replicas:"), "{e}");
+        let e = refused("redis = \"redis://r\"\nscylla = [\"s:9042\"]\nredis_min_replicas = 1\n");
+        assert!(e.starts_with("redis_min_replicas:"), "{e}");
+        assert!(
+            refused("redis_replica_timeout = \"soon\"\n").starts_with("redis_replica_timeout:")
+        );
+        assert!(toml::from_str::<Options>("redis_min_replicas = -1\n").is_err());
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub struct Metrics {
     pub subscriptions_refused: AtomicU64,
     /// Store commits and reads that failed (backend errors: disk, Redis, Scylla).
     pub store_errors: AtomicU64,
+    /// Redis store commits refused because fewer than `--redis-min-replicas` replicas acknowledged them within
+    /// `--redis-replica-timeout` (shared with the store, which counts them).
+    pub store_replication_timeouts: std::sync::Arc<AtomicU64>,
     pub push: PushMetrics,
 }
 
@@ -147,6 +150,7 @@ impl Metrics {
             bus_dropped: AtomicU64::new(0),
             subscriptions_refused: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            store_replication_timeouts: Default::default(),
             push: PushMetrics::default(),
         }
     }
@@ -271,6 +275,11 @@ impl Metrics {
             s,
             "# HELP corelay_store_errors_total Store commits and reads that failed.\n# TYPE corelay_store_errors_total counter\ncorelay_store_errors_total {}",
             self.store_errors.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP corelay_store_replication_timeouts_total Redis store commits refused because too few replicas acknowledged them in time (--redis-min-replicas).\n# TYPE corelay_store_replication_timeouts_total counter\ncorelay_store_replication_timeouts_total {}",
+            self.store_replication_timeouts.load(Relaxed)
         );
         let _ = writeln!(
             s,

@@ -17,13 +17,12 @@ use crate::store::embedded::{Embedded, Fsync};
 use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::scylla::{Scylla, ScyllaConfig};
 use crate::worker::{Shared, Worker, listener};
-use std::time::Duration;
 
 /// Commands queued per loop before the backplane waits for room.
 const LOOP_QUEUE: usize = 16_384;
 
 /// Opens the configured message store.
-fn open_store(cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
+fn open_store(cfg: &Config, metrics: &Metrics) -> anyhow::Result<Box<dyn Store>> {
     if !cfg.scylla.is_empty() {
         let mut sc = ScyllaConfig::new(cfg.scylla.clone(), cfg.scylla_keyspace.clone());
         if let Some(r) = &cfg.scylla_replication {
@@ -36,12 +35,13 @@ fn open_store(cfg: &Config) -> anyhow::Result<Box<dyn Store>> {
     }
     if let Some(url) = &cfg.redis {
         let store = RedisStore::connect(RedisConfig {
-            url: url.clone(),
-            dedupe_ttl: Duration::from_secs(7 * 24 * 3600),
-            topic_maxlen: cfg.topic_history,
+            min_replicas: cfg.redis_min_replicas,
+            replica_timeout: cfg.redis_replica_timeout,
+            ..RedisConfig::new(url.clone(), cfg.topic_history)
         })
-        .with_context(|| format!("connecting to Redis at {url}"))?;
-        tracing::info!(%url, "message store: redis");
+        .with_context(|| format!("connecting to Redis at {url}"))?
+        .count_replication_timeouts_in(metrics.store_replication_timeouts.clone());
+        tracing::info!(%url, min_replicas = cfg.redis_min_replicas, "message store: redis");
         return Ok(Box::new(store));
     }
     let fsync = match cfg.fsync_interval {
@@ -113,14 +113,14 @@ impl Server {
             )?),
             None => None,
         };
-        let mut store = open_store(&cfg)?;
+        let metrics = Arc::new(Metrics::new(cfg.threads));
+        let mut store = open_store(&cfg, &metrics)?;
         let secret = cfg
             .auth_secret
             .clone()
             .context("auth secret not resolved")?;
         let api_key: Arc<str> = cfg.api_key.clone().context("API key not resolved")?.into();
         let cfg = Arc::new(cfg);
-        let metrics = Arc::new(Metrics::new(cfg.threads));
         let (bp, bp_rx, notify) = backplane::channel(cfg.limits.backplane_queue);
         let draining = Arc::new(AtomicBool::new(false));
         let shared = Shared {

@@ -77,6 +77,8 @@ fn two_redis_stores_append_to_one_conversation_at_once() {
         url: redis.url(),
         dedupe_ttl: std::time::Duration::from_secs(3600),
         topic_maxlen: 1000,
+        min_replicas: 0,
+        replica_timeout: std::time::Duration::from_secs(1),
     };
     let open = || Box::new(RedisStore::connect(cfg.clone()).expect("connect to redis-server"));
     contract::concurrent_appends(open(), open(), 500);
@@ -89,6 +91,8 @@ fn redis_store_passes_the_contract() {
         url: redis.url(),
         dedupe_ttl: std::time::Duration::from_secs(3600),
         topic_maxlen: 1000,
+        min_replicas: 0,
+        replica_timeout: std::time::Duration::from_secs(1),
     };
     contract::run_all(&mut || {
         Box::new(RedisStore::connect(cfg.clone()).expect("connect to redis-server"))
@@ -103,6 +107,8 @@ fn redis_store_survives_a_redis_restart_with_aof() {
         url: redis.url(),
         dedupe_ttl: std::time::Duration::from_secs(3600),
         topic_maxlen: 1000,
+        min_replicas: 0,
+        replica_timeout: std::time::Duration::from_secs(1),
     };
     let mut s = RedisStore::connect(cfg).unwrap();
     let msg = |cid: &str| {

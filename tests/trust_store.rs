@@ -14,6 +14,8 @@ fn store(redis: &support::RedisServer) -> RedisStore {
         url: redis.url(),
         dedupe_ttl: std::time::Duration::from_secs(3600),
         topic_maxlen: 1000,
+        min_replicas: 0,
+        replica_timeout: std::time::Duration::from_secs(1),
     })
     .expect("connect to redis-server")
 }

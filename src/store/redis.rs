@@ -28,14 +28,17 @@
 //! push keys. Device tokens registered before `device_owner` existed have no owner entry: they move only once
 //! registered again. Durability is Redis's: run it with `appendonly yes` and `appendfsync always` for "sent =
 //! on disk", or `everysec` to trade up to a second of acknowledged messages for throughput
-//! (docs/OPERATIONS.md).
+//! (docs/OPERATIONS.md). Replication is Redis's too, asynchronous: with `--redis-min-replicas N` a group commit
+//! ends with `WAIT N timeout` in the same pipeline, and fails (retryable) unless N replicas have it, so a
+//! failover to one of them loses nothing acknowledged.
 //!
 //! Redis Cluster: every key of a channel would carry the channel in a hash tag (`log:{conversation:c1}`) so the
 //! script's keys land in one slot; the offline queue and presence keys are per user and touched by separate
 //! scripts. This store targets a single Redis (with replicas/Sentinel for failover).
 //!
 //! Longer than 600 lines: the whole `Store` trait over Redis, most of it the Lua scripts that make each write
-//! atomic (one script per write kind); the last 240 lines are tests against a real redis-server.
+//! atomic (one script per write kind); the last 340 lines are tests against a real redis-server (one with a
+//! replica).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -92,7 +95,16 @@ local dkey = nil
 if from ~= '' and cid ~= '' then
   dkey = 'dedupe:' .. from .. ':' .. ch .. ':' .. cid
   local d = redis.call('GET', dkey)
-  if d then return {0, d} end
+  if d then
+    -- A retry. Write anyway (the TTL again, a write that replicates): with --redis-min-replicas the commit's
+    -- WAIT waits for this connection's last replicated write, and a reply that wrote nothing would leave
+    -- that at an older write (or at none after a reconnect, or when the first try came through another
+    -- node), acking a message the replicas may not have. Replication is in order, so once this write is
+    -- on a replica the original append is too. (Redis 7.0 happens to wait for its current offset after any
+    -- script, but WAIT is documented for the client's last write: this does not rely on the former.)
+    redis.call('EXPIRE', dkey, ttl)
+    return {0, d}
+  end
 end
 local off = redis.call('INCR', 'offset:' .. ch)
 if maxlen > 0 then
@@ -165,7 +177,9 @@ if cur then
 end
 local nd, nr = math.max(d, off), r
 if state == 'read' then nr = math.max(r, off) end
-if nd ~= d or nr ~= r then redis.call('HSET', key, member, num(nd) .. ',' .. num(nr)) end
+-- Written even when unchanged (a retry after a refused commit): the commit's WAIT then covers the first write
+-- too (see APPEND's dedupe hit).
+if cur or nd ~= d or nr ~= r then redis.call('HSET', key, member, num(nd) .. ',' .. num(nr)) end
 -- An ack on any device fulfils the alert it covers.
 local alert = push_get('1', member, conv)
 if alert and alert.upto <= nd then push_remove('1', member, conv) end
@@ -281,6 +295,10 @@ local u, dev = ARGV[1], ARGV[2] .. '\t' .. ARGV[3]
 local okey = 'device_owner:' .. dev
 if redis.call('SREM', 'devices:' .. u, dev) == 1 and redis.call('GET', okey) == u then
   redis.call('DEL', okey)
+else
+  -- Already gone (a retry after a refused commit): write something that replicates, so that the commit's
+  -- WAIT covers the first try's removal (see APPEND's dedupe hit). Only the commit's WAIT reads it.
+  redis.call('INCR', 'corelay:replicated')
 end
 return 0
 "#;
@@ -368,6 +386,25 @@ pub struct RedisConfig {
     pub dedupe_ttl: Duration,
     /// Approximate cap of each topic stream (`XADD MAXLEN ~`); conversation and user logs are never trimmed.
     pub topic_maxlen: usize,
+    /// `--redis-min-replicas`: a commit succeeds only once this many replicas have its writes (`WAIT`); 0 =
+    /// acknowledged when the master has them (Redis's asynchronous replication).
+    pub min_replicas: u32,
+    /// `--redis-replica-timeout`: how long a commit's `WAIT` waits for them before the commit fails.
+    pub replica_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// No replica waits (the master's acknowledgement is enough), dedupe records kept a week, topics capped
+    /// at `topic_maxlen`.
+    pub fn new(url: impl Into<String>, topic_maxlen: usize) -> Self {
+        RedisConfig {
+            url: url.into(),
+            dedupe_ttl: Duration::from_secs(7 * 24 * 3600),
+            topic_maxlen,
+            min_replicas: 0,
+            replica_timeout: Duration::from_secs(1),
+        }
+    }
 }
 
 pub struct RedisStore {
@@ -382,6 +419,8 @@ pub struct RedisStore {
     push_claim: redis::Script,
     put_device: redis::Script,
     delete_device: redis::Script,
+    /// Commits refused because fewer than `min_replicas` replicas acknowledged them in time.
+    replication_timeouts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -504,9 +543,19 @@ impl RedisStore {
             push_claim: redis::Script::new(PUSH_CLAIM),
             put_device: redis::Script::new(PUT_DEVICE),
             delete_device: redis::Script::new(DELETE_DEVICE),
+            replication_timeouts: Default::default(),
         };
         s.conn()?;
         Ok(s)
+    }
+
+    /// Counts the commits refused for want of replicas in `counter` (`/metrics`) from now on.
+    pub fn count_replication_timeouts_in(
+        mut self,
+        counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        self.replication_timeouts = counter;
+        self
     }
 
     /// The connection, reconnecting (and reloading the scripts) after a failure.
@@ -516,7 +565,14 @@ impl RedisStore {
                 .client
                 .get_connection_with_timeout(Duration::from_secs(2))
                 .map_err(unavailable)?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))
+            // A commit's WAIT blocks for up to `replica_timeout` before Redis answers.
+            let read_timeout = Duration::from_secs(5)
+                + if self.cfg.min_replicas > 0 {
+                    self.cfg.replica_timeout
+                } else {
+                    Duration::ZERO
+                };
+            c.set_read_timeout(Some(read_timeout))
                 .map_err(unavailable)?;
             c.set_write_timeout(Some(Duration::from_secs(5)))
                 .map_err(unavailable)?;
@@ -739,7 +795,19 @@ impl Store for RedisStore {
                 }
             }
         }
-        let values: Vec<Value> = match self.with(|c| pipe.query(c)) {
+        // --redis-min-replicas: the last command, so one round trip. `WAIT` waits until the replicas have this
+        // connection's last replicated write, which is this pipeline's last write, and so everything before it
+        // (replication is in order). Every script a client's answer depends on writes, even a retry that finds
+        // its work done (see APPEND); push bookkeeping and offline trims may write nothing, and nobody is
+        // answered on their account.
+        let min = self.cfg.min_replicas;
+        let wait = min > 0 && !batch.is_empty();
+        if wait {
+            pipe.cmd("WAIT")
+                .arg(min)
+                .arg(self.cfg.replica_timeout.as_millis().max(1) as u64);
+        }
+        let mut values: Vec<Value> = match self.with(|c| pipe.query(c)) {
             // Redis restarted and lost its script cache: reconnect (which reloads them) and retry once. Every
             // write is a script, so the failed pipeline ran none of them.
             Err(StoreError::Unavailable(e))
@@ -750,6 +818,22 @@ impl Store for RedisStore {
             }
             other => other?,
         };
+        if wait {
+            let acked = match values.pop() {
+                Some(Value::Int(n)) => n,
+                other => return Err(StoreError::Corrupt(format!("WAIT reply {other:?}"))),
+            };
+            if acked < i64::from(min) {
+                // The writes are on the master, maybe on some replicas: not acknowledged, so the senders
+                // retry (a message with a client id is not stored twice: the retry finds its dedupe record).
+                self.replication_timeouts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(StoreError::Unavailable(format!(
+                    "not replicated: {acked} of {min} replicas acknowledged within {}",
+                    humantime::format_duration(self.cfg.replica_timeout)
+                )));
+            }
+        }
         let mut results = Vec::with_capacity(batch.len());
         for (w, v) in batch.iter().zip(values) {
             let r = match (w, v) {
@@ -1057,6 +1141,11 @@ mod tests {
 
     impl Server {
         fn start(name: &str) -> Server {
+            Server::start_with(name, &[])
+        }
+
+        /// With more `redis-server` arguments (`--replicaof 127.0.0.1 PORT`).
+        fn start_with(name: &str, args: &[&str]) -> Server {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .expect("a free port")
@@ -1068,6 +1157,8 @@ mod tests {
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
+                .args(["--repl-diskless-sync-delay", "0"])
+                .args(args)
                 .arg("--dir")
                 .arg(&dir)
                 .stdout(Stdio::null())
@@ -1078,10 +1169,23 @@ mod tests {
         }
 
         fn store(&self) -> RedisStore {
+            self.store_waiting(0, Duration::from_secs(1))
+        }
+
+        /// `STOP`, `CONT`: freezes and resumes the server.
+        fn signal(&self, sig: &str) {
+            let _ = Command::new("kill")
+                .args([&format!("-{sig}"), &self.child.id().to_string()])
+                .status();
+        }
+
+        fn store_waiting(&self, min_replicas: u32, replica_timeout: Duration) -> RedisStore {
             let cfg = RedisConfig {
                 url: format!("redis://127.0.0.1:{}", self.port),
                 dedupe_ttl: Duration::from_secs(3600),
                 topic_maxlen: 1000,
+                min_replicas,
+                replica_timeout,
             };
             for _ in 0..200 {
                 if let Ok(s) = RedisStore::connect(cfg.clone()) {
@@ -1307,5 +1411,80 @@ mod tests {
             .with(|c| redis::cmd("GET").arg("device_owner:fcm\tt").query(c))
             .unwrap();
         assert_eq!(owner, None, "the owner entry goes with its device");
+    }
+
+    /// `WAIT` waits for the connection's last replicated write. A retry whose script finds its work done (a
+    /// dedupe hit, a receipt already there) must still write, or on a fresh connection (a reconnect, another
+    /// node) `WAIT` would count a frozen replica that never got the first try as having it.
+    #[test]
+    fn a_retry_that_finds_its_write_done_still_waits_for_the_replicas() {
+        let master = Server::start("wait-master");
+        let port = master.port.to_string();
+        let replica = Server::start_with("wait-replica", &["--replicaof", "127.0.0.1", &port]);
+        let timeout = Duration::from_millis(300);
+        let mut a = master.store_waiting(1, timeout);
+        let receipt = Write::Receipt {
+            conversation: "w".into(),
+            member: "bob".into(),
+            state: ReceiptState::Read,
+            offset: 2,
+        };
+        // Acknowledged once the replica has synced.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while a.commit(&[message("w", "m0", vec![])]).is_err() {
+            assert!(std::time::Instant::now() < deadline, "replica never synced");
+        }
+        replica.signal("STOP");
+        let not_replicated = |r: Result<Vec<WriteResult>>| match r {
+            Err(StoreError::Unavailable(e)) => {
+                assert_eq!(
+                    e,
+                    "not replicated: 0 of 1 replicas acknowledged within 300ms"
+                );
+            }
+            other => panic!("acknowledged without the replica: {other:?}"),
+        };
+        let started = std::time::Instant::now();
+        not_replicated(a.commit(&[message("w", "m1", vec![])]));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        not_replicated(a.commit(std::slice::from_ref(&receipt)));
+        // The retries, each on a fresh connection: the first tries are on the master, not on the replica.
+        not_replicated(
+            master
+                .store_waiting(1, timeout)
+                .commit(&[message("w", "m1", vec![])]),
+        );
+        not_replicated(
+            master
+                .store_waiting(1, timeout)
+                .commit(std::slice::from_ref(&receipt)),
+        );
+        // Counted (here: a's two, and any while the replica was syncing).
+        assert!(
+            a.replication_timeouts
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 2
+        );
+        replica.signal("CONT");
+        let mut b = master.store_waiting(1, Duration::from_secs(5));
+        let r = b.commit(&[message("w", "m1", vec![]), receipt]).unwrap();
+        assert!(
+            matches!(
+                r[0],
+                WriteResult::Appended(Appended::Duplicate { offset: 2, .. })
+            ),
+            "{r:?}"
+        );
+        // Without min_replicas nothing waits: the master's word is enough.
+        replica.signal("STOP");
+        master
+            .store()
+            .commit(&[message("w", "m2", vec![])])
+            .unwrap();
+        replica.signal("CONT");
     }
 }

@@ -1,4 +1,8 @@
 //! Test support: start the real `corelay` binary on a free port, mint tokens, talk raw HTTP and raw frames.
+//!
+//! Longer than 600 lines: every test binary includes this one module, so it holds every way the tests drive
+//! real processes (the gateway, `redis-server` with replicas and the relay in front of them, curl for SSE) and
+//! the wire (raw HTTP, frames, WebSocket clients); split in parts, each binary would still need most of them.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -578,10 +582,17 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     pub dir: PathBuf,
+    /// More `redis-server` arguments, kept across restarts.
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// With more `redis-server` arguments.
+    pub fn start_with(args: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -593,6 +604,7 @@ impl RedisServer {
             child: None,
             port,
             dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         r.restart();
         r
@@ -600,6 +612,55 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A replica of `master`, replicating from `port` (the master's, or a relay's in front of it), once it
+    /// acknowledges a write to the master promptly.
+    pub fn replica_of(master: &RedisServer, port: u16) -> RedisServer {
+        let port = port.to_string();
+        let r = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+        // Loaded the master's snapshot. A write before that is acknowledged at once (it is in the snapshot),
+        // while the stream of later ones may start only at the replica's next periodic ACK (up to 1 s): the
+        // probe writes after this point, so its acknowledgement means the stream flows.
+        assert!(
+            wait_until(Duration::from_secs(20), || r
+                .query::<String>(&["INFO", "replication"])
+                .contains("master_link_status:up")),
+            "the replica never loaded its master's snapshot"
+        );
+        let mut c = redis::Client::open(master.url())
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect to redis-server");
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                let (_, acked): ((), i64) = redis::pipe()
+                    .cmd("SET")
+                    .arg("test:replica-probe")
+                    .arg(1)
+                    .cmd("WAIT")
+                    .arg(1)
+                    .arg(200)
+                    .query(&mut c)
+                    .unwrap();
+                acked >= 1
+            }),
+            "the replica never synced with its master"
+        );
+        r
+    }
+
+    /// One command over a fresh connection (`query::<String>(&["INFO", "replication"])`).
+    pub fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut c = redis::Client::open(self.url())
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect to redis-server");
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c).expect("redis command")
     }
 
     /// Sends a signal (`STOP`, `CONT`, …) to the server process.
@@ -624,6 +685,9 @@ impl RedisServer {
                 "",
             ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            // A replica syncs at once, not after the default 5 s wait for others.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(&self.args)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -660,6 +724,136 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP relay on a free port in front of a Redis master: a replica started with `--replicaof` this port
+/// replicates through it. [`Relay::hold`] stops the stream both ways (the master sees a replica that does not
+/// acknowledge, as when it is stopped); [`Relay::cut`] then drops what was held, as when the master's host dies
+/// with the stream still unsent. (A `SIGSTOP`ped replica cannot show that loss: its kernel has already taken
+/// the stream, and the replica reads it when it resumes, even after the master is gone.)
+pub struct Relay {
+    pub port: u16,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Per copier: (still running, stopped at `held`), and every socket, for `cut`.
+    copiers:
+        std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<[std::sync::atomic::AtomicBool; 2]>>>>,
+    sockets: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    pub fn start(master_port: u16) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let relay = Relay {
+            port: listener.local_addr().unwrap().port(),
+            held: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+            copiers: Arc::new(Mutex::new(Vec::new())),
+            sockets: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (held, stop, copiers, sockets) = (
+            relay.held.clone(),
+            relay.stop.clone(),
+            relay.copiers.clone(),
+            relay.sockets.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(master) = TcpStream::connect(("127.0.0.1", master_port)) else {
+                    continue;
+                };
+                let mut all = sockets.lock().unwrap();
+                for (from, to) in [(&client, &master), (&master, &client)] {
+                    let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    from.set_read_timeout(Some(Duration::from_millis(5)))
+                        .unwrap();
+                    all.push(from.try_clone().unwrap());
+                    let state = Arc::new([AtomicBool::new(true), AtomicBool::new(false)]);
+                    copiers.lock().unwrap().push(state.clone());
+                    let (held, stop) = (held.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        copy(from, to, &held, &stop, &state);
+                        state[0].store(false, SeqCst);
+                    });
+                }
+            }
+        });
+        fn copy(
+            mut from: TcpStream,
+            mut to: TcpStream,
+            held: &AtomicBool,
+            stop: &AtomicBool,
+            state: &[AtomicBool; 2],
+        ) {
+            let mut buf = vec![0u8; 64 << 10];
+            while !stop.load(SeqCst) {
+                if held.load(SeqCst) {
+                    state[1].store(true, SeqCst);
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                state[1].store(false, SeqCst);
+                match from.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        }
+        relay
+    }
+
+    /// Stops the stream both ways; returns once nothing more passes.
+    pub fn hold(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.held.store(true, SeqCst);
+        assert!(
+            wait_until(Duration::from_secs(5), || self
+                .copiers
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|s| !s[0].load(SeqCst) || s[1].load(SeqCst))),
+            "the relay did not stop"
+        );
+    }
+
+    /// Lets the stream through again.
+    pub fn release(&self) {
+        self.held.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Closes every connection and stops accepting: what was held is gone.
+    pub fn cut(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.sockets.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
     }
 }
 

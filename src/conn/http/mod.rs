@@ -171,7 +171,12 @@ pub(crate) fn on_response(conn: &mut Conn, status: u16, body: &str, cx: &mut Cx<
         return; // already answered (an error, or a 504 when the answer came too late)
     }
     if let Mode::HttpAwait { keep_alive, .. } = conn.mode {
-        let reply = Reply::new(status, "application/json", body.as_bytes());
+        let mut reply = Reply::new(status, "application/json", body.as_bytes());
+        if status == 503 {
+            // The backplane's 503s are all retryable (store unavailable or busy, not replicated in time,
+            // overloaded): say when, as the accept queue's 503 does.
+            reply.headers.push("Retry-After: 1".to_string());
+        }
         respond::answer(conn, cx, reply, Framing::with_body(keep_alive));
     }
 }
