@@ -125,6 +125,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often the subscriber checks for subscription changes while no message arrives.
 const POLL: Duration = Duration::from_millis(20);
+/// The same once no subscription has changed for [`QUIET_AFTER`]: an idle node's subscriber wakes 10 times a
+/// second instead of 50 (with 60 processes on one host, the 20 ms poll alone cost ~15 % of a core). The first
+/// subscription after a quiet spell waits at most this long; what is published meanwhile comes from the fill
+/// that its confirmation triggers, so it costs latency, never a message.
+const POLL_QUIET: Duration = Duration::from_millis(100);
+const QUIET_AFTER: Duration = Duration::from_secs(2);
 /// How long the subscriber waits for the answer to a command (SUBSCRIBE, UNSUBSCRIBE, PING) before it calls
 /// the connection broken.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -378,6 +384,8 @@ fn subscriber(
         }
         first = false;
         let mut last_ok = Instant::now();
+        let mut last_change = Instant::now();
+        let mut poll = POLL;
         'conn: loop {
             let mut commanding = false;
             loop {
@@ -388,6 +396,7 @@ fn subscriber(
                 };
                 if !commanding {
                     commanding = true;
+                    last_change = Instant::now();
                     let _ = ps.set_read_timeout(Some(COMMAND_TIMEOUT));
                 }
                 match change {
@@ -411,8 +420,14 @@ fn subscriber(
                     }
                 }
             }
-            if commanding {
-                let _ = ps.set_read_timeout(Some(POLL));
+            let want = if last_change.elapsed() < QUIET_AFTER {
+                POLL
+            } else {
+                POLL_QUIET
+            };
+            if commanding || want != poll {
+                poll = want;
+                let _ = ps.set_read_timeout(Some(poll));
             }
             match ps.get_message() {
                 Ok(msg) => {
@@ -437,7 +452,7 @@ fn subscriber(
                             tracing::warn!(error = %e, "redis bus: subscriber ping failed");
                             break 'conn;
                         }
-                        let _ = ps.set_read_timeout(Some(POLL));
+                        let _ = ps.set_read_timeout(Some(poll));
                         last_ok = Instant::now();
                     }
                 }

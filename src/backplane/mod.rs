@@ -428,7 +428,7 @@ pub fn run(
                         None => std::future::pending().await,
                     }
                 };
-                let ticking = bus_tx.is_some() || router.push_enabled();
+                let ticking = router.needs_fast_tick();
                 tokio::select! {
                     _ = notify.notified() => {}
                     Some(c) = done_rx.recv() => router.on_completion(c, crate::clock::unix_ms(), &mut out),

@@ -259,6 +259,12 @@ impl Sequencer {
     }
 
     /// Channels tracked and synced (live on the bus).
+    /// Whether some channel holds messages waiting for a gap (then the backplane ticks often, to ask the
+    /// store for the gap after [`crate::backplane::router::GAP_WAIT_MS`]).
+    pub fn holding_any(&self) -> bool {
+        !self.holding.is_empty()
+    }
+
     pub fn synced(&self) -> usize {
         self.synced
     }

@@ -270,6 +270,20 @@ pub trait Store: Send {
     fn read_after(&mut self, channel: &str, after: u64, limit: usize)
     -> Result<Vec<StoredMessage>>;
     fn last_offset(&mut self, channel: &str) -> Result<u64>;
+    /// Several [`Store::last_offset`]s, one result each, in order. A store that can pipeline them (Redis)
+    /// answers them in one round trip: a node that just accepted thousands of connections syncs their channels
+    /// without one round trip each.
+    fn last_offsets(&mut self, channels: &[&str]) -> Vec<Result<u64>> {
+        channels.iter().map(|c| self.last_offset(c)).collect()
+    }
+    /// Several [`Store::read_after`]s (channel, after, limit), one result each, in order; pipelined like
+    /// [`Store::last_offsets`].
+    fn read_after_many(&mut self, reads: &[(&str, u64, usize)]) -> Vec<Result<Vec<StoredMessage>>> {
+        reads
+            .iter()
+            .map(|(c, after, limit)| self.read_after(c, *after, *limit))
+            .collect()
+    }
     /// The user's offline queue: up to `limit` messages, ordered by channel then offset. Entries of a
     /// conversation the user is no longer a member of are skipped (see [`still_member`]).
     fn offline(&mut self, user: &str, limit: usize) -> Result<Vec<StoredMessage>> {

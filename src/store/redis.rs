@@ -924,6 +924,37 @@ impl Store for RedisStore {
         Ok(v.unwrap_or(0))
     }
 
+    fn last_offsets(&mut self, channels: &[&str]) -> Vec<Result<u64>> {
+        let mut pipe = redis::pipe();
+        for ch in channels {
+            pipe.cmd("GET").arg(format!("offset:{ch}"));
+        }
+        match self.with(|c| pipe.query::<Vec<Option<u64>>>(c)) {
+            Ok(v) => v.into_iter().map(|o| Ok(o.unwrap_or(0))).collect(),
+            Err(e) => channels.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    fn read_after_many(&mut self, reads: &[(&str, u64, usize)]) -> Vec<Result<Vec<StoredMessage>>> {
+        let mut pipe = redis::pipe();
+        for (ch, after, limit) in reads {
+            pipe.cmd("XRANGE")
+                .arg(format!("log:{ch}"))
+                .arg(format!("{}-0", after.saturating_add(1)))
+                .arg("+")
+                .arg("COUNT")
+                .arg(*limit);
+        }
+        match self.with(|c| pipe.query::<Vec<Value>>(c)) {
+            Ok(v) => reads
+                .iter()
+                .zip(v)
+                .map(|((ch, _, _), v)| Self::parse_entries(ch, v))
+                .collect(),
+            Err(e) => reads.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
     fn offline_after(
         &mut self,
         user: &str,
@@ -1338,6 +1369,12 @@ mod tests {
         assert_eq!(job.row.due_ms, big_due + 30_000);
         assert_eq!(job.devices, [("apns".to_string(), "phone".to_string())]);
         assert_eq!(s.push_claim(big_due, 30_000, 0).unwrap(), []);
+    }
+
+    #[test]
+    fn pipelined_reads_answer_as_one_by_one() {
+        let server = Server::start("batched");
+        crate::store::thread::check_batched_reads_match_one_by_one(&mut server.store());
     }
 
     #[test]

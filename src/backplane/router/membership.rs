@@ -141,6 +141,9 @@ impl Router {
         for m in &change.added {
             if self.presence.is_online(m) {
                 self.interest(&channel, 1);
+                // A connected user who just joined a conversation may not have been announced (nodes announce
+                // only users in some conversation): announce now, so the other nodes' presence caches know it.
+                self.announce_present(m);
             }
         }
     }

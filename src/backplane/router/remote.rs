@@ -2,8 +2,9 @@
 //! their announcements on the bus, so that a send does not ask Redis about every member who is not connected
 //! here (a 1,000-member conversation over three nodes used to cost ~670 presence reads per message).
 //!
-//! Only positive knowledge is kept, and only for users who are in some conversation (the only ones a send
-//! asks about). A user absent from the cache may still be live (a member added after it connected, an
+//! Only positive knowledge is kept, and only of users in some conversation (the only ones a send asks about):
+//! a node announces a user when its first connection opens if the user is in a conversation, and when a
+//! connected user joins one. A user absent from the cache may still be live (a member added after it connected, an
 //! announcement not seen yet): the append script checks it in Redis, as before the cache existed, so a stale
 //! *absence* costs one Redis read. A stale *presence* would cost that member its offline-queue entry and its
 //! immediate push, so every way one can go stale removes it:
@@ -52,8 +53,8 @@ impl RemotePresence {
         self.nodes.values().any(|n| n.users.contains(user))
     }
 
-    /// Applies an announcement (`up`, `down` or `reset`; `keep` says which users to cache).
-    pub(super) fn apply(&mut self, a: &Announcement, keep: impl Fn(&str) -> bool) {
+    /// Applies an announcement (`up`, `down` or `reset`).
+    pub(super) fn apply(&mut self, a: &Announcement) {
         let entry = self
             .nodes
             .entry(Arc::from(a.node.as_str()))
@@ -67,12 +68,9 @@ impl RemotePresence {
             entry.users.clear();
         }
         match a.kind.as_str() {
-            "up" | "reset" => entry.users.extend(
-                a.users
-                    .iter()
-                    .filter(|u| keep(u))
-                    .map(|u| Arc::from(u.as_str())),
-            ),
+            "up" | "reset" => entry
+                .users
+                .extend(a.users.iter().map(|u| Arc::from(u.as_str()))),
             "down" => {
                 for u in &a.users {
                     entry.users.remove(u.as_str());
@@ -126,18 +124,18 @@ mod tests {
     #[test]
     fn up_down_reset_and_a_new_instance() {
         let mut p = RemotePresence::default();
-        p.apply(&a("n1", "t1", "up", &["bob", "carol"]), |_| true);
-        p.apply(&a("n2", "t2", "up", &["bob"]), |_| true);
+        p.apply(&a("n1", "t1", "up", &["bob", "carol"]));
+        p.apply(&a("n2", "t2", "up", &["bob"]));
         assert!(p.is_live("bob") && p.is_live("carol"));
-        p.apply(&a("n1", "t1", "down", &["bob"]), |_| true);
+        p.apply(&a("n1", "t1", "down", &["bob"]));
         assert!(p.is_live("bob"), "still live on n2");
-        p.apply(&a("n2", "t2", "down", &["bob"]), |_| true);
+        p.apply(&a("n2", "t2", "down", &["bob"]));
         assert!(!p.is_live("bob"));
         // n1 restarted (new token): carol's entry from the dead instance is void.
-        p.apply(&a("n1", "t9", "up", &["dave"]), |_| true);
+        p.apply(&a("n1", "t9", "up", &["dave"]));
         assert!(!p.is_live("carol") && p.is_live("dave"));
         // A full announcement replaces.
-        p.apply(&a("n1", "t9", "reset", &["erin"]), |_| true);
+        p.apply(&a("n1", "t9", "reset", &["erin"]));
         assert!(!p.is_live("dave") && p.is_live("erin"));
         assert_eq!(p.len(), 1);
     }
@@ -145,7 +143,7 @@ mod tests {
     #[test]
     fn a_dead_instance_is_forgotten_but_not_its_successor() {
         let mut p = RemotePresence::default();
-        p.apply(&a("n1", "t1", "up", &["bob"]), |_| true);
+        p.apply(&a("n1", "t1", "up", &["bob"]));
         p.forget("n1", "t0");
         assert!(
             p.is_live("bob"),
@@ -158,13 +156,10 @@ mod tests {
     }
 
     #[test]
-    fn only_kept_users_are_cached() {
+    fn clear_forgets_everything() {
         let mut p = RemotePresence::default();
-        p.apply(&a("n1", "t1", "up", &["bob", "visitor"]), |u| {
-            u != "visitor"
-        });
-        assert!(p.is_live("bob") && !p.is_live("visitor"));
+        p.apply(&a("n1", "t1", "up", &["bob"]));
         p.clear();
-        assert!(!p.is_live("bob"));
+        assert!(!p.is_live("bob") && p.instances().is_empty());
     }
 }
