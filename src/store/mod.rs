@@ -276,6 +276,12 @@ pub trait Store: Send {
     fn last_offsets(&mut self, channels: &[&str]) -> Vec<Result<u64>> {
         channels.iter().map(|c| self.last_offset(c)).collect()
     }
+    /// Which of these users' offline queues are certainly empty (one answer each, in order): a connect storm
+    /// flushes every user's queue, nearly all of them empty, and a store that can tell in one round trip
+    /// (Redis: pipelined `EXISTS`) saves a read per user. The default knows nothing (`false`: read it).
+    fn offline_empty(&mut self, users: &[&str]) -> Vec<Result<bool>> {
+        users.iter().map(|_| Ok(false)).collect()
+    }
     /// Several [`Store::read_after`]s (channel, after, limit), one result each, in order; pipelined like
     /// [`Store::last_offsets`].
     fn read_after_many(&mut self, reads: &[(&str, u64, usize)]) -> Vec<Result<Vec<StoredMessage>>> {

@@ -935,6 +935,17 @@ impl Store for RedisStore {
         }
     }
 
+    fn offline_empty(&mut self, users: &[&str]) -> Vec<Result<bool>> {
+        let mut pipe = redis::pipe();
+        for u in users {
+            pipe.cmd("EXISTS").arg(format!("user:{u}:offline_messages"));
+        }
+        match self.with(|c| pipe.query::<Vec<u64>>(c)) {
+            Ok(v) => v.into_iter().map(|n| Ok(n == 0)).collect(),
+            Err(e) => users.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
     fn read_after_many(&mut self, reads: &[(&str, u64, usize)]) -> Vec<Result<Vec<StoredMessage>>> {
         let mut pipe = redis::pipe();
         for (ch, after, limit) in reads {

@@ -231,8 +231,8 @@ pub fn spawn(
 }
 
 /// Answers a group of reads (queued together, after the group's commits). The `LastOffset`s go to the store
-/// as one [`Store::last_offsets`] and the first pages of the `ReadAfter`s as one [`Store::read_after_many`]
-/// (one round trip each with Redis): after a connect storm a node has a sync read and a fill per followed
+/// as one [`Store::last_offsets`], the first pages of the `ReadAfter`s as one [`Store::read_after_many`], and
+/// the starts of offline flushes ask [`Store::offline_empty`] first (one round trip each with Redis): after a connect storm a node has a sync read and a fill per followed
 /// channel, and one round trip each kept a 16,000-connection node's store thread busy for over a minute on a
 /// loaded host, with every publish queued behind. Reads do not depend on each other, so answering them out of
 /// their queue order is safe (every completion carries its token).
@@ -244,8 +244,11 @@ pub fn answer_all(
     let mut out = Vec::with_capacity(reads.len());
     let mut lasts: Vec<(Token, String)> = Vec::new();
     let mut afters: Vec<(Token, String, u64, usize)> = Vec::new();
+    let mut flushes: Vec<Request> = Vec::new();
     for r in reads.drain(..) {
         match r {
+            // The start of a user's flush: most queues are empty, which the store may tell for all at once.
+            r @ Request::Offline { after: None, .. } => flushes.push(r),
             Request::LastOffset { token, channel } => lasts.push((token, channel)),
             Request::ReadAfter {
                 token,
@@ -254,6 +257,25 @@ pub fn answer_all(
                 limit,
             } if limit > 0 => afters.push((token, channel, after, limit)),
             other => out.push(answer(store, other, max_bytes)),
+        }
+    }
+    if !flushes.is_empty() {
+        let users: Vec<&str> = flushes
+            .iter()
+            .map(|r| match r {
+                Request::Offline { user, .. } => user.as_str(),
+                _ => unreachable!("only offline reads are gathered here"),
+            })
+            .collect();
+        let empty = store.offline_empty(&users);
+        for (r, empty) in flushes.into_iter().zip(empty) {
+            match (r, empty) {
+                (Request::Offline { token, .. }, Ok(true)) => out.push(Completion::Messages {
+                    token,
+                    result: Ok(Vec::new()),
+                }),
+                (r, _) => out.push(answer(store, r, max_bytes)),
+            }
         }
     }
     if !lasts.is_empty() {
@@ -458,6 +480,14 @@ pub(crate) fn check_batched_reads_match_one_by_one(store: &mut dyn Store) {
     };
     let mut batch: Vec<Write> = (0..10).map(|i| msg("topic:a", i)).collect();
     batch.extend((0..3).map(|i| msg("topic:c", i)));
+    // Two notices for carol, queued offline; dave's queue is empty.
+    for i in 0..2 {
+        let Write::Append(mut m) = msg("user:carol", i) else {
+            unreachable!()
+        };
+        m.offline = vec!["carol".into()];
+        batch.push(Write::Append(m));
+    }
     store.commit(&batch).unwrap();
     let reqs = || {
         let after = |token, channel: &str, after, limit| Request::ReadAfter {
@@ -486,6 +516,24 @@ pub(crate) fn check_batched_reads_match_one_by_one(store: &mut dyn Store) {
             after(8, "topic:a", 0, 0),
             last(9, "topic:c"),
             after(10, "topic:a", 2, 6),
+            Request::Offline {
+                token: 11,
+                user: "carol".into(),
+                after: None,
+                limit: 10,
+            },
+            Request::Offline {
+                token: 12,
+                user: "dave".into(),
+                after: None,
+                limit: 10,
+            },
+            Request::Offline {
+                token: 13,
+                user: "carol".into(),
+                after: Some(("user:carol".into(), 1)),
+                limit: 10,
+            },
         ]
     };
     fn key(c: &Completion) -> (Token, Vec<u64>) {
