@@ -28,7 +28,7 @@ return 0
 ";
 
 pub fn key(node_id: &str) -> String {
-    format!("corelay:lease:{node_id}")
+    crate::store::redis::RedisStore::lease_key(node_id)
 }
 
 /// A held lease; released (if still ours) when dropped.

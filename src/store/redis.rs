@@ -651,6 +651,12 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// The node-id lease of `node_id` (held by the backplane's `lease`; read by the append script's presence
+    /// check, which counts an entry while the lease holds the token the entry carries).
+    pub fn lease_key(node_id: &str) -> String {
+        format!("corelay:lease:{node_id}")
+    }
+
     /// The presence hash of `user` (cluster presence; see the module doc).
     pub fn presence_key(user: &str) -> String {
         format!("presence:user:{user}")
@@ -1280,7 +1286,7 @@ mod tests {
             .with(|c| {
                 redis::pipe()
                     .cmd("SET")
-                    .arg(crate::backplane::lease::key("node-b"))
+                    .arg(RedisStore::lease_key("node-b"))
                     .arg("tb")
                     .ignore()
                     .cmd("HSET")
@@ -1294,7 +1300,7 @@ mod tests {
                     .arg("tc")
                     .ignore()
                     .cmd("SET")
-                    .arg(crate::backplane::lease::key("node-d"))
+                    .arg(RedisStore::lease_key("node-d"))
                     .arg("td-new")
                     .ignore()
                     .cmd("HSET")
