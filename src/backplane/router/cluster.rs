@@ -150,15 +150,23 @@ impl Router {
         self.cluster.as_ref().map_or(0, |c| c.remote.len())
     }
 
-    /// Every local user, and those of them in some conversation (the ones other nodes cache).
-    fn local_users(&self) -> (Vec<String>, Vec<String>) {
+    /// Announces every local user in some conversation from scratch ([`BusCmd::PresenceSync`]): `rewrite`
+    /// writes every local user's presence entry again, `ask` asks the other nodes to announce theirs.
+    fn announce_all(&mut self, rewrite: bool, ask: bool) {
         let users: Vec<String> = self.presence.users().map(|u| u.to_string()).collect();
         let announce = users
             .iter()
             .filter(|u| self.members.of(u).next().is_some())
             .cloned()
             .collect();
-        (users, announce)
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.bus.push(BusCmd::PresenceSync {
+                users,
+                announce,
+                rewrite,
+                ask,
+            });
+        }
     }
 
     /// Whether the backplane must tick often (every 25 ms): a gap is waiting to be filled, or push claims
@@ -278,15 +286,7 @@ impl Router {
                 // So are presence announcements: start the cache over, have every node announce its users
                 // again, and announce (and rewrite, in case Redis lost them) ours.
                 cl.remote.clear();
-                let (users, announce) = self.local_users();
-                if let Some(cl) = self.cluster.as_mut() {
-                    cl.bus.push(BusCmd::PresenceSync {
-                        users,
-                        announce,
-                        rewrite: true,
-                        ask: true,
-                    });
-                }
+                self.announce_all(true, true);
             }
             BusEvent::Down => cl.up = false,
             BusEvent::NodesGone(gone) => {
@@ -304,15 +304,7 @@ impl Router {
                     return;
                 }
                 if a.kind == "ask" {
-                    let (users, announce) = self.local_users();
-                    if let Some(cl) = self.cluster.as_mut() {
-                        cl.bus.push(BusCmd::PresenceSync {
-                            users,
-                            announce,
-                            rewrite: false,
-                            ask: false,
-                        });
-                    }
+                    self.announce_all(false, false);
                     return;
                 }
                 // Kept whatever this node knows of the user's conversations: the announcing node filtered by
