@@ -226,6 +226,8 @@ ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 start_gateway() { # P GPORT RPORT DIR AUTH KEY -> master_pid
     local p=$1 gport=$2 rport=$3 dir=$4 auth=$5 key=$6
+    # --presence-ttl is the node lease (refreshed every third of it); presence costs nothing per user since the
+    # lease design, so 5m only spares 60 processes a refresh every 3 s (the BENCHMARKS runs used it).
     local -a common=(--redis "redis://127.0.0.1:$rport" --listen "127.0.0.1:$gport" --threads 1 --no-pin
         --auth-secret "$auth" --api-key "$key" --presence-ttl 5m)
     # The connect storm is the measurement: no accept-rate throttle (builds that have one).
