@@ -238,7 +238,6 @@ fn echo(out: &mut WriteQueue, op: Opcode, payload: &[u8], deflate: u8, cx: &Cx<'
             deflate_frame(op, payload, bits, &mut v)
         };
     if !compressed {
-        v.reserve_exact(payload.len() + 10);
         encode_frame(op, true, payload, &mut v);
     }
     out.push_vec(v);

@@ -151,6 +151,15 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
     }
 }
 
+/// Bytes of a server (unmasked) frame header for a payload of `len` bytes.
+pub fn server_header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
 fn push_header(opcode: Opcode, fin: bool, len: usize, out: &mut Vec<u8>) {
     push_header_b0((u8::from(fin) << 7) | opcode.as_u8(), len, out);
 }
@@ -171,8 +180,16 @@ fn push_header_b0(b0: u8, len: usize, out: &mut Vec<u8>) {
 
 /// Appends one server frame (never masked) with `payload` to `out`. The caller keeps control
 /// frames within the rules (payload <= 125 bytes, `fin` set).
+///
+/// Into an empty `out` it allocates exactly the frame's length: `Bytes::from` that `Vec` then takes the
+/// buffer as it is, where spare capacity would cost it a second allocation (its shared header).
 pub fn encode_frame(opcode: Opcode, fin: bool, payload: &[u8], out: &mut Vec<u8>) {
-    out.reserve(10 + payload.len());
+    let len = server_header_len(payload.len()) + payload.len();
+    if out.is_empty() {
+        out.reserve_exact(len);
+    } else {
+        out.reserve(len); // appending frames: keep the amortized growth
+    }
     push_header(opcode, fin, payload.len(), out);
     out.extend_from_slice(payload);
 }
@@ -376,6 +393,17 @@ mod tests {
             apply_mask(a, key, 0);
             apply_mask(b, key, cut);
             prop_assert_eq!(&pieces, &naive);
+        }
+    }
+
+    /// Exactly the frame's bytes: `Bytes::from` keeps such a `Vec` without a second allocation.
+    #[test]
+    fn a_frame_into_an_empty_vec_has_no_spare_capacity() {
+        for n in [0, 64, 125, 126, 1000, 65_535, 65_536] {
+            let mut out = Vec::new();
+            encode_frame(Opcode::Binary, true, &vec![7; n], &mut out);
+            assert_eq!(out.len(), server_header_len(n) + n);
+            assert_eq!(out.capacity(), out.len(), "payload {n}");
         }
     }
 }

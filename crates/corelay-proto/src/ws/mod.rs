@@ -11,7 +11,7 @@ mod utf8;
 pub use decoder::{Decoder, Event, Limits, WsError};
 pub use frame::{
     CloseCode, FrameHeader, MAX_HEADER_LEN, Opcode, apply_mask, decode_header, encode_close,
-    encode_frame, encode_frame_rsv1,
+    encode_frame, encode_frame_rsv1, server_header_len,
 };
 pub use handshake::accept_key;
 pub use utf8::Utf8Validator;
