@@ -7,6 +7,13 @@
 //! time in the message body (`{"seq":m,"t":µs}`), each worker records every delivery's latency and,
 //! once all of its subscribers have message m, reports `SAMPLE {"seq":m,"n":…,"first_us":…,"last_us":…}`
 //! to the coordinator, which takes the maximum over workers.
+//!
+//! Subscribers are WebSocket connections, or with `--transport sse` server-sent event streams (corelay's
+//! `GET /sse`, which carries the user's conversations; Nchan's `nchan_subscriber eventsource` location) whose
+//! events' data go through the same accounting. The publisher is the same either way.
+//!
+//! Longer than 600 lines: one scenario's worker, coordinator and report, for two servers and two subscriber
+//! transports, kept together because they share the message shape and the per-message accounting.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +23,7 @@ use corelay_proto::ws::Opcode;
 use serde_json::{Value, json};
 
 use crate::http;
-use crate::net::{Event, Net, Rng, Transport};
+use crate::net::{Event, Net, Rng, Target, Transport};
 use crate::open::Opener;
 use crate::stats::{self, Clock, Report, Tally, r3};
 use crate::ui;
@@ -69,6 +76,50 @@ pub struct FanoutArgs {
     /// Also measure every current child of this process (the nginx master: its workers).
     #[arg(long, value_name = "PID")]
     pub server_children_of: Option<u32>,
+    /// What the subscribers speak: ws (WebSocket), or sse (a server-sent event stream: for corelay `GET
+    /// /sse` with a token, on --sub-url or --url, whose path `/ws` becomes `/sse`; for Nchan --url is an
+    /// `nchan_subscriber eventsource` location). The publisher is the same either way.
+    #[arg(long, value_enum, default_value = "ws")]
+    pub transport: SubTransport,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SubTransport {
+    Ws,
+    Sse,
+}
+
+impl SubTransport {
+    fn name(self) -> &'static str {
+        match self {
+            SubTransport::Ws => "ws",
+            SubTransport::Sse => "sse",
+        }
+    }
+}
+
+/// Worker `index`'s subscriber target: its --sub-url, or --url; for SSE, a corelay WebSocket path (`/ws`)
+/// becomes `/sse` and the stream is parsed into events.
+fn sub_target(a: &FanoutArgs, index: usize) -> anyhow::Result<Target> {
+    let mut c = a.common.clone();
+    if let Some(url) = a.sub_urls.get(index % a.sub_urls.len().max(1)) {
+        c.url = url.clone();
+    }
+    if a.transport == SubTransport::Ws {
+        return c.target(Transport::Ws);
+    }
+    let mut t = c.target(Transport::Sse)?;
+    t.path = sse_path(&t.path);
+    t.sse_events = true;
+    Ok(t)
+}
+
+/// `/ws` and `/ws?…` → `/sse` and `/sse?…`; any other path stays as it is.
+fn sse_path(path: &str) -> String {
+    match path.strip_prefix("/ws") {
+        Some(rest) if rest.is_empty() || rest.starts_with('?') => format!("/sse{rest}"),
+        _ => path.to_string(),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -121,58 +172,9 @@ impl Subs<'_> {
     fn on_event(&mut self, ev: Event<'_>) {
         match ev {
             Event::Open { id, .. } if self.raw => self.welcome(id),
-            Event::Message { id, payload, .. } => {
-                let recv_us = self.clock.now_us();
-                let Ok(v) = serde_json::from_slice::<Value>(payload) else {
-                    self.unexpected += 1;
-                    return;
-                };
-                let ty = if self.raw {
-                    Some("message")
-                } else {
-                    v["type"].as_str()
-                };
-                match ty {
-                    Some("welcome") => self.welcome(id),
-                    Some("message") => {
-                        // Nchan delivers what was published: the publisher posts corelay's message shape
-                        // (so both servers carry the same bytes), or a bare body.
-                        let body = if self.raw && v["body"].is_null() {
-                            &v
-                        } else {
-                            &v["body"]
-                        };
-                        let (Some(seq), Some(t)) = (body["seq"].as_u64(), body["t"].as_u64())
-                        else {
-                            self.unexpected += 1;
-                            return;
-                        };
-                        let Some(s) = self.seqs.get_mut(seq as usize) else {
-                            self.unexpected += 1;
-                            return;
-                        };
-                        self.deliveries += 1;
-                        stats::record(
-                            &mut self.latency,
-                            Duration::from_micros(recv_us.saturating_sub(t)),
-                        );
-                        if s.n == 0 {
-                            s.first_us = recv_us;
-                        }
-                        s.n += 1;
-                        s.last_us = s.last_us.max(recv_us);
-                        if !s.reported && s.n >= self.live_welcomed {
-                            s.reported = true;
-                            self.link.emit(
-                                "SAMPLE",
-                                &json!({"seq": seq, "n": s.n, "first_us": s.first_us, "last_us": s.last_us}),
-                            );
-                        }
-                    }
-                    Some("error") => self.errors.add(v["code"].as_str().unwrap_or("error"), 1),
-                    _ => self.unexpected += 1,
-                }
-            }
+            Event::Message { id, payload, .. } => self.on_payload(id, payload, None),
+            // An SSE event's data is what a WebSocket message would carry.
+            Event::Sse { id, event, data } => self.on_payload(id, data, Some(event)),
             Event::Failed {
                 id,
                 reason,
@@ -186,6 +188,62 @@ impl Subs<'_> {
             _ => {}
         }
     }
+
+    /// A WebSocket message, or an SSE event's data (`sse_event`: the event's type).
+    fn on_payload(&mut self, id: usize, payload: &[u8], sse_event: Option<&[u8]>) {
+        let recv_us = self.clock.now_us();
+        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+            self.unexpected += 1;
+            return;
+        };
+        let ty = match (self.raw, sse_event) {
+            (true, _) => Some("message"),
+            // corelay names an SSE event after its message's type: what an `EventSource` dispatches on.
+            (false, Some(e)) => std::str::from_utf8(e).ok(),
+            (false, None) => v["type"].as_str(),
+        };
+        match ty {
+            // corelay: a WebSocket's `welcome`, or an SSE stream's first event, `stream` (sent once the
+            // stream's channels are subscribed).
+            Some("welcome" | "stream") => self.welcome(id),
+            Some("message") => {
+                // Nchan delivers what was published: the publisher posts corelay's message shape (so both
+                // servers carry the same bytes), or a bare body.
+                let body = if self.raw && v["body"].is_null() {
+                    &v
+                } else {
+                    &v["body"]
+                };
+                let (Some(seq), Some(t)) = (body["seq"].as_u64(), body["t"].as_u64()) else {
+                    self.unexpected += 1;
+                    return;
+                };
+                let Some(s) = self.seqs.get_mut(seq as usize) else {
+                    self.unexpected += 1;
+                    return;
+                };
+                self.deliveries += 1;
+                stats::record(
+                    &mut self.latency,
+                    Duration::from_micros(recv_us.saturating_sub(t)),
+                );
+                if s.n == 0 {
+                    s.first_us = recv_us;
+                }
+                s.n += 1;
+                s.last_us = s.last_us.max(recv_us);
+                if !s.reported && s.n >= self.live_welcomed {
+                    s.reported = true;
+                    self.link.emit(
+                        "SAMPLE",
+                        &json!({"seq": seq, "n": s.n, "first_us": s.first_us, "last_us": s.last_us}),
+                    );
+                }
+            }
+            Some("error") => self.errors.add(v["code"].as_str().unwrap_or("error"), 1),
+            _ => self.unexpected += 1,
+        }
+    }
 }
 
 fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
@@ -197,15 +255,7 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
     };
     let range = workers::share(a.subscribers, link.index, link.count);
     let deadline = Instant::now() + a.common.timeout + Duration::from_secs(5);
-    let target = match a.sub_urls.get(link.index % a.sub_urls.len().max(1)) {
-        Some(url) => {
-            let mut c = a.common.clone();
-            c.url = url.clone();
-            c.target(Transport::Ws)?
-        }
-        None => a.common.target(Transport::Ws)?,
-    };
-    let mut net = Net::new(target)?;
+    let mut net = Net::new(sub_target(a, link.index)?)?;
     let mut op = Opener::new(range, a.max_pending, a.common.connect_timeout, deadline);
     let timeout = a.common.timeout;
     let mut query = |i: usize| {
@@ -658,6 +708,7 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
     );
     m.insert("span_s", r3(span_s));
     m.insert("peer", json!(format!("{:?}", a.peer).to_lowercase()));
+    m.insert("transport", json!(a.transport.name()));
     m.insert("deflate", json!(a.common.deflate));
     m.insert("compressed_deliveries", json!(compressed));
     m.insert("bytes_in_publishing", json!(bytes_in));
@@ -678,8 +729,10 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
         },
     );
     stats::percentiles(&last, "last_delivery", &mut m);
+    m.insert("last_delivery_p90_us", p90(&last));
     stats::percentiles(&first, "first_delivery", &mut m);
     stats::percentiles(&latency, "delivery", &mut m);
+    m.insert("delivery_p90_us", p90(&latency));
     m.insert("closed_during_run", json!(closed.total()));
     m.insert("closed_reasons", closed.to_json());
     m.insert("subscriber_server_errors", server_errors.to_json());
@@ -693,4 +746,25 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
     }
     m.insert("elapsed_s", r3(started.elapsed().as_secs_f64()));
     Ok(m)
+}
+
+fn p90(h: &hdrhistogram::Histogram<u64>) -> Value {
+    if h.is_empty() {
+        Value::Null
+    } else {
+        json!(h.value_at_quantile(0.9))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_paths() {
+        assert_eq!(sse_path("/ws"), "/sse");
+        assert_eq!(sse_path("/ws?x=1"), "/sse?x=1");
+        assert_eq!(sse_path("/wsx"), "/wsx");
+        assert_eq!(sse_path("/sse/bench"), "/sse/bench");
+    }
 }

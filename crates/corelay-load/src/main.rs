@@ -9,6 +9,7 @@ mod idle;
 mod net;
 mod open;
 mod server;
+mod sse;
 mod stats;
 mod storm;
 mod tls;

@@ -27,6 +27,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::sse;
 use crate::tls::Tls;
 
 /// The token of the engine's waker (other threads poke the loop through it).
@@ -49,7 +50,8 @@ const EADDRNOTAVAIL: i32 = 99;
 pub enum Transport {
     /// WebSocket upgrade (expects 101 and a correct `Sec-WebSocket-Accept`).
     Ws,
-    /// Server-sent events: `GET` answered with 200 and a stream that is read and discarded.
+    /// Server-sent events: `GET` answered with 200 and a stream that is read and discarded, or parsed
+    /// into [`Event::Sse`] with [`Target::sse_events`].
     Sse,
     /// Long polling: `GET` answered with 200; a complete response is followed by the next request.
     LongPoll,
@@ -83,6 +85,9 @@ pub struct Target {
     pub tls: Option<Tls>,
     /// Offer permessage-deflate and inflate compressed messages (`--deflate`).
     pub deflate: bool,
+    /// SSE: parse the stream (undoing a chunked transfer coding) and report each event as [`Event::Sse`],
+    /// instead of discarding it.
+    pub sse_events: bool,
 }
 
 impl Target {
@@ -132,6 +137,7 @@ impl Target {
             secure,
             tls: None,
             deflate: false,
+            sse_events: false,
         })
     }
 
@@ -208,6 +214,13 @@ pub enum Event<'a> {
         op: Opcode,
         payload: &'a [u8],
     },
+    /// SSE with [`Target::sse_events`]: a complete event, its type (`message` when it named none) and its
+    /// data (`data:` lines joined with `\n`).
+    Sse {
+        id: usize,
+        event: &'a [u8],
+        data: &'a [u8],
+    },
     /// Long polling: a complete response arrived and the next request has been sent.
     Response,
     /// The connection is gone (`opened`: whether it had completed its handshake).
@@ -230,6 +243,8 @@ enum Phase {
 enum Body {
     /// SSE, or a response whose length is unknown: read and discard until the server closes.
     Stream,
+    /// SSE with [`Target::sse_events`]: parsed into events.
+    Events(Box<sse::Stream>),
     Length(usize),
     Chunked,
 }
@@ -693,6 +708,7 @@ impl Net {
                 };
                 c.rbuf.drain(..end + 4);
                 let transport = self.target.transport;
+                let sse_events = self.target.sse_events;
                 if transport == Transport::Ws {
                     if head.status != 101 {
                         return self.fail(id, format!("http {}", head.status), h);
@@ -708,6 +724,9 @@ impl Net {
                     c.body = match (transport, head.content_length, head.chunked) {
                         (Transport::LongPoll, Some(n), _) => Body::Length(n),
                         (Transport::LongPoll, None, true) => Body::Chunked,
+                        (Transport::Sse, _, chunked) if sse_events => {
+                            Body::Events(Box::new(sse::Stream::new(chunked)))
+                        }
                         _ => Body::Stream,
                     };
                 }
@@ -737,8 +756,8 @@ impl Net {
         }
     }
 
-    /// SSE and long polling after the head: discard the stream; a complete long-poll response is
-    /// followed by the next request on the same connection.
+    /// SSE and long polling after the head: discard the stream (or parse its events); a complete long-poll
+    /// response is followed by the next request on the same connection.
     fn body<F>(&mut self, id: usize, h: &mut F)
     where
         F: FnMut(&mut Net, Event<'_>),
@@ -746,7 +765,11 @@ impl Net {
         let Some(Some(c)) = self.conns.get_mut(id) else {
             return;
         };
+        if matches!(c.body, Body::Events(_)) {
+            return self.events(id, h);
+        }
         let complete = match &mut c.body {
+            Body::Events(_) => false,
             Body::Stream => {
                 c.rbuf.clear();
                 if c.rbuf.capacity() > self.keep {
@@ -789,6 +812,40 @@ impl Net {
         }
         // More input may already be here (the next response).
         self.process(id, h);
+    }
+
+    /// An SSE stream's events: the parser and the input are taken out of the connection while the handler
+    /// runs, and put back unless the handler closed it.
+    fn events<F>(&mut self, id: usize, h: &mut F)
+    where
+        F: FnMut(&mut Net, Event<'_>),
+    {
+        let Some(Some(c)) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Body::Events(mut stream) = std::mem::replace(&mut c.body, Body::Stream) else {
+            return;
+        };
+        let mut buf = std::mem::take(&mut c.rbuf);
+        let r = stream.feed(&buf, &mut |event, data| {
+            if c_is_live(self, id) {
+                h(self, Event::Sse { id, event, data });
+            }
+        });
+        let Some(Some(c)) = self.conns.get_mut(id) else {
+            return;
+        };
+        match r {
+            Ok(used) => {
+                buf.drain(..used);
+                if buf.is_empty() && buf.capacity() > self.keep {
+                    buf = Vec::new();
+                }
+                c.rbuf = buf;
+                c.body = Body::Events(stream);
+            }
+            Err(e) => self.fail(id, e, h),
+        }
     }
 
     fn frames<F>(&mut self, id: usize, h: &mut F)
