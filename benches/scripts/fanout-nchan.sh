@@ -8,9 +8,17 @@
 # back), each on a fresh server, so drift on the machine hits both servers alike; the summary gives medians over
 # runs and the corelay/Nchan ratios computed within each run.
 #
+# Two corelay variants: corelay-topic (subscribers follow `topic:fanout`, each message is `POST /api/publish`ed;
+# a topic is kept in memory on a single node, as an Nchan channel is: the like-for-like comparison) and
+# corelay-conv (a conversation of N members: every message is committed to the embedded store, fsynced, before
+# it is delivered, and published over the publisher's WebSocket). Every publisher runs an open loop: a message
+# leaves every 100 ms whether or not the server has answered the previous one (the load generator POSTs on a
+# thread of its own), so a server slow to answer a publish cannot lower the load it is offered.
+#
 # Usage: benches/scripts/fanout-nchan.sh [RUNS] [SUBSCRIBER COUNTS...]     (default: 3 runs, 5000 15000)
 # Env: MESSAGES (default 50), OUT (results dir, default target/fanout-nchan), NOISY (conditions, default
-# "quiet noisy"), TRANSPORTS (default "ws sse"), SKIP_BUILD (set: use the release binaries as they are).
+# "quiet noisy"), TRANSPORTS (default "ws sse"), SERVERS (default "corelay-topic corelay-conv nchan"),
+# SKIP_BUILD (set: use the release binaries as they are).
 # Needs nginx and libnginx-mod-nchan (apt-get install -y nginx libnginx-mod-nchan); loopback only.
 # Plot: python3 benches/scripts/fanout-plot.py $OUT/results.jsonl $OUT/fanout.svg (done at the end).
 set -euo pipefail
@@ -21,6 +29,7 @@ MESSAGES=${MESSAGES:-50}
 OUT=${OUT:-target/fanout-nchan}
 read -r -a CONDITIONS <<<"${NOISY:-quiet noisy}"
 read -r -a TRANSPORTS <<<"${TRANSPORTS:-ws sse}"
+read -r -a SERVERS <<<"${SERVERS:-corelay-topic corelay-conv nchan}"
 NCHAN_SO=${NCHAN_SO:-/usr/lib/nginx/modules/ngx_nchan_module.so}
 SECRET=bench-secret-0123456789abcdef0123456789
 KEY=bench-api-key-0123456789abcdef0123456789
@@ -29,6 +38,7 @@ KEY=bench-api-key-0123456789abcdef0123456789
 PAD=${PAD:-170}
 for c in "${CONDITIONS[@]}"; do [[ $c == quiet || $c == noisy ]] || { echo "fanout-nchan.sh: NOISY: $c is not quiet or noisy" >&2; exit 2; }; done
 for t in "${TRANSPORTS[@]}"; do [[ $t == ws || $t == sse ]] || { echo "fanout-nchan.sh: TRANSPORTS: $t is not ws or sse" >&2; exit 2; }; done
+for s in "${SERVERS[@]}"; do [[ $s == corelay-topic || $s == corelay-conv || $s == nchan ]] || { echo "fanout-nchan.sh: SERVERS: $s is not corelay-topic, corelay-conv or nchan" >&2; exit 2; }; done
 command -v nginx >/dev/null || { echo "fanout-nchan.sh: nginx is not installed (apt-get install -y nginx libnginx-mod-nchan)" >&2; exit 1; }
 [[ -f $NCHAN_SO ]] || { echo "fanout-nchan.sh: $NCHAN_SO missing (apt-get install -y libnginx-mod-nchan)" >&2; exit 1; }
 [[ -n ${SKIP_BUILD:-} ]] || cargo build --release -p corelay -p corelay-load --bins >&2
@@ -42,17 +52,18 @@ trap cleanup EXIT
 ulimit -n 20000
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# corelay: the fan-out is one conversation with N members, created through /api/conversations, whose member list
-# must fit --max-body-bytes (64 KiB by default: about 7,000 members). SSE subscribers open GET /sse on the same
-# port (corelay-load turns the /ws path into /sse); the stream carries each member's conversations.
-start_corelay() {
+# corelay-conv: the fan-out is one conversation with N members, created through /api/conversations, whose member
+# list must fit --max-body-bytes (64 KiB by default: about 7,000 members). SSE subscribers open GET /sse on the
+# same port (corelay-load turns the /ws path into /sse); the stream carries each member's conversations.
+# corelay-topic: WebSocket subscribers send `subscribe`, SSE ones open GET /sse?channels=topic:fanout.
+start_corelay() { # $1: topic|conversation
   local port; port=$(free_port); rm -rf "$work/data"; mkdir -p "$work/data"
   target/release/corelay run --listen "127.0.0.1:$port" --threads 2 --data-dir "$work/data" \
     --auth-secret "$SECRET" --api-key "$KEY" --accept-rate 1000000 --max-body-bytes 1MiB >"$work/corelay.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do grep -q "listening on" "$work/corelay.log" && break; sleep 0.1; done
   args=(--url "ws://127.0.0.1:$port/ws" --api "http://127.0.0.1:$port" --api-key "$KEY" --token-secret "$SECRET"
-        --server-pid "$pid")
+        --server-pid "$pid" --channel "$1")
 }
 
 start_nginx() { # $1: ws|sse (which subscriber location the subscribers use)
@@ -82,7 +93,8 @@ EOF
   for _ in $(seq 100); do [[ $(pgrep -c -P "$pid" || true) -ge 2 ]] && break; sleep 0.1; done
   sleep 0.3
   local sub="ws://127.0.0.1:$port/sub/bench"; [[ $1 == sse ]] && sub="http://127.0.0.1:$port/sse/bench"
-  args=(--peer nchan --url "$sub" --pub-url "http://127.0.0.1:$port/pub/bench"
+  # --channel topic: the posted message names `topic:fanout`, so it has corelay-topic's bytes.
+  args=(--peer nchan --url "$sub" --pub-url "http://127.0.0.1:$port/pub/bench" --channel topic
         --api "http://127.0.0.1:$port" --api-key unused --server-children-of "$pid")
 }
 
@@ -97,9 +109,13 @@ for run in $(seq "$RUNS"); do
     procs=$(( (n + 7499) / 7500 ))
     for cond in "${CONDITIONS[@]}"; do
       for transport in "${TRANSPORTS[@]}"; do
-        for server in corelay nchan; do
+        for server in "${SERVERS[@]}"; do
           [[ $cond == noisy ]] && start_hog
-          if [[ $server == corelay ]]; then start_corelay; else start_nginx "$transport"; fi
+          case $server in
+            corelay-topic) start_corelay topic ;;
+            corelay-conv) start_corelay conversation ;;
+            nchan) start_nginx "$transport" ;;
+          esac
           line=$(target/release/corelay-load fanout "${args[@]}" --transport "$transport" --subscribers "$n" \
             --procs "$procs" --messages "$MESSAGES" --gap 100ms --pad "$PAD" --timeout 120s --quiet \
             2>>"$OUT/stderr.log" | grep '^RESULT' || true)
@@ -114,7 +130,7 @@ import json, sys
 s, t, c, n, run, r = sys.argv[1:7]
 r = json.loads(r)
 ms = lambda k: "–" if r.get(k) is None else f"{r[k] / 1000:.1f}"
-print(f"run {run} {s:8} {t:3} {c:5} N={n:>6}: delivered {r.get('deliveries')}/{r.get('deliveries_expected')}"
+print(f"run {run} {s:13} {t:3} {c:5} N={n:>6}: delivered {r.get('deliveries')}/{r.get('deliveries_expected')}"
       f" last p50 {ms('last_delivery_p50_us')} p99 {ms('last_delivery_p99_us')} ms,"
       f" delivery p50 {ms('delivery_p50_us')} p99 {ms('delivery_p99_us')} ms,"
       f" cpu {r.get('server_cpu_us_per_delivery')} us/delivery" + (f" ERROR {r['error']}" if "error" in r else ""))
@@ -139,8 +155,9 @@ print("Medians over runs (last delivery: per message, the time until the last su
 print("| subscribers | condition | transport | server | last p50 ms | last p99 ms | delivery p50 ms | delivery p99 ms"
       " | server CPU µs/delivery | delivered | runs |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
+servers = [s for s in ("corelay-topic", "corelay-conv", "corelay", "nchan") if any(r["server"] == s for r in rows)]
 for k in sorted({key(r) for r in rows}):
-    for s in ("corelay", "nchan"):
+    for s in servers:
         rs = [r["result"] for r in rows if key(r) == k and r["server"] == s]
         if not rs:
             continue
@@ -151,19 +168,22 @@ for k in sorted({key(r) for r in rows}):
               f" | {f(ms(m('delivery_p50_us')))} | {f(ms(m('delivery_p99_us')))} | {f(m('server_cpu_us_per_delivery'), 2)}"
               f" | {got:,}/{exp:,} | {len(rs)}{f' ({errs} failed)' if errs else ''} |")
 print("\ncorelay / Nchan, each ratio within one run (below 1: corelay lower), then their median.\n")
-print("| subscribers | condition | transport | last p50 per run | median | last p99 per run | median | CPU/delivery per run | median |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| subscribers | condition | transport | corelay | last p50 per run | median | last p99 per run | median | CPU/delivery per run | median |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 by = {(key(r), r["run"], r["server"]): r["result"] for r in rows}
 for k in sorted({key(r) for r in rows}):
     runs = sorted({r["run"] for r in rows if key(r) == k})
-    cells = []
-    for name in ("last_delivery_p50_us", "last_delivery_p99_us", "server_cpu_us_per_delivery"):
-        rat = []
-        for run in runs:
-            c, n = by.get((k, run, "corelay"), {}).get(name), by.get((k, run, "nchan"), {}).get(name)
-            rat.append(c / n if c is not None and n else None)
-        cells.append(" ".join("–" if x is None else f"{x:.2f}" for x in rat) or "–")
-        cells.append(f(med(rat), 2))
-    print(f"| {k[0]:,} | {k[2]} | {k[4]} | " + " | ".join(cells) + " |")
+    for s in servers:
+        if s == "nchan":
+            continue
+        cells = []
+        for name in ("last_delivery_p50_us", "last_delivery_p99_us", "server_cpu_us_per_delivery"):
+            rat = []
+            for run in runs:
+                c, n = by.get((k, run, s), {}).get(name), by.get((k, run, "nchan"), {}).get(name)
+                rat.append(c / n if c is not None and n else None)
+            cells.append(" ".join("–" if x is None else f"{x:.2f}" for x in rat) or "–")
+            cells.append(f(med(rat), 2))
+        print(f"| {k[0]:,} | {k[2]} | {k[4]} | {s} | " + " | ".join(cells) + " |")
 PY
 python3 benches/scripts/fanout-plot.py "$OUT/results.jsonl" "$OUT/fanout.svg"

@@ -16,9 +16,12 @@ import sys
 
 PANEL_W, PANEL_H = 430, 400
 L, R, T, B, GAP, LEGEND = 70, 20, 60, 56, 40, 210
-COLORS = {("corelay", "ws"): "#1f77b4", ("corelay", "sse"): "#2ca02c",
+COLORS = {("corelay-topic", "ws"): "#1f77b4", ("corelay-topic", "sse"): "#2ca02c",
+          ("corelay-conv", "ws"): "#9467bd", ("corelay-conv", "sse"): "#8c564b",
+          ("corelay", "ws"): "#1f77b4", ("corelay", "sse"): "#2ca02c",
           ("nchan", "ws"): "#ff7f0e", ("nchan", "sse"): "#d62728"}
-NAMES = {"corelay": "corelay", "nchan": "Nchan"}
+NAMES = {"corelay-topic": "corelay topic", "corelay-conv": "corelay conversation", "corelay": "corelay",
+         "nchan": "Nchan"}
 STATS = [("last_delivery_p50_us", "p50", ""), ("last_delivery_p99_us", "p99", "6 4")]
 
 

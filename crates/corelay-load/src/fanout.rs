@@ -81,7 +81,22 @@ pub struct FanoutArgs {
     /// `nchan_subscriber eventsource` location). The publisher is the same either way.
     #[arg(long, value_enum, default_value = "ws")]
     pub transport: SubTransport,
+    /// corelay's channel: a conversation (members s0..s{N-1}, every message committed to the store before
+    /// it is delivered, published over the publisher's WebSocket), or a topic (`topic:fanout`, followed
+    /// by every subscriber, published with `POST /api/publish`; kept in memory on a single node, like an
+    /// Nchan channel: the like-for-like comparison with Nchan).
+    #[arg(long, value_enum, default_value = "conversation")]
+    pub channel: ChannelKind,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChannelKind {
+    Conversation,
+    Topic,
+}
+
+/// The topic of `--channel topic`.
+const TOPIC: &str = "topic:fanout";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SubTransport {
@@ -145,6 +160,8 @@ struct Subs<'a> {
     link: &'a Link,
     /// Nchan: no welcome (an open connection is ready) and messages are the published bodies themselves.
     raw: bool,
+    /// corelay topic over WebSocket: sent after the `welcome`; the subscriber is ready at `subscribed`.
+    subscribe: Option<Vec<u8>>,
     clock: Clock,
     welcomed: Vec<bool>,
     welcomes: u64,
@@ -169,12 +186,12 @@ impl Subs<'_> {
         }
     }
 
-    fn on_event(&mut self, ev: Event<'_>) {
+    fn on_event(&mut self, net: &mut Net, ev: Event<'_>) {
         match ev {
             Event::Open { id, .. } if self.raw => self.welcome(id),
-            Event::Message { id, payload, .. } => self.on_payload(id, payload, None),
+            Event::Message { id, payload, .. } => self.on_payload(net, id, payload, None),
             // An SSE event's data is what a WebSocket message would carry.
-            Event::Sse { id, event, data } => self.on_payload(id, data, Some(event)),
+            Event::Sse { id, event, data } => self.on_payload(net, id, data, Some(event)),
             Event::Failed {
                 id,
                 reason,
@@ -190,7 +207,7 @@ impl Subs<'_> {
     }
 
     /// A WebSocket message, or an SSE event's data (`sse_event`: the event's type).
-    fn on_payload(&mut self, id: usize, payload: &[u8], sse_event: Option<&[u8]>) {
+    fn on_payload(&mut self, net: &mut Net, id: usize, payload: &[u8], sse_event: Option<&[u8]>) {
         let recv_us = self.clock.now_us();
         let Ok(v) = serde_json::from_slice::<Value>(payload) else {
             self.unexpected += 1;
@@ -203,6 +220,13 @@ impl Subs<'_> {
             (false, None) => v["type"].as_str(),
         };
         match ty {
+            // corelay, topic over WebSocket: follow the topic; ready once it is subscribed.
+            Some("welcome") if self.subscribe.is_some() => {
+                if let Some(f) = &self.subscribe {
+                    net.send(id, Opcode::Text, f);
+                }
+            }
+            Some("subscribed") if self.subscribe.is_some() => self.welcome(id),
             // corelay: a WebSocket's `welcome`, or an SSE stream's first event, `stream` (sent once the
             // stream's channels are subscribed).
             Some("welcome" | "stream") => self.welcome(id),
@@ -262,14 +286,22 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
         if raw {
             return String::new();
         }
-        format!(
-            "token={}",
-            mint(secret, &format!("s{i}"), timeout).unwrap_or_default()
-        )
+        let token = mint(secret, &format!("s{i}"), timeout).unwrap_or_default();
+        match (a.channel, a.transport) {
+            (ChannelKind::Topic, SubTransport::Sse) => format!("token={token}&channels={TOPIC}"),
+            _ => format!("token={token}"),
+        }
     };
+    let subscribe = (!raw && a.channel == ChannelKind::Topic && a.transport == SubTransport::Ws)
+        .then(|| {
+            json!({"type": "subscribe", "channels": [TOPIC]})
+                .to_string()
+                .into_bytes()
+        });
     let mut subs = Subs {
         link,
         raw,
+        subscribe,
         clock: Clock::new(),
         welcomed: Vec::new(),
         welcomes: 0,
@@ -291,8 +323,8 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
         if op.done() && waiting == 0 {
             break;
         }
-        if !op.step(&mut net, link, &mut query, &mut |_, _, ev| {
-            subs.on_event(ev)
+        if !op.step(&mut net, link, &mut query, &mut |n, _, ev| {
+            subs.on_event(n, ev)
         })? {
             break;
         }
@@ -305,8 +337,8 @@ fn work(a: &FanoutArgs, link: &Link) -> anyhow::Result<Value> {
     let bytes_ready = net.stats.bytes_in;
     let mut stop = op.stopped;
     while !stop && Instant::now() < deadline {
-        net.poll(Some(Duration::from_millis(50)), &mut |_, ev| {
-            subs.on_event(ev)
+        net.poll(Some(Duration::from_millis(50)), &mut |n, ev| {
+            subs.on_event(n, ev)
         })?;
         stop = link.try_cmd() == Some(Cmd::Stop);
     }
@@ -353,9 +385,46 @@ struct Publisher {
     failed: Option<String>,
     acks: u64,
     errors: Tally,
+    /// HTTP publishes (Nchan, corelay topics) run on threads of their own, so that a server slow to
+    /// answer a POST cannot hold the next message back: the schedule is the same open loop as the
+    /// WebSocket publisher's. Each thread sends its answer here.
+    posts: Option<std::sync::mpsc::Receiver<Result<(u16, String), String>>>,
+    posts_tx: Option<std::sync::mpsc::Sender<Result<(u16, String), String>>>,
+    posts_out: u64,
 }
 
 impl Publisher {
+    /// POSTs `body` to `url` (`path` appended, `key` as the bearer) on a thread of its own.
+    fn post(&mut self, url: &str, key: &str, path: &'static str, body: Value) {
+        if self.posts_tx.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            self.posts_tx = Some(tx);
+            self.posts = Some(rx);
+        }
+        let Some(tx) = self.posts_tx.clone() else {
+            return;
+        };
+        let (url, key) = (url.to_string(), key.to_string());
+        self.posts_out += 1;
+        std::thread::spawn(move || {
+            let r = http::post_json(&url, &key, path, &body).map_err(|e| format!("{e:#}"));
+            let _ = tx.send(r);
+        });
+    }
+
+    /// Takes in the answers of finished POSTs.
+    fn collect_posts(&mut self) {
+        let Some(rx) = &self.posts else { return };
+        while let Ok(r) = rx.try_recv() {
+            self.posts_out -= 1;
+            match r {
+                Ok((status, _)) if (200..300).contains(&status) => self.acks += 1,
+                Ok((status, text)) => self.errors.add(&format!("{status}: {}", text.trim()), 1),
+                Err(e) => self.errors.add(&e, 1),
+            }
+        }
+    }
+
     fn on_event(&mut self, ev: Event<'_>) {
         match ev {
             Event::Message { payload, .. } => {
@@ -418,6 +487,7 @@ fn pump(
     wait: Duration,
 ) -> anyhow::Result<()> {
     net.poll(Some(wait), &mut |_, ev| pubr.on_event(ev))?;
+    pubr.collect_posts();
     while let Some((i, l)) = w.try_recv() {
         track.on_line(i, l);
     }
@@ -449,7 +519,9 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
     let conv = format!("fanout-{:016x}", Rng::new().next_u64());
     let mut members: Vec<String> = (0..a.subscribers).map(|i| format!("s{i}")).collect();
     members.push("pub".into());
-    let status = if nchan {
+    // A topic needs no setup: subscribers follow it, and it exists once followed.
+    let topic = !nchan && a.channel == ChannelKind::Topic;
+    let status = if nchan || topic {
         0
     } else {
         create_conversation(&a.api, &a.api_key, &conv, &members)?
@@ -470,7 +542,7 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
     })
     .context("starting workers")?;
     let mut pubr = Publisher::default();
-    let pub_id = if nchan {
+    let pub_id = if nchan || topic {
         pubr.welcomed = true;
         usize::MAX
     } else {
@@ -548,20 +620,26 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
         }
         if let (true, Some(url)) = (nchan, &a.pub_url) {
             // The message as corelay would deliver it, so that both servers carry the same bytes.
+            let channel = match a.channel {
+                ChannelKind::Conversation => format!("conversation:{conv}"),
+                ChannelKind::Topic => TOPIC.to_string(),
+            };
             let msg = json!({
                 "type": "message",
-                "channel": format!("conversation:{conv}"),
+                "channel": channel,
                 "offset": m + 1,
                 "from": "pub",
                 "ts": send_us / 1000,
                 "body": body,
             });
-            let (status, text) = http::post_json(url, "", "", &msg)?;
-            if !(200..300).contains(&status) {
-                pubr.errors.add(&format!("{status}: {}", text.trim()), 1);
-            } else {
-                pubr.acks += 1;
-            }
+            pubr.post(url, "", "", msg);
+        } else if topic {
+            pubr.post(
+                &a.api,
+                &a.api_key,
+                "/api/publish",
+                json!({"channel": TOPIC, "body": body}),
+            );
         } else {
             let frame = json!({
                 "type": "send",
@@ -604,6 +682,16 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
             &mut w,
             &mut track,
             wait.min(Duration::from_millis(100)),
+        )?;
+    }
+    // And for the answers to HTTP publishes still out (their deliveries may all be in already).
+    while pubr.posts_out > 0 && Instant::now() < until {
+        pump(
+            &mut net,
+            &mut pubr,
+            &mut w,
+            &mut track,
+            Duration::from_millis(20),
         )?;
     }
     pb.finish_and_clear();
@@ -709,6 +797,13 @@ pub fn run(a: FanoutArgs) -> anyhow::Result<Report> {
     m.insert("span_s", r3(span_s));
     m.insert("peer", json!(format!("{:?}", a.peer).to_lowercase()));
     m.insert("transport", json!(a.transport.name()));
+    m.insert(
+        "channel",
+        json!(match a.channel {
+            ChannelKind::Conversation => "conversation",
+            ChannelKind::Topic => "topic",
+        }),
+    );
     m.insert("deflate", json!(a.common.deflate));
     m.insert("compressed_deliveries", json!(compressed));
     m.insert("bytes_in_publishing", json!(bytes_in));
