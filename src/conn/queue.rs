@@ -71,14 +71,20 @@ impl WriteQueue {
     pub fn write_to<W: Write>(&mut self, w: &mut W) -> io::Result<usize> {
         let mut total = 0;
         while let Some(head) = &self.head {
-            let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
-            slices[0] = IoSlice::new(&head[self.head_written..]);
-            let mut n = 1;
-            for b in self.rest.iter().take(MAX_IOVECS - 1) {
-                slices[n] = IoSlice::new(b);
-                n += 1;
-            }
-            match w.write_vectored(&slices[..n]) {
+            let r = if self.rest.is_empty() {
+                // One buffer (the usual case): a plain write, which spares the kernel the iovec copy.
+                w.write(&head[self.head_written..])
+            } else {
+                let mut slices: [IoSlice<'_>; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
+                slices[0] = IoSlice::new(&head[self.head_written..]);
+                let mut n = 1;
+                for b in self.rest.iter().take(MAX_IOVECS - 1) {
+                    slices[n] = IoSlice::new(b);
+                    n += 1;
+                }
+                w.write_vectored(&slices[..n])
+            };
+            match r {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => {
                     total += written;
