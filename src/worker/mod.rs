@@ -1,9 +1,13 @@
-//! One event loop: a `mio::Poll` pinned to a core, its own `SO_REUSEPORT` listener, a `Slab` of connections,
+//! One event loop: a `mio::Poll` (pinned to a core when `--pin` says so), its own `SO_REUSEPORT` listener, a `Slab` of connections,
 //! a timer wheel, and one scratch read buffer shared by all its connections.
 //!
 //! mio on Linux is edge-triggered: every readable socket is read until `WouldBlock`, except that one
 //! connection gets at most [`READS_PER_WAKE`] reads per wake; a connection that still has input is put on the
 //! `pending` list and revisited before the next (zero-timeout) poll, so one busy client cannot starve the rest.
+//! Likewise a fan-out command is worked through [`FANOUT_CHUNK`] connections per turn.
+//!
+//! Longer than 600 lines: the loop's whole turn (poll, accept with its rate and per-address limits, commands
+//! and fan-out chunks, drains, timers) in one place; the socket I/O is in `sockets.rs`, TLS in `tls.rs`.
 
 pub mod listener;
 pub mod per_address;
@@ -563,22 +567,12 @@ impl Worker {
             let now = self.now_ms;
             match cmd {
                 LoopCmd::Deliver { conns, delivery } => {
-                    self.backlog = Some(Backlog {
-                        conns,
-                        next: 0,
-                        what: Fanout::Message(delivery),
-                    });
-                    if !self.fan_out() {
+                    if !self.start_fan_out(conns, Fanout::Message(delivery)) {
                         return;
                     }
                 }
                 LoopCmd::Frame { conns, frame } => {
-                    self.backlog = Some(Backlog {
-                        conns,
-                        next: 0,
-                        what: Fanout::Frame(frame),
-                    });
-                    if !self.fan_out() {
+                    if !self.start_fan_out(conns, Fanout::Frame(frame)) {
                         return;
                     }
                 }
@@ -648,6 +642,17 @@ impl Worker {
                 LoopCmd::Shutdown => self.drain(),
             }
         }
+    }
+
+    /// Starts a fan-out command (none is in progress when a command is taken) and does its first chunk. True
+    /// when it is done.
+    fn start_fan_out(&mut self, conns: Vec<(u32, u32)>, what: Fanout) -> bool {
+        self.backlog = Some(Backlog {
+            conns,
+            next: 0,
+            what,
+        });
+        self.fan_out()
     }
 
     /// Works through the fan-out in progress, at most [`FANOUT_CHUNK`] connections. True when there is none
