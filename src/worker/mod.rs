@@ -1,5 +1,5 @@
-//! One event loop: a `mio::Poll` (pinned to a core when `--pin` says so), its own `SO_REUSEPORT` listener, a `Slab` of connections,
-//! a timer wheel, and one scratch read buffer shared by all its connections.
+//! One event loop: a `mio::Poll` (pinned to a core when `--pin` says so), its own `SO_REUSEPORT` listener, a
+//! `Slab` of connections, a timer wheel, and one scratch read buffer shared by all its connections.
 //!
 //! mio on Linux is edge-triggered: every readable socket is read until `WouldBlock`, except that one
 //! connection gets at most [`READS_PER_WAKE`] reads per wake; a connection that still has input is put on the
