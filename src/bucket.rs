@@ -36,6 +36,11 @@ impl Bucket {
         }
     }
 
+    /// Spends one token after [`Bucket::ready`] said yes.
+    pub fn spend(&mut self) {
+        self.tokens -= 1.0;
+    }
+
     /// Whether the bucket has refilled to its burst by `now_ms` (an idle user's bucket can be forgotten).
     pub fn full_at(&self, now_ms: u64, rate: u32, burst: u32) -> bool {
         let elapsed = now_ms.saturating_sub(self.last_ms) as f32 / 1000.0;

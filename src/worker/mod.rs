@@ -400,7 +400,9 @@ impl Worker {
     fn admit(&mut self) -> Admit {
         let cfg = &self.shared.cfg;
         let rate = accept_share(cfg);
-        if self.accept_bucket.take(self.now_ms, rate, rate) {
+        // Only looked at here: the token is spent once a connection is really taken (`accept` may find the
+        // backlog empty, and a token spent on that was a connection refused later).
+        if self.accept_bucket.ready(self.now_ms, rate, rate) {
             return Admit::Now;
         }
         let since = *self.throttled_since.get_or_insert(self.now);
@@ -451,6 +453,7 @@ impl Worker {
                     }
                 }
                 Ok((socket, peer)) => {
+                    self.accept_bucket.spend();
                     #[cfg(debug_assertions)]
                     if std::env::var_os("CORELAY_FAILPOINT_LOOP_PANIC").is_some() {
                         // Debug builds only: the fault suite's way to make a loop die.
