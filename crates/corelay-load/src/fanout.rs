@@ -1,4 +1,6 @@
-//! `fanout`: one conversation with N subscribers (users s0..s{N-1}) and a publisher (`pub`). The
+//! `fanout`: one channel with N subscribers (users s0..s{N-1}) and a publisher: a conversation (the default;
+//! publisher `pub` on a WebSocket), a topic (`--channel topic`, `POST /api/publish`) or an Nchan channel
+//! (`--peer nchan`); subscribers over WebSocket or SSE (`--transport`). The
 //! publisher sends M chat messages, one at a time (the next once every subscriber has the previous one)
 //! or on a fixed `--gap`. For each message the report gives the time until the LAST subscriber had it,
 //! and over all deliveries the per-subscriber latency.
